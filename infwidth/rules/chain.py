@@ -1,0 +1,123 @@
+"""Elementwise chains: a scalar function φ(u, *args) traced from primitives.
+
+A maximal elementwise subgraph applied to one Gaussian value `u` becomes one
+`Chain` (DESIGN §2). Its nodes are first-order elementwise primitives; each
+operand refers to the Gaussian input `u`, a per-input argument (a
+deterministic array such as a LayerNorm scale `a(x)`, broadcast against `u`),
+a constant, or an earlier node. The last node is the chain's output; a chain
+with no nodes is the identity.
+
+Chains are hashable and compared by structure, so closed forms are
+recognised by looking at `nodes`, and derivatives come from `jax.grad`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Ref:
+  """An operand of a chain node.
+
+  kind: 'u' (the Gaussian input), 'arg' (per-input argument `index`),
+    'const' (the Python/NumPy scalar `value`), or 'node' (output of node `index`).
+  """
+  kind: str
+  index: int = 0
+  value: Any = None
+
+  def __hash__(self):
+    return hash((self.kind, self.index, _hashable(self.value)))
+
+  def __eq__(self, other):
+    return (isinstance(other, Ref) and self.kind == other.kind and
+            self.index == other.index and
+            _hashable(self.value) == _hashable(other.value))
+
+
+U = Ref('u')
+
+
+def arg(i: int) -> Ref:
+  return Ref('arg', i)
+
+
+def const(value) -> Ref:
+  return Ref('const', value=np.asarray(value).item() if np.ndim(value) == 0 else np.asarray(value))
+
+
+def node(j: int) -> Ref:
+  return Ref('node', j)
+
+
+def _hashable(v):
+  if isinstance(v, np.ndarray):
+    return (v.shape, str(v.dtype), v.tobytes())
+  return v
+
+
+@dataclasses.dataclass(frozen=True)
+class Node:
+  """`prim.bind(*operands, **dict(params))`."""
+  prim: Any
+  params: Tuple[Tuple[str, Any], ...]
+  operands: Tuple[Ref, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Chain:
+  """φ(u, *args) as a DAG of elementwise primitives; no nodes means φ(u) = u."""
+  nodes: Tuple[Node, ...] = ()
+  n_args: int = 0
+
+  @property
+  def is_identity(self) -> bool:
+    return not self.nodes
+
+  def __call__(self, u, *args):
+    """Evaluates φ elementwise; `u` and `args` broadcast against each other."""
+    if len(args) != self.n_args:
+      raise TypeError(f'chain takes {self.n_args} arguments, got {len(args)}')
+    if not self.nodes:
+      return u
+    shape = jnp.broadcast_shapes(jnp.shape(u), *(jnp.shape(a) for a in args))
+    dtype = jnp.result_type(u)
+    u = jnp.broadcast_to(u, shape)
+    args = [jnp.broadcast_to(jnp.asarray(a, dtype) if jnp.issubdtype(jnp.result_type(a), jnp.floating) else a, shape)
+            for a in args]
+    outs = []
+    for n in self.nodes:
+      vals = []
+      for r in n.operands:
+        if r.kind == 'u':
+          vals.append(u)
+        elif r.kind == 'arg':
+          vals.append(args[r.index])
+        elif r.kind == 'node':
+          vals.append(outs[r.index])
+        else:
+          c = np.asarray(r.value)
+          if np.issubdtype(c.dtype, np.floating):
+            c = c.astype(dtype)
+          vals.append(jnp.broadcast_to(c, shape))
+      params = dict(n.params)
+      if 'new_dtype' in params and jnp.issubdtype(params['new_dtype'], jnp.floating):
+        # Casts inside the user's function keep the kernel's working precision.
+        params['new_dtype'] = jnp.dtype(dtype)
+      outs.append(n.prim.bind(*vals, **params))
+    return outs[-1]
+
+  def derivative(self):
+    """φ'(u, *args): the derivative in `u`, elementwise, via `jax.grad`."""
+    def dphi(u, *args):
+      shape = jnp.broadcast_shapes(jnp.shape(u), *(jnp.shape(a) for a in args))
+      u = jnp.broadcast_to(u, shape)
+      g = lambda u_: jnp.sum(self(u_, *args))
+      return jax.grad(g)(u)
+    return dphi
