@@ -1,0 +1,240 @@
+"""Gaussian expectations of elementwise chains: the engine behind elementwise rules.
+
+For (u, v) jointly Gaussian, an elementwise map φ of a wide layer needs
+T = E[φ(u) ψ(v)] (its NNGP) and Ṫ = E[φ'(u) ψ'(v)] (its NTK factor), DESIGN §2.
+`expect_pair` computes both, `expect_single` the first moment E[φ(u)].
+
+Closed forms (`closed_forms.py`) are used when the chain is recognised:
+the relu family A·min(u,0) + B·max(u,0) (relu, leaky_relu, abs, identity and
+their cross-moments: arc-cosine kernels of Cho & Saul), sign and steps, erf(a·u),
+sin/cos(a·u + b) and exp(a·u + b) with any means, and an affine function paired
+with anything (a 1-D expectation). Everything else goes to quadrature
+(`quadrature.py`): Gauss–Hermite for smooth chains and piecewise Gauss–Legendre
+split at the kinks for chains with kinks at known places.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend import core as jex
+from jax.extend.core import primitives as _p
+
+from infwidth.rules import closed_forms as cf
+from infwidth.rules import quadrature as quad
+from infwidth.rules.chain import Chain, Node, Ref, U, arg, const, node
+
+__all__ = ['expect_pair', 'expect_single', 'chain_from_fn']
+
+_JIT_P = getattr(_p, 'jit_p', None) or getattr(_p, 'pjit_p')
+_CUSTOM_VJP_P = getattr(_p, 'custom_vjp_call_p', None) or getattr(_p, 'custom_vjp_call_jaxpr_p')
+_CALLS = tuple(p for p in (_JIT_P, _p.closed_call_p, _p.call_p, _p.remat_p,
+                           _p.custom_jvp_call_p, _CUSTOM_VJP_P) if p is not None)
+
+
+# ----------------------------------------------------------------------------
+# Chains from Python functions.
+
+def _subjaxpr(eqn):
+  for name in ('jaxpr', 'call_jaxpr', 'fun_jaxpr'):
+    sub = eqn.params.get(name)
+    if sub is not None:
+      if isinstance(sub, jex.ClosedJaxpr):
+        return sub.jaxpr, list(sub.consts)
+      return sub, []
+  raise ValueError(f'no sub-jaxpr in the parameters of {eqn.primitive}')
+
+
+def chain_from_fn(fn: Callable, n_args: int = 0, dtype=None) -> Chain:
+  """The `Chain` of a scalar function φ(u, *args) (`n_args` arguments), by tracing.
+
+  Calls (`jit`, `custom_jvp_call`, `custom_vjp_call`, ...) are inlined (their
+  primal jaxpr), copies and float-to-float casts dropped, dead nodes pruned.
+
+  Args:
+    fn: scalar elementwise function of `1 + n_args` scalars.
+    n_args: number of per-input arguments after `u`.
+    dtype: the dtype to trace with (default: the default float dtype), which
+      sets the precision of the function's literal constants.
+
+  Returns:
+    A `Chain` with `n_args` arguments; `Chain()` for the identity.
+  """
+  dtype = dtype or jnp.result_type(float)
+  x = jnp.zeros((), dtype)
+  closed = jax.make_jaxpr(fn)(*([x] * (1 + n_args)))
+  nodes: List[Node] = []
+  env: Dict[Any, Ref] = {}
+
+  def read(v) -> Ref:
+    if isinstance(v, jex.Literal):
+      return const(v.val)
+    return env[v]
+
+  def walk(jaxpr, consts, in_refs) -> List[Ref]:
+    for cv, c in zip(jaxpr.constvars, consts):
+      if np.ndim(c) != 0:
+        raise ValueError('chain_from_fn: the function closes over a non-scalar array')
+      env[cv] = const(np.asarray(c))
+    for v, r in zip(jaxpr.invars, in_refs):
+      env[v] = r
+    for eqn in jaxpr.eqns:
+      ins = [read(v) for v in eqn.invars]
+      if eqn.primitive in _CALLS:
+        sub, sub_consts = _subjaxpr(eqn)
+        n_skip = len(sub.invars) - len(ins)
+        if n_skip:
+          raise ValueError(f'chain_from_fn: cannot inline {eqn.primitive}')
+        for v, r in zip(eqn.outvars, walk(sub, sub_consts, ins)):
+          env[v] = r
+        continue
+      if len(eqn.outvars) != 1:
+        raise ValueError(f'chain_from_fn: {eqn.primitive} is not elementwise')
+      if eqn.primitive is _p.copy_p or (
+          eqn.primitive is _p.convert_element_type_p and
+          jnp.issubdtype(eqn.invars[0].aval.dtype, jnp.floating) and
+          jnp.issubdtype(eqn.params['new_dtype'], jnp.floating)):
+        env[eqn.outvars[0]] = ins[0]
+        continue
+      nodes.append(Node(eqn.primitive, tuple(sorted(eqn.params.items())), tuple(ins)))
+      env[eqn.outvars[0]] = node(len(nodes) - 1)
+    return [read(v) for v in jaxpr.outvars]
+
+  in_refs = [U] + [arg(i) for i in range(n_args)]
+  out, = walk(closed.jaxpr, list(closed.consts), in_refs)
+  if out.kind == 'u':
+    return Chain((), n_args)
+  if out.kind != 'node':
+    raise ValueError('chain_from_fn: the function does not depend on its first argument')
+  return Chain(_prune(nodes, out.index), n_args)
+
+
+def _prune(nodes: List[Node], last: int) -> Tuple[Node, ...]:
+  """Keeps the nodes that `last` depends on, renumbered, `last` at the end."""
+  live, stack = set(), [last]
+  while stack:
+    j = stack.pop()
+    if j in live:
+      continue
+    live.add(j)
+    stack.extend(r.index for r in nodes[j].operands if r.kind == 'node')
+  order = sorted(live)
+  new_index = {j: i for i, j in enumerate(order)}
+  out = []
+  for j in order:
+    ops = tuple(node(new_index[r.index]) if r.kind == 'node' else r for r in nodes[j].operands)
+    out.append(Node(nodes[j].prim, nodes[j].params, ops))
+  return tuple(out)
+
+
+# ----------------------------------------------------------------------------
+# Expectations.
+
+def _cast(x, dtype):
+  """Static scalars become Python numbers (weakly typed); arrays take `dtype`."""
+  if not isinstance(x, jax.Array):
+    if np.ndim(x) == 0:
+      return np.asarray(x).item()
+    x = np.asarray(x)
+    return x.astype(dtype) if np.issubdtype(x.dtype, np.floating) else x
+  return x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+
+
+def _cast_form(f: cf.Form, dtype) -> cf.Form:
+  if f.kind in ('other', 'pred'):
+    return f
+  return cf.Form(f.kind, tuple(_cast(c, dtype) for c in f.c), _cast(f.c0, dtype))
+
+
+def _cast_args(args, dtype) -> Tuple:
+  return tuple(jnp.asarray(a).astype(dtype) if jnp.issubdtype(jnp.result_type(a), jnp.floating)
+               else jnp.asarray(a) for a in args)
+
+
+def _mean(m, dtype):
+  return 0.0 if cf.is_static_zero(m) and not isinstance(m, np.ndarray) else jnp.asarray(m, dtype)
+
+
+def expect_pair(f: Chain, f_args: tuple, g: Chain, g_args: tuple,
+                mean1, mean2, var1, var2, cov, *, ntk: bool = True,
+                degree: Optional[int] = None):
+  """Second moment E[f(u, *f_args) g(v, *g_args)] and NTK factor E[f'(u) g'(v)].
+
+  (u, v) is jointly Gaussian with means mean1, mean2, variances var1, var2 and
+  covariance cov; derivatives are in u and v. All array inputs broadcast
+  together to one output shape, e.g. (N1, N2) for a cross kernel with var1 of
+  shape (N1, 1) and var2 of shape (1, N2), or (N,) for per-input variances.
+  f_args / g_args arrays broadcast against that shape.
+
+  Args:
+    f, g: chains (`Chain()` is the identity).
+    f_args, g_args: per-input argument arrays of f and g.
+    mean1, mean2: means; the Python number 0.0 means statically zero (needed
+      for the zero-mean closed forms), else arrays.
+    var1, var2, cov: variances and covariance; the dtype of the result.
+    ntk: whether to compute the NTK factor.
+    degree: quadrature nodes per dimension (Gauss–Hermite) where no closed
+      form applies; default `quadrature.GH_DEGREE`.
+
+  Returns:
+    (second_moment, ntk_factor or None), both of the broadcast shape. At zero
+    variance a kink's derivative is the mean of its one-sided derivatives in
+    closed forms and JAX's derivative at the point in quadrature.
+  """
+  var1, var2, cov = (jnp.asarray(x) for x in (var1, var2, cov))
+  dtype = jnp.result_type(var1, var2, cov)
+  if not jnp.issubdtype(dtype, jnp.floating):
+    dtype = jnp.result_type(float)
+  var1, var2, cov = (x.astype(dtype) for x in (var1, var2, cov))
+  mean1, mean2 = _mean(mean1, dtype), _mean(mean2, dtype)
+  f_args, g_args = _cast_args(f_args, dtype), _cast_args(g_args, dtype)
+  shape = jnp.broadcast_shapes(*(jnp.shape(x) for x in (mean1, mean2, var1, var2, cov)),
+                               *(jnp.shape(a) for a in f_args + g_args))
+  ff = _cast_form(cf.recognise(f, f_args), dtype)
+  gf = _cast_form(cf.recognise(g, g_args), dtype)
+  res = cf.pair_moments(ff, gf, mean1, mean2, var1, var2, cov, ntk)
+  if res is None and (ff.kind == 'affine') != (gf.kind == 'affine'):
+    # One side affine: a 1-D expectation of the other side suffices.
+    if ff.kind == 'affine':
+      sm = quad.single_quadrature(g, g_args, mean2, var2, degree=degree)
+      res = cf.affine_pair(ff, sm, mean1, cf.safe_sqrt(var2), cov, ntk)
+    else:
+      sm = quad.single_quadrature(f, f_args, mean1, var1, degree=degree)
+      res = cf.affine_pair(gf, sm, mean2, cf.safe_sqrt(var1), cov, ntk)
+  if res is None:
+    res = quad.pair_quadrature(f, f_args, g, g_args, mean1, mean2, var1, var2, cov,
+                               ntk=ntk, degree=degree)
+  t, dt = res
+  t = jnp.broadcast_to(jnp.asarray(t, dtype), shape)
+  if ntk:
+    dt = jnp.broadcast_to(jnp.asarray(dt, dtype), shape)
+  return t, (dt if ntk else None)
+
+
+def expect_single(f: Chain, f_args: tuple, mean, var, *, degree: Optional[int] = None):
+  """First moment E[f(u, *f_args)] for u ~ N(mean, var), of the broadcast shape.
+
+  Args:
+    f: a chain.
+    f_args: per-input argument arrays, broadcast against mean and var.
+    mean: the mean (Python 0.0 or an array).
+    var: the variance; sets the dtype.
+    degree: quadrature nodes where no closed form applies.
+
+  Returns:
+    E f(u), shape `broadcast(mean, var, *f_args)`.
+  """
+  var = jnp.asarray(var)
+  dtype = var.dtype if jnp.issubdtype(var.dtype, jnp.floating) else jnp.result_type(float)
+  var = var.astype(dtype)
+  mean = _mean(mean, dtype)
+  f_args = _cast_args(f_args, dtype)
+  shape = jnp.broadcast_shapes(jnp.shape(mean), jnp.shape(var), *(jnp.shape(a) for a in f_args))
+  form = _cast_form(cf.recognise(f, f_args), dtype)
+  sm = cf.single_moments(form, mean, cf.safe_sqrt(var))
+  if sm is None:
+    sm = quad.single_quadrature(f, f_args, mean, var, degree=degree)
+  return jnp.broadcast_to(jnp.asarray(sm[0], dtype), shape)
