@@ -1,0 +1,109 @@
+"""Errors for bad inputs, eagerly and under `jit`.
+
+Outside `jit` every predictor checks its inputs and results and raises a
+Python error naming the cause: a kernel that Cholesky cannot factorise
+(`NotPositiveDefiniteError`, JAX's Cholesky returns NaN instead of raising),
+NaN or infinite inputs, and NaN results (`NonFiniteError`).
+
+Under `jax.jit` values are abstract and nothing can be raised: by default NaNs
+propagate silently, as everywhere in JAX. Wrap the function with `checked` to
+get the same checks under `jit`, through `jax.experimental.checkify`:
+
+  >>> f = predict.checked(lambda k_td: predict_fn('nngp', k_td), jit=True)
+  >>> f(k_test_train)   # raises checkify.JaxRuntimeError naming the cause
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import threading
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import checkify
+
+
+class NotPositiveDefiniteError(ValueError):
+  """A kernel matrix is not positive definite enough to be factorised."""
+
+
+class NonFiniteError(FloatingPointError):
+  """An input or a result of a predictor holds NaN or infinite values."""
+
+
+_STATE = threading.local()
+
+
+def _checks_staged() -> bool:
+  return getattr(_STATE, 'staged', False)
+
+
+@contextlib.contextmanager
+def _staged_checks():
+  old = _checks_staged()
+  _STATE.staged = True
+  try:
+    yield
+  finally:
+    _STATE.staged = old
+
+
+def is_concrete(x: Any) -> bool:
+  """Whether `x` holds values now (is not traced under `jit`/`vmap`/...)."""
+  return not any(isinstance(l, jax.core.Tracer)
+                 for l in jax.tree_util.tree_leaves(x))
+
+
+def check(predicate: Any, message: str,
+          error: type = NonFiniteError) -> None:
+  """Raises `error(message)` if `predicate` is False.
+
+  Eagerly the check is a Python `if`. Traced inside `checked`, it becomes a
+  `checkify.check`; traced anywhere else it is skipped.
+  """
+  if is_concrete(predicate):
+    if not bool(predicate):
+      raise error(message)
+  elif _checks_staged():
+    checkify.check(predicate, message.replace('{', '{{').replace('}', '}}'))
+
+
+def check_finite(x: Any, what: str, hint: str = '') -> None:
+  """Raises a `NonFiniteError` if the array or number `x` holds NaN or inf."""
+  if x is None or not (hasattr(x, 'dtype') or isinstance(x, (int, float))):
+    return
+  message = f'{what} contains NaN or infinite values.'
+  check(jnp.all(jnp.isfinite(x)), message + (' ' + hint if hint else ''))
+
+
+def checked(fn: Callable[..., Any], jit: bool = True) -> Callable[..., Any]:
+  """`fn` with the predictors' checks active even when traced.
+
+  Args:
+    fn: a function calling predictors (pass static arguments such as `get`
+      by closure).
+    jit: compile the checked function with `jax.jit`.
+
+  Returns:
+    A function with `fn`'s signature that raises
+    `jax.experimental.checkify.JaxRuntimeError` with the message of the
+    failed check (non-positive-definite kernel, NaN input or result).
+  """
+  def staged(*args, **kwargs):
+    with _staged_checks():
+      return fn(*args, **kwargs)
+
+  checkified = checkify.checkify(staged)
+  if jit:
+    checkified = jax.jit(checkified)
+
+  @functools.wraps(fn)
+  def wrapper(*args, **kwargs):
+    with _staged_checks():
+      err, out = checkified(*args, **kwargs)
+    err.throw()
+    return out
+
+  return wrapper
