@@ -121,3 +121,50 @@ class Chain:
       g = lambda u_: jnp.sum(self(u_, *args))
       return jax.grad(g)(u)
     return dphi
+
+
+class ChainBuilder:
+  """Builds a `Chain` node by node; `inline` splices in an existing chain."""
+
+  def __init__(self, n_args: int = 0):
+    self.nodes = []
+    self.n_args = n_args
+
+  def new_arg(self) -> Ref:
+    self.n_args += 1
+    return arg(self.n_args - 1)
+
+  def add(self, prim, params, operands) -> Ref:
+    self.nodes.append(Node(prim, tuple(sorted(params.items())), tuple(operands)))
+    return node(len(self.nodes) - 1)
+
+  def inline(self, chain: Chain, u_ref: Ref, arg_refs) -> Ref:
+    """Adds `chain`'s nodes with `u` ↦ `u_ref` and `arg i` ↦ `arg_refs[i]`; returns its output."""
+    if chain.is_identity:
+      return u_ref
+    base = len(self.nodes)
+
+    def remap(r: Ref) -> Ref:
+      if r.kind == 'u':
+        return u_ref
+      if r.kind == 'arg':
+        return arg_refs[r.index]
+      if r.kind == 'node':
+        return node(base + r.index)
+      return r
+
+    for n in chain.nodes:
+      self.nodes.append(Node(n.prim, n.params, tuple(remap(r) for r in n.operands)))
+    return node(len(self.nodes) - 1)
+
+  def build(self, out: Ref) -> Chain:
+    if out.kind == 'u' and not self.nodes:
+      return Chain((), self.n_args)
+    nodes = list(self.nodes)
+    if not (out.kind == 'node' and out.index == len(nodes) - 1):
+      # The output must be the last node: add an explicit copy.
+      from jax import lax
+      nodes.append(Node(lax.convert_element_type_p,
+                        (('new_dtype', np.dtype('float32')), ('sharding', None), ('weak_type', False)),
+                        (out,)))
+    return Chain(tuple(nodes), self.n_args)

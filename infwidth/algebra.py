@@ -1,0 +1,721 @@
+"""The abstract domain of the kernel interpreter (DESIGN §2).
+
+A *wide value* is a tensor with one channel axis whose entries are i.i.d.
+across channels in the infinite-width limit. It is a sum of terms
+
+    value = offset(x) + Σ_t  φ_t(u_t, *args_t) · Π_k p_{t,k}
+
+where `u_t` is a Gaussian *combination* of *sources* (outputs of linear maps
+with fresh weights, and parameters used elementwise such as biases),
+`φ_t` is an elementwise `Chain`, `args_t` are deterministic per-input arrays
+or deterministic-valued parameters (a LayerNorm scale of ones), and `p_{t,k}`
+are parameters that multiply the term outside the chain.
+
+Everything here is layout-aware but primitive-agnostic: statistics of a value
+are arrays in its *canonical layout* `(B, *S)` — the (joint) batch axis, then
+its spatial axes, identified by role ids (`'x1'`, …) — and a pair of values
+has a cross block `(N1, N2, *S_a, *S_b)` and same-input blocks
+`(N1, *S_a, *S_b)`, `(N2, *S_a, *S_b)`.
+
+All second moments are per channel: `E[v_i(x) v'_i(x')]` for one channel `i`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from infwidth.errors import InfwidthError
+from infwidth.rules import gaussian_engine
+from infwidth.rules.chain import Chain
+
+Array = Any
+_ids = itertools.count()
+
+
+# ----------------------------------------------------------------------------
+# Parameters.
+
+
+@dataclasses.dataclass(eq=False)
+class ParamLeaf:
+  """One parameter tensor: its moments, NTK weight and name for messages."""
+  index: int
+  name: str
+  shape: Tuple[int, ...]
+  mean: float
+  var: float
+  ntk_weight: float
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ParamRef:
+  """A view of a parameter leaf inside the traced function (`c · W`, transposed…).
+
+  `axes[i]` is the leaf axis that view axis `i` comes from (None for an axis of
+  size one added by reshape/broadcast), so contractions know which leaf axes
+  they sum. `scale` is the constant factor `c` in front.
+  """
+  leaf: ParamLeaf
+  shape: Tuple[int, ...]
+  axes: Tuple[Optional[int], ...]
+  scale: float = 1.0
+
+  def scaled(self, c: float) -> 'ParamRef':
+    return dataclasses.replace(self, scale=self.scale * c)
+
+
+# ----------------------------------------------------------------------------
+# Sources and Gaussian combinations.
+
+
+class Source:
+  """A Gaussian tensor that is i.i.d. across channels (given the inputs).
+
+  Attributes:
+    spatial: role ids of its spatial axes (canonical layout `(B, *spatial)`).
+    random: whether it has nonzero variance (static).
+    leaf: the parameter leaf whose randomness it carries.
+  """
+  spatial: Tuple[str, ...]
+  random: bool
+  leaf: ParamLeaf
+
+  def __init__(self):
+    self.uid = next(_ids)
+
+
+class LinearSource(Source):
+  """`z = c · contract(y, W)` over a channel axis (wide input) or finite axes (x).
+
+  Attributes:
+    param: the weight view.
+    inputs: a `Wide` value (contracted over its channel axis) or a
+      deterministic array in canonical layout with contracted axes last:
+      shape `(B, *spatial, *contracted)`.
+    width: the size of the contracted channel axis (wide input only).
+  """
+
+  def __init__(self, param: ParamRef, inputs, spatial, width: int = 1):
+    super().__init__()
+    self.param = param
+    self.leaf = param.leaf
+    self.inputs = inputs
+    self.spatial = tuple(spatial)
+    self.width = width
+    self.random = param.leaf.var > 0
+
+
+class ParamSource(Source):
+  """A parameter used elementwise (bias, scale): Gaussian with its moments.
+
+  The leaf's only non-trivial axis is the channel axis: it is shared by every
+  input and position.
+  """
+
+  def __init__(self, param: ParamRef):
+    super().__init__()
+    self.param = param
+    self.leaf = param.leaf
+    self.spatial = ()
+    self.random = param.leaf.var > 0
+
+  @property
+  def mean(self) -> float:
+    return self.param.scale * self.leaf.mean
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Combo:
+  """A Gaussian combination `mean + Σ coef_s · s` in a canonical layout.
+
+  `coefs[k]` and `mean` are floats or arrays in canonical layout `(B|1, *S|1)`
+  with spatial role ids `spatial`.
+  """
+  sources: Tuple[Source, ...]
+  coefs: Tuple[Any, ...]
+  spatial: Tuple[str, ...]
+  mean: Any = 0.0
+
+  @property
+  def random(self) -> bool:
+    return any(s.random for s in self.sources)
+
+  def key(self):
+    return (tuple(s.uid for s in self.sources),
+            tuple(c if isinstance(c, float) else id(c) for c in self.coefs),
+            self.mean if isinstance(self.mean, float) else id(self.mean))
+
+
+def combo_of(source: Source, spatial) -> Combo:
+  mean = source.mean if isinstance(source, ParamSource) else 0.0
+  return Combo((source,), (1.0,), tuple(spatial), float(mean))
+
+
+def add_combos(a: Combo, b: Combo, sign: float = 1.0) -> Combo:
+  """`a + sign·b`, merging coefficients of shared sources."""
+  assert a.spatial == b.spatial
+  sources, coefs = list(a.sources), list(a.coefs)
+  for s, c in zip(b.sources, b.coefs):
+    c = _mul(sign, c)
+    if s in sources:
+      k = sources.index(s)
+      coefs[k] = _add(coefs[k], c)
+    else:
+      sources.append(s)
+      coefs.append(c)
+  return Combo(tuple(sources), tuple(coefs), a.spatial, _add(a.mean, _mul(sign, b.mean)))
+
+
+def scale_combo(a: Combo, c, shift=0.0) -> Combo:
+  """`c·a + shift` for a float or canonical-layout array `c`."""
+  return Combo(a.sources, tuple(_mul(c, k) for k in a.coefs), a.spatial,
+               _add(_mul(c, a.mean), shift))
+
+
+def split_random(a: Combo) -> Tuple[Optional[Combo], Optional[Combo]]:
+  """Splits `a` into its random part and its deterministic-valued part."""
+  rnd = [(s, c) for s, c in zip(a.sources, a.coefs) if s.random]
+  det = [(s, c) for s, c in zip(a.sources, a.coefs) if not s.random]
+  mk = lambda sc, mean: Combo(tuple(s for s, _ in sc), tuple(c for _, c in sc), a.spatial, mean)
+  r = mk(rnd, 0.0) if rnd else None
+  d = mk(det, a.mean) if (det or not _is_zero(a.mean)) else None
+  return r, d
+
+
+def same_combo(a: Combo, b: Combo) -> bool:
+  return a is b or a.key() == b.key()
+
+
+# ----------------------------------------------------------------------------
+# Wide values.
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Term:
+  """`chain(u, *[p.mean for p in pargs], *dargs) · Π factors` with `u = combo`.
+
+  pargs: deterministic-valued Gaussian combinations (zero-variance parameters)
+    entering the chain; they carry NTK contributions.
+  dargs: deterministic canonical-layout arrays entering the chain.
+  factors: parameter sources multiplying the term outside the chain.
+  """
+  chain: Chain
+  combo: Combo
+  pargs: Tuple[Combo, ...] = ()
+  dargs: Tuple[Any, ...] = ()
+  factors: Tuple[ParamSource, ...] = ()
+
+  @property
+  def is_gaussian(self) -> bool:
+    return self.chain.is_identity and not self.factors
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Wide:
+  """A wide tensor of logical `shape` with per-axis roles.
+
+  roles[i] is 'b' (batch), 'c' (channel), a spatial role id, or None (size 1).
+  """
+  shape: Tuple[int, ...]
+  roles: Tuple[Any, ...]
+  terms: Tuple[Term, ...]
+  offset: Any = None  # canonical-layout array or None
+
+  @property
+  def spatial(self) -> Tuple[str, ...]:
+    return tuple(r for r in self.roles if r not in ('b', 'c', None))
+
+  @property
+  def channel_axis(self) -> int:
+    return self.roles.index('c')
+
+  @property
+  def width(self) -> int:
+    return self.shape[self.channel_axis]
+
+  def canonical_shape(self, batch: int) -> Tuple[int, ...]:
+    b = batch if 'b' in self.roles else 1
+    return (b,) + tuple(self.shape[i] for i, r in enumerate(self.roles)
+                        if r not in ('b', 'c', None))
+
+
+# ----------------------------------------------------------------------------
+# Small helpers for floats-or-arrays.
+
+
+def _is_zero(c) -> bool:
+  return isinstance(c, float) and c == 0.0
+
+
+def _mul(a, b):
+  if isinstance(a, float) and isinstance(b, float):
+    return a * b
+  if _is_zero(a) or _is_zero(b):
+    return 0.0
+  if isinstance(a, float) and a == 1.0:
+    return b
+  if isinstance(b, float) and b == 1.0:
+    return a
+  return a * b
+
+
+def _add(a, b):
+  if _is_zero(a):
+    return b
+  if _is_zero(b):
+    return a
+  return a + b
+
+
+def align(arr, src: Sequence[str], dst: Sequence[str]):
+  """Moves a `(B, *src)` array to `(B, *dst)`, adding size-1 axes for roles not in `src`."""
+  if isinstance(arr, float):
+    return arr
+  arr = jnp.asarray(arr)
+  missing = [r for r in src if r not in dst]
+  if missing:
+    raise InfwidthError(f'internal: spatial axes {missing} dropped without a reduction')
+  perm = [0] + [1 + src.index(r) for r in dst if r in src]
+  arr = jnp.transpose(arr, perm)
+  shape = [arr.shape[0]]
+  it = iter(arr.shape[1:])
+  for r in dst:
+    shape.append(next(it) if r in src else 1)
+  return arr.reshape(shape)
+
+
+# ----------------------------------------------------------------------------
+# The moment engine.
+
+
+@dataclasses.dataclass
+class PairStats:
+  """Second moments of two values: cross `(N1, N2, *Sa, *Sb)`, same-input blocks."""
+  cross: Any
+  diag1: Any
+  diag2: Any
+
+  def __add__(self, other: 'PairStats') -> 'PairStats':
+    return PairStats(_add(self.cross, other.cross), _add(self.diag1, other.diag1),
+                     _add(self.diag2, other.diag2))
+
+
+ZERO = PairStats(0.0, 0.0, 0.0)
+
+
+class Moments:
+  """Covariances and NTKs between values at two batches, memoised per call.
+
+  Args:
+    n1: size of the first batch (rows).
+    n2: size of the second batch (columns).
+    x1_is_x2: the two batches are the same inputs (joint batch = rows).
+    dtype: working float dtype.
+  """
+
+  def __init__(self, n1: int, n2: int, x1_is_x2: bool, dtype):
+    self.n1, self.n2, self.x1_is_x2, self.dtype = n1, n2, x1_is_x2, dtype
+    self._cache: Dict[Any, Any] = {}
+
+  # -- layout plumbing ------------------------------------------------------
+
+  def rows(self, arr):
+    if isinstance(arr, float) or arr.shape[0] == 1:
+      return arr
+    return arr[:self.n1]
+
+  def cols(self, arr):
+    if isinstance(arr, float) or arr.shape[0] == 1 or self.x1_is_x2:
+      return arr
+    return arr[self.n1:]
+
+  def joint(self, rows, cols):
+    """Per-input statistics over the joint batch from the two halves."""
+    if self.x1_is_x2 or isinstance(rows, float):
+      return rows
+    return jnp.concatenate([jnp.broadcast_to(rows, (self.n1,) + rows.shape[1:]),
+                            jnp.broadcast_to(cols, (self.n2,) + cols.shape[1:])])
+
+  @staticmethod
+  def as_side(arr, side: str, na: int, nb: int):
+    """Places a `(B, *S)` array for pairing: side 'a' → `(B, 1, *S, *1)`, 'b' → `(1, B, *1, *S)`.
+
+    `na`/`nb` are the numbers of spatial axes of the two paired values.
+    """
+    if isinstance(arr, float):
+      return arr
+    if side == 'a':
+      return arr.reshape((arr.shape[0], 1) + arr.shape[1:] + (1,) * nb)
+    return arr.reshape((1, arr.shape[0]) + (1,) * na + arr.shape[1:])
+
+  @staticmethod
+  def as_diag_side(arr, side: str, na: int, nb: int):
+    """Same-input pairing: side 'a' → `(B, *S, *1)`, 'b' → `(B, *1, *S)`."""
+    if isinstance(arr, float):
+      return arr
+    if side == 'a':
+      return arr.reshape(arr.shape + (1,) * nb)
+    return arr.reshape((arr.shape[0],) + (1,) * na + arr.shape[1:])
+
+  @staticmethod
+  def spatial_diagonal(block, k: int):
+    """`(B, *S, *S)` → `(B, *S)`: entries at equal positions."""
+    if isinstance(block, float) or k == 0:
+      return block
+    letters = 'abcdefghij'[:k]
+    return jnp.einsum(f'z{letters}{letters}->z{letters}', block)
+
+  # -- sources --------------------------------------------------------------
+
+  def source_pair(self, a: Source, b: Source) -> Optional[PairStats]:
+    """Covariance of two sources, None where it is structurally zero."""
+    if a.leaf is not b.leaf:
+      return None
+    key = ('src', a.uid, b.uid)
+    if key not in self._cache:
+      self._cache[key] = self._source_pair(a, b)
+    return self._cache[key]
+
+  def _source_pair(self, a: Source, b: Source) -> PairStats:
+    leaf = a.leaf
+    c = a.param.scale * b.param.scale
+    if isinstance(a, ParamSource) and isinstance(b, ParamSource):
+      v = c * leaf.var
+      return PairStats(v, v, v)
+    if isinstance(a, LinearSource) and isinstance(b, LinearSource):
+      return _scale_stats(self.input_moment(a, b), c * leaf.var)
+    raise InfwidthError(
+        f'parameter {leaf.name!r} is used both as a weight and elementwise; '
+        'pass wide_axes= or restructure the model.')
+
+  def input_moment(self, a: 'LinearSource', b: 'LinearSource') -> PairStats:
+    """`Σ_contracted y_a y_b'`: `width · E[y_a y_b']` (wide) or a finite sum over x."""
+    key = ('inmom', a.uid, b.uid)
+    if key in self._cache:
+      return self._cache[key]
+    ya, yb = a.inputs, b.inputs
+    if isinstance(ya, Wide) and isinstance(yb, Wide):
+      out = _scale_stats(self.wide_pair(ya, yb), float(a.width))
+    elif not isinstance(ya, Wide) and not isinstance(yb, Wide):
+      out = self._det_contraction(ya, len(a.spatial), yb, len(b.spatial))
+    else:
+      raise InfwidthError(
+          f'parameter {a.leaf.name!r} contracts both an input axis and a wide axis; '
+          'weight tying between an embedding and a readout needs wide_axes=.')
+    self._cache[key] = out
+    return out
+
+  def _det_contraction(self, xa, ka, xb, kb) -> PairStats:
+    """`(B, *Sa, *C)` · `(B, *Sb, *C)` summed over the contracted axes C."""
+    nc = xa.ndim - 1 - ka
+    la, lb = 'abcdefgh'[:ka], 'ijklmnop'[:kb]
+    lc = 'qrstuvw'[:nc]
+    cross = jnp.einsum(f'x{la}{lc},y{lb}{lc}->xy{la}{lb}', self.rows(xa), self.cols(xb))
+    d1 = jnp.einsum(f'x{la}{lc},x{lb}{lc}->x{la}{lb}', self.rows(xa), self.rows(xb))
+    d2 = d1 if self.x1_is_x2 else jnp.einsum(
+        f'x{la}{lc},x{lb}{lc}->x{la}{lb}', self.cols(xa), self.cols(xb))
+    return PairStats(cross, d1, d2)
+
+  def source_ntk(self, a: Source, b: Source):
+    """NTK between two sources (cross block), None where structurally zero."""
+    if a.leaf is not b.leaf:
+      return None
+    key = ('srcntk', a.uid, b.uid)
+    if key in self._cache:
+      return self._cache[key]
+    leaf = a.leaf
+    c = a.param.scale * b.param.scale
+    if isinstance(a, ParamSource):
+      out = c * leaf.ntk_weight
+    else:
+      # DESIGN §2: Θ_z = c²·M·w (W's own gradient) + c²·n·v·Θ_y (through W).
+      out = _mul(c * leaf.ntk_weight, self.input_moment(a, b).cross)
+      if isinstance(a.inputs, Wide) and leaf.var > 0:
+        out = _add(out, _mul(c * leaf.var * a.width, self.wide_ntk(a.inputs, b.inputs)))
+    self._cache[key] = out
+    return out
+
+  # -- combinations ---------------------------------------------------------
+
+  def combo_pair(self, a: Combo, b: Combo) -> PairStats:
+    """Centred covariance of two Gaussian combinations."""
+    key = ('combo', a.key(), b.key())
+    if key in self._cache:
+      return self._cache[key]
+    out = ZERO
+    for (sa, ca), (sb, cb) in itertools.product(zip(a.sources, a.coefs), zip(b.sources, b.coefs)):
+      st = self.source_pair(sa, sb)
+      if st is None:
+        continue
+      st = self._embed_pair(st, sa.spatial, sb.spatial, a.spatial, b.spatial)
+      out = out + self._weight_pair(st, ca, cb, len(a.spatial), len(b.spatial))
+    self._cache[key] = out
+    return out
+
+  def combo_ntk(self, a: Combo, b: Combo):
+    key = ('combontk', a.key(), b.key())
+    if key in self._cache:
+      return self._cache[key]
+    out = 0.0
+    ka, kb = len(a.spatial), len(b.spatial)
+    for (sa, ca), (sb, cb) in itertools.product(zip(a.sources, a.coefs), zip(b.sources, b.coefs)):
+      t = self.source_ntk(sa, sb)
+      if t is None:
+        continue
+      t = self._embed_cross(t, sa.spatial, sb.spatial, a.spatial, b.spatial)
+      out = _add(out, _mul(_mul(self.as_side(self.rows(ca), 'a', ka, kb) if not isinstance(ca, float) else ca,
+                                self.as_side(self.cols(cb), 'b', ka, kb) if not isinstance(cb, float) else cb), t))
+    self._cache[key] = out
+    return out
+
+  def _weight_pair(self, st: PairStats, ca, cb, ka, kb) -> PairStats:
+    side = lambda c, f, s: c if isinstance(c, float) else self.as_side(f(c), s, ka, kb)
+    dside = lambda c, f, s: c if isinstance(c, float) else self.as_diag_side(f(c), s, ka, kb)
+    cross = _mul(_mul(side(ca, self.rows, 'a'), side(cb, self.cols, 'b')), st.cross)
+    d1 = _mul(_mul(dside(ca, self.rows, 'a'), dside(cb, self.rows, 'b')), st.diag1)
+    d2 = _mul(_mul(dside(ca, self.cols, 'a'), dside(cb, self.cols, 'b')), st.diag2)
+    return PairStats(cross, d1, d2)
+
+  def _embed_pair(self, st, sa_sp, sb_sp, a_sp, b_sp) -> PairStats:
+    if sa_sp == a_sp and sb_sp == b_sp:
+      return st
+    return PairStats(self._embed_cross(st.cross, sa_sp, sb_sp, a_sp, b_sp),
+                     _embed_block(st.diag1, 1, sa_sp, sb_sp, a_sp, b_sp),
+                     _embed_block(st.diag2, 1, sa_sp, sb_sp, a_sp, b_sp))
+
+  def _embed_cross(self, arr, sa_sp, sb_sp, a_sp, b_sp):
+    if sa_sp == a_sp and sb_sp == b_sp:
+      return arr
+    return _embed_block(arr, 2, sa_sp, sb_sp, a_sp, b_sp)
+
+  # -- terms and wide values ------------------------------------------------
+
+  def _var(self, combo: Combo, which: str):
+    st = self.combo_pair(combo, combo)
+    block = st.diag1 if which == 'rows' else st.diag2
+    return self.spatial_diagonal(block, len(combo.spatial))
+
+  def _mean(self, combo: Combo, which: str):
+    m = combo.mean
+    return m if isinstance(m, float) else (self.rows(m) if which == 'rows' else self.cols(m))
+
+  def _args(self, term: Term, which: str):
+    f = self.rows if which == 'rows' else self.cols
+    pa = tuple(f(p.mean) if not isinstance(p.mean, float) else p.mean for p in term.pargs)
+    return pa + tuple(f(d) for d in term.dargs)
+
+  def term_first_moment(self, term: Term, which: str):
+    """`E[term]` per input of one side, canonical layout `(B, *S)`."""
+    mean = self._mean(term.combo, which)
+    fac = 1.0
+    for p in term.factors:
+      fac = fac * p.mean
+    if term.chain.is_identity:
+      return _mul(fac, mean)
+    var = self._var(term.combo, which)
+    return _mul(fac, gaussian_engine.expect_single(term.chain, self._args(term, which), mean, var))
+
+  def wide_first_moment(self, w: Wide, which: str):
+    out = 0.0 if w.offset is None else (self.rows(w.offset) if which == 'rows' else self.cols(w.offset))
+    for t in w.terms:
+      out = _add(out, term_first_moment_aligned(self, t, which, w))
+    return out
+
+  def term_pair(self, ta: Term, tb: Term, sa, sb, mode: str):
+    """Second moment `E[ta tb]` (mode 'cross', 'diag1' or 'diag2') and, for 'cross', the NTK."""
+    ka, kb = len(sa), len(sb)
+    fac_m, fac_ntk = _factor_moments(ta.factors, tb.factors)
+    if fac_m == 0.0:
+      return 0.0, None
+    st = self.combo_pair(ta.combo, tb.combo)
+    cov = {'cross': st.cross, 'diag1': st.diag1, 'diag2': st.diag2}[mode]
+    wa, wb = ('rows', 'cols') if mode == 'cross' else (('rows', 'rows') if mode == 'diag1' else ('cols', 'cols'))
+    place = self.as_side if mode == 'cross' else self.as_diag_side
+    put = lambda arr, s, k1, k2: arr if isinstance(arr, float) else place(arr, s, k1, k2)
+    ma, mb = put(self._mean(ta.combo, wa), 'a', ka, kb), put(self._mean(tb.combo, wb), 'b', ka, kb)
+    va = put(self._var(ta.combo, wa), 'a', ka, kb)
+    vb = put(self._var(tb.combo, wb), 'b', ka, kb)
+    aa = tuple(put(x, 'a', ka, kb) for x in self._args(ta, wa))
+    ab = tuple(put(x, 'b', ka, kb) for x in self._args(tb, wb))
+    both_gauss = ta.chain.is_identity and tb.chain.is_identity
+    if both_gauss:
+      second = _add(cov, _mul(ma, mb))
+      dd = 1.0
+    else:
+      second, dd = gaussian_engine.expect_pair(ta.chain, aa, tb.chain, ab, ma, mb, va, vb, cov,
+                                               ntk=(mode == 'cross'))
+    value = _mul(fac_m, second)
+    if mode != 'cross':
+      return value, None
+    # NTK (gradient independence): Σ_{k,l} E[∂_kφ ∂_lψ] Θ(z_k, z'_l) over the
+    # chain inputs (u and deterministic-valued parameters), times the factor
+    # moments, plus each shared factor's own gradient E[φψ]·w.
+    ntk = _mul(fac_m, _mul(dd, self.combo_ntk(ta.combo, tb.combo)))
+    for i, pa in enumerate(ta.pargs):
+      for j, pb in enumerate(tb.pargs):
+        t = self.combo_ntk(pa, pb)
+        if _is_zero(t):
+          continue
+        e = gaussian_engine.expect_pair_fn(_arg_derivative(ta.chain, i), aa, _arg_derivative(tb.chain, j), ab,
+                                           ma, mb, va, vb, cov)
+        ntk = _add(ntk, _mul(fac_m, _mul(e, t)))
+    if ta.pargs or tb.pargs:
+      for i, pa in enumerate(ta.pargs):
+        if not _is_zero(self.combo_ntk(pa, tb.combo)):
+          raise InfwidthError('a parameter enters a nonlinearity both inside and outside '
+                              'its Gaussian argument; this is not supported yet.')
+    if fac_ntk:
+      ntk = _add(ntk, _mul(fac_ntk, second))
+    return value, ntk
+
+  def wide_pair(self, a: Wide, b: Wide) -> PairStats:
+    """Per-channel second moments `E[a_i(x) b_i(x')]` of two wide values."""
+    key = ('wide', id(a), id(b))
+    if key in self._cache:
+      return self._cache[key]
+    self._compute_wide(a, b)
+    return self._cache[key]
+
+  def wide_ntk(self, a: Wide, b: Wide):
+    key = ('widentk', id(a), id(b))
+    if key not in self._cache:
+      self._compute_wide(a, b)
+    return self._cache[key]
+
+  def _compute_wide(self, a: Wide, b: Wide):
+    sa, sb = a.spatial, b.spatial
+    ka, kb = len(sa), len(sb)
+    stats, ntk = ZERO, 0.0
+    for ta, tb in itertools.product(a.terms, b.terms):
+      c, n = self.term_pair(ta, tb, sa, sb, 'cross')
+      c = _embed_block(c, 2, ta.combo.spatial, tb.combo.spatial, sa, sb)
+      d1, _ = self.term_pair(ta, tb, sa, sb, 'diag1')
+      d2 = d1 if self.x1_is_x2 else self.term_pair(ta, tb, sa, sb, 'diag2')[0]
+      d1 = _embed_block(d1, 1, ta.combo.spatial, tb.combo.spatial, sa, sb)
+      d2 = _embed_block(d2, 1, ta.combo.spatial, tb.combo.spatial, sa, sb)
+      stats = stats + PairStats(c, d1, d2)
+      if n is not None:
+        ntk = _add(ntk, _embed_block(n, 2, ta.combo.spatial, tb.combo.spatial, sa, sb))
+    # Deterministic parts: E[(o + t)(o' + t')] picks up o·E[t'] + E[t]·o' + o·o'.
+    if a.offset is not None or b.offset is not None:
+      ma_r, mb_c = self.wide_first_moment(a, 'rows'), self.wide_first_moment(b, 'cols')
+      ta_r = _sub(ma_r, self.rows(a.offset) if a.offset is not None else 0.0)
+      tb_c = _sub(mb_c, self.cols(b.offset) if b.offset is not None else 0.0)
+      oa_r = self.rows(a.offset) if a.offset is not None else 0.0
+      ob_c = self.cols(b.offset) if b.offset is not None else 0.0
+      extra_cross = _sum3(_mul(self.as_side(oa_r, 'a', ka, kb) if not isinstance(oa_r, float) else oa_r,
+                               self.as_side(tb_c, 'b', ka, kb) if not isinstance(tb_c, float) else tb_c),
+                          _mul(self.as_side(ta_r, 'a', ka, kb) if not isinstance(ta_r, float) else ta_r,
+                               self.as_side(ob_c, 'b', ka, kb) if not isinstance(ob_c, float) else ob_c),
+                          _mul(self.as_side(oa_r, 'a', ka, kb) if not isinstance(oa_r, float) else oa_r,
+                               self.as_side(ob_c, 'b', ka, kb) if not isinstance(ob_c, float) else ob_c))
+      d = []
+      for which in ('rows', 'cols'):
+        f = self.rows if which == 'rows' else self.cols
+        ma = self.wide_first_moment(a, which)
+        mb = self.wide_first_moment(b, which)
+        oa = f(a.offset) if a.offset is not None else 0.0
+        ob = f(b.offset) if b.offset is not None else 0.0
+        pa_, pb_ = _sub(ma, oa), _sub(mb, ob)
+        put = lambda x, s: x if isinstance(x, float) else self.as_diag_side(x, s, ka, kb)
+        d.append(_sum3(_mul(put(oa, 'a'), put(pb_, 'b')), _mul(put(pa_, 'a'), put(ob, 'b')),
+                       _mul(put(oa, 'a'), put(ob, 'b'))))
+      stats = stats + PairStats(extra_cross, d[0], d[1])
+    self._cache[('wide', id(a), id(b))] = stats
+    self._cache[('widentk', id(a), id(b))] = ntk
+
+
+def term_first_moment_aligned(m: Moments, t: Term, which: str, w: Wide):
+  fm = m.term_first_moment(t, which)
+  return align(fm, t.combo.spatial, w.spatial) if not isinstance(fm, float) else fm
+
+
+def _sub(a, b):
+  if _is_zero(b):
+    return a
+  return _add(a, _mul(-1.0, b))
+
+
+def _sum3(a, b, c):
+  return _add(_add(a, b), c)
+
+
+def _scale_stats(st: PairStats, c: float) -> PairStats:
+  return PairStats(_mul(c, st.cross), _mul(c, st.diag1), _mul(c, st.diag2))
+
+
+def _factor_moments(fa, fb):
+  """`E[Π fa Π fb]` and the NTK of the factors' own gradients relative to it.
+
+  Returns (moment, ntk_of_factors) where ntk_of_factors multiplies `E[φψ]`.
+  Factors of the same leaf on both sides are one random variable: E = μ² + v.
+  """
+  moment, ntk = 1.0, 0.0
+  la = {id(p.leaf): p for p in fa}
+  lb = {id(p.leaf): p for p in fb}
+  if len(la) != len(fa) or len(lb) != len(fb):
+    raise InfwidthError('a parameter multiplies the same value twice; not supported yet.')
+  shared = []
+  for k, p in la.items():
+    if k in lb:
+      q = lb[k]
+      e = p.param.scale * q.param.scale * (p.leaf.mean ** 2 + p.leaf.var)
+      shared.append((p, q, e))
+      moment *= e
+    else:
+      moment *= p.mean
+  for k, q in lb.items():
+    if k not in la:
+      moment *= q.mean
+  # d/dp of Π factors on each side, paired: w·c·c'·Π_{others}.
+  for p, q, e in shared:
+    rest = moment / e if e != 0 else _product_without(fa, fb, p.leaf)
+    ntk += p.leaf.ntk_weight * p.param.scale * q.param.scale * rest
+  return moment, ntk
+
+
+def _product_without(fa, fb, leaf):
+  m = 1.0
+  la = {id(p.leaf): p for p in fa if p.leaf is not leaf}
+  lb = {id(p.leaf): p for p in fb if p.leaf is not leaf}
+  for k, p in la.items():
+    m *= (p.param.scale * lb[k].param.scale * (p.leaf.mean ** 2 + p.leaf.var)) if k in lb else p.mean
+  for k, q in lb.items():
+    if k not in la:
+      m *= q.mean
+  return m
+
+
+def _arg_derivative(chain: Chain, i: int):
+  """∂φ/∂(argument i) as a callable `(u, *args)`."""
+  def d(u, *args):
+    shape = jnp.broadcast_shapes(jnp.shape(u), *(jnp.shape(a) for a in args))
+    args = [jnp.broadcast_to(a, shape) for a in args]
+    f = lambda ai: jnp.sum(chain(jnp.broadcast_to(u, shape), *args[:i], ai, *args[i + 1:]))
+    return jax.grad(f)(args[i])
+  return d
+
+
+def _embed_block(arr, nb: int, sa_sp, sb_sp, a_sp, b_sp):
+  """Embeds a `(*batch[nb], *sa_sp, *sb_sp)` block into `(*batch, *a_sp, *b_sp)` layout."""
+  if isinstance(arr, float) or (tuple(sa_sp) == tuple(a_sp) and tuple(sb_sp) == tuple(b_sp)):
+    return arr
+  lead = arr.shape[:nb]
+  ka = len(sa_sp)
+  # Split into the two spatial halves and align each.
+  src = [('a', r) for r in sa_sp] + [('b', r) for r in sb_sp]
+  dst = [('a', r) for r in a_sp] + [('b', r) for r in b_sp]
+  perm = list(range(nb)) + [nb + src.index(r) for r in dst if r in src]
+  arr = jnp.transpose(arr, perm)
+  shape = list(lead)
+  it = iter(arr.shape[nb:])
+  for r in dst:
+    shape.append(next(it) if r in src else 1)
+  del ka
+  return arr.reshape(shape)

@@ -1,0 +1,38 @@
+"""One table of primitive objects whose names or homes moved across JAX versions.
+
+Everything that walks a jaxpr imports higher-order primitives from here, so a
+JAX release that renames one needs one edit.
+"""
+
+from __future__ import annotations
+
+from jax.extend.core import primitives as _p
+
+jit_p = getattr(_p, 'jit_p', None) or getattr(_p, 'pjit_p')
+closed_call_p = _p.closed_call_p
+call_p = _p.call_p
+remat_p = _p.remat_p
+custom_jvp_call_p = _p.custom_jvp_call_p
+# `custom_vjp_call_jaxpr` became `custom_vjp_call` (JAX 0.6.1).
+custom_vjp_call_p = getattr(_p, 'custom_vjp_call_p', None) or getattr(_p, 'custom_vjp_call_jaxpr_p')
+custom_lin_p = getattr(_p, 'custom_lin_p', None)
+
+#: Primitives whose only effect is to call a sub-jaxpr: interpreters inline them.
+CALL_PRIMITIVES = tuple(p for p in (jit_p, closed_call_p, call_p, remat_p,
+                                    custom_jvp_call_p, custom_vjp_call_p) if p is not None)
+
+
+def subjaxpr_of(eqn):
+  """The primal sub-jaxpr of a call-like equation, as `(jaxpr, consts)`.
+
+  Looks for the parameter by behaviour (`jaxpr`, `call_jaxpr`, `fun_jaxpr`),
+  not by JAX version.
+  """
+  for name in ('jaxpr', 'call_jaxpr', 'fun_jaxpr'):
+    sub = eqn.params.get(name)
+    if sub is None:
+      continue
+    if hasattr(sub, 'jaxpr'):       # ClosedJaxpr
+      return sub.jaxpr, list(sub.consts)
+    return sub, []
+  raise KeyError(f'no sub-jaxpr found in the parameters of {eqn.primitive}')

@@ -1,0 +1,88 @@
+"""The kernel interpreter: walks a jaxpr, mapping each equation to a kernel rule.
+
+Values in the environment are `Det` (deterministic arrays over the joint
+batch), `ParamRef` (symbolic parameters) and `Wide` values. Equations with
+only deterministic inputs are evaluated concretely (constant folding);
+call-like equations (jit, custom_jvp/vjp, remat, closed_call) are inlined by
+recursion on their primal sub-jaxpr; every other equation that touches a
+parameter or a wide value goes to the rule registered for its primitive.
+"""
+
+from __future__ import annotations
+
+from typing import Any, List, Sequence
+
+import numpy as np
+from jax.extend import source_info_util
+from jax.extend.core import Literal
+
+from infwidth import algebra as A
+from infwidth.errors import UnsupportedPrimitiveError
+from infwidth.interpreters.compat import CALL_PRIMITIVES, subjaxpr_of
+from infwidth.rules import registry
+from infwidth.rules.structural import det_roles
+from infwidth.rules.values import Det
+
+
+class RuleContext:
+  """What a rule may know besides its inputs: the equation and the moment engine."""
+
+  def __init__(self, eqn, moments: A.Moments):
+    self.eqn = eqn
+    self.moments = moments
+
+  def unsupported(self, reason: str = '') -> UnsupportedPrimitiveError:
+    return UnsupportedPrimitiveError(self.eqn.primitive, self.eqn.params,
+                                     source_location(self.eqn), reason)
+
+
+def source_location(eqn) -> str:
+  try:
+    return source_info_util.summarize(eqn.source_info)
+  except Exception:  # pragma: no cover - best effort for messages only
+    return 'unknown location'
+
+
+def _det_literal(v) -> Det:
+  val = np.asarray(v.val)
+  return Det(val, (None,) * val.ndim)
+
+
+def interpret(jaxpr, consts: Sequence[Any], args: Sequence[Any], moments: A.Moments) -> List[Any]:
+  """Evaluates `jaxpr` on abstract values; returns the abstract outputs."""
+  env = {}
+
+  def read(v):
+    return _det_literal(v) if isinstance(v, Literal) else env[v]
+
+  for var, c in zip(jaxpr.constvars, consts):
+    env[var] = c if isinstance(c, (Det, A.ParamRef, A.Wide)) else Det(c, (None,) * np.ndim(c))
+  for var, a in zip(jaxpr.invars, args):
+    env[var] = a
+
+  for eqn in jaxpr.eqns:
+    invals = [read(v) for v in eqn.invars]
+    if eqn.primitive in CALL_PRIMITIVES:
+      sub, sub_consts = subjaxpr_of(eqn)
+      outs = interpret(sub, sub_consts, invals[len(invals) - len(sub.invars):], moments)
+    elif all(isinstance(v, Det) for v in invals):
+      outs = _fold(eqn, invals)
+    else:
+      rule = registry.KERNEL_RULES.get(eqn.primitive)
+      if rule is None:
+        raise RuleContext(eqn, moments).unsupported()
+      outs = rule(RuleContext(eqn, moments), *invals, **eqn.params)
+      if not eqn.primitive.multiple_results:
+        outs = [outs]
+    for var, val in zip(eqn.outvars, outs):
+      env[var] = val
+  return [read(v) for v in jaxpr.outvars]
+
+
+def _fold(eqn, invals):
+  """Constant folding: evaluates an equation whose inputs are all deterministic."""
+  outs = eqn.primitive.bind(*(d.value for d in invals), **eqn.params)
+  if not eqn.primitive.multiple_results:
+    outs = [outs]
+  roles = det_roles(eqn, invals, outs)
+  return [Det(o, r) for o, r in zip(outs, roles)]

@@ -1,0 +1,237 @@
+"""`kernelize`: the infinite-width NNGP and NTK of any JAX function (DESIGN §1)."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from infwidth import algebra as A
+from infwidth import rules as _rules  # noqa: F401  (registers the kernel rules)
+from infwidth.errors import InfwidthError, UnsupportedPrimitiveError
+from infwidth.interpreters.kernel_interpreter import interpret
+from infwidth.kernel import Kernel
+from infwidth.rules.values import Det
+
+#: Relative sampling error of an estimated variance above which kernelize warns.
+SAMPLING_ERROR_WARN = 0.05
+_GETS = ('nngp', 'ntk')
+
+
+class ParamStats(NamedTuple):
+  """Exact moments of a parameter tensor's entries (treated as i.i.d.)."""
+  mean: float
+  var: float
+
+
+def _is_stats(x) -> bool:
+  return isinstance(x, ParamStats)
+
+
+def _leaf_names(params):
+  paths, _ = jax.tree_util.tree_flatten_with_path(params)
+  return [jax.tree_util.keystr(p) or '<params>' for p, _ in paths]
+
+
+def _leaf_moments(params, param_stats, ntk_weights):
+  """One `ParamLeaf` per parameter leaf, and the leaves whose estimate is noisy."""
+  leaves, treedef = jax.tree_util.tree_flatten(params)
+  names = _leaf_names(params)
+  if param_stats is None:
+    stats = [None] * len(leaves)
+  else:
+    stats = treedef.flatten_up_to(param_stats) if not _is_stats(param_stats) else None
+    if stats is None:
+      raise InfwidthError('param_stats must be a pytree matching params with ParamStats leaves.')
+  if ntk_weights is None:
+    weights = [1.0] * len(leaves)
+  else:
+    weights = [float(w) for w in treedef.flatten_up_to(ntk_weights)]
+  out, noisy = [], []
+  for i, (leaf, name, st, w) in enumerate(zip(leaves, names, stats, weights)):
+    shape = tuple(np.shape(leaf))
+    if isinstance(leaf, jax.ShapeDtypeStruct):
+      if st is None:
+        raise InfwidthError(
+            f'parameter {name} is a ShapeDtypeStruct without moments: pass '
+            'param_stats with an infwidth.ParamStats(mean, var) for every such leaf.')
+    elif not hasattr(leaf, 'shape') or not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
+      raise InfwidthError(
+          f'parameter {name} is {type(leaf).__name__}, not a floating-point array; '
+          'params must be a pytree of arrays (use eqx.partition / nnx.split to '
+          'separate static parts).')
+    if st is not None:
+      mean, var = float(st.mean), float(st.var)
+      if var < 0:
+        raise InfwidthError(f'param_stats for {name}: variance {var} is negative.')
+    else:
+      a = np.asarray(leaf, dtype=np.float64)
+      mean, var = float(a.mean()), float(a.var())
+      # Relative error of a variance estimate from `size` Gaussian entries.
+      if var > 0 and math.sqrt(2.0 / a.size) > SAMPLING_ERROR_WARN:
+        noisy.append((name, a.size, math.sqrt(2.0 / a.size)))
+    leaf_obj = A.ParamLeaf(i, name, shape, mean, var, w)
+    leaf_obj.exact = st is not None
+    out.append(leaf_obj)
+  return out, noisy
+
+
+def _check_get(get):
+  if get is None:
+    return None
+  gets = (get,) if isinstance(get, str) else tuple(get)
+  for g in gets:
+    if g not in _GETS:
+      raise InfwidthError(f'get={get!r}: each entry must be one of {_GETS} (or get=None for a Kernel).')
+  return gets
+
+
+def _is_tracer(x) -> bool:
+  return isinstance(x, jax.core.Tracer)
+
+
+def _check_inputs(x1, x2):
+  if not hasattr(x1, 'shape') or jnp.ndim(x1) < 1:
+    raise InfwidthError(f'x1 must be an array with a leading batch axis, got {type(x1).__name__} '
+                        f'of shape {getattr(x1, "shape", None)}.')
+  if x2 is not None:
+    if not hasattr(x2, 'shape') or tuple(x2.shape[1:]) != tuple(x1.shape[1:]):
+      raise InfwidthError(
+          f'x1 and x2 must have the same shape apart from the batch axis: got '
+          f'{tuple(x1.shape)} and {tuple(getattr(x2, "shape", ()))}.')
+  for name, x in (('x1', x1), ('x2', x2)):
+    if x is None or _is_tracer(x):
+      continue
+    a = np.asarray(x)
+    if not np.issubdtype(a.dtype, np.floating):
+      continue
+    bad = ~np.isfinite(a.reshape(a.shape[0], -1)).all(axis=1)
+    if bad.any():
+      rows = np.nonzero(bad)[0][:10].tolist()
+      raise InfwidthError(f'{name} has NaN or inf entries in rows {rows}; the kernel would be '
+                          'meaningless. (Under jax.jit non-finite inputs propagate as NaN.)')
+
+
+def kernelize(apply_fn: Callable, params: Any, *, param_stats: Any = None,
+              ntk_weights: Any = None, wide_axes: Any = None, fallback: str = 'error',
+              n_samples: int = 64, key: Optional[jax.Array] = None) -> Callable:
+  """The infinite-width kernel function of `apply_fn(params, x, **kwargs)`.
+
+  Args:
+    apply_fn: any JAX function of parameters and a batch of inputs (plain JAX,
+      Flax `model.apply`, Haiku `transformed.apply`, Equinox via partition).
+    params: its parameters (arrays or `jax.ShapeDtypeStruct`s); their
+      widths set the bookkeeping, their entries' moments the distribution.
+    param_stats: optional pytree matching `params` of `ParamStats(mean, var)`
+      or None leaves (estimated from the sample).
+    ntk_weights: optional pytree of per-leaf learning-rate multipliers
+      (default 1; 0 excludes a leaf from the NTK).
+    wide_axes: reserved for overriding the inferred wide axes.
+    fallback: 'error', 'monte_carlo' or 'empirical' for primitives without
+      a closed-form rule.
+    n_samples: Monte Carlo samples for `fallback='monte_carlo'`.
+    key: PRNG key for `fallback='monte_carlo'`.
+
+  Returns:
+    `kernel_fn(x1, x2=None, get=None, **apply_kwargs)` returning an
+    `(N1, N2)` array (per output channel) for `get='nngp'`/`'ntk'`, a
+    namedtuple for a tuple `get`, or a `Kernel` for `get=None`.
+  """
+  if fallback not in ('error', 'monte_carlo', 'empirical'):
+    raise InfwidthError(f"fallback={fallback!r}: must be 'error', 'monte_carlo' or 'empirical'.")
+  if wide_axes is not None:
+    raise InfwidthError('wide_axes= overrides are not supported yet; the wide axes are '
+                        'inferred from the parameters contracted with each value.')
+  leaves_info, noisy = _leaf_moments(params, param_stats, ntk_weights)
+  treedef = jax.tree_util.tree_structure(params)
+  shapes = jax.tree_util.tree_map(lambda l: jax.ShapeDtypeStruct(np.shape(l), l.dtype), params)
+
+  def kernel_fn(x1, x2=None, get=None, **apply_kwargs):
+    gets = _check_get(get)
+    if isinstance(x1, Kernel):
+      raise InfwidthError('a Kernel in place of x1 is not supported by kernelize yet; '
+                          'pass the inputs themselves.')
+    x1_is_x2 = x2 is None or x2 is x1
+    _check_inputs(x1, None if x1_is_x2 else x2)
+    if noisy:
+      msg = ', '.join(f'{n} ({s} entries, ±{100 * e:.0f}%)' for n, s, e in noisy)
+      warnings.warn(f'parameter moments estimated from small samples: {msg}. Pass '
+                    'param_stats with exact moments for an exact kernel.', stacklevel=2)
+    try:
+      k = _analytic(apply_fn, shapes, treedef, leaves_info, x1, x2, x1_is_x2, apply_kwargs)
+    except UnsupportedPrimitiveError as e:
+      if fallback == 'error':
+        raise
+      k = _fallback(e, fallback, apply_fn, params, leaves_info, x1, x2, x1_is_x2,
+                    n_samples, key, apply_kwargs)
+    if gets is None:
+      return k
+    return k.get(gets[0]) if isinstance(get, str) else k.get(gets)
+
+  return kernel_fn
+
+
+def _analytic(apply_fn, shapes, treedef, leaves_info, x1, x2, x1_is_x2, apply_kwargs) -> Kernel:
+  x1 = jnp.asarray(x1)
+  dtype = x1.dtype if jnp.issubdtype(x1.dtype, jnp.floating) else jnp.float32
+  x1 = x1.astype(dtype)
+  xj = x1 if x1_is_x2 else jnp.concatenate([x1, jnp.asarray(x2, dtype)])
+  n1 = x1.shape[0]
+  n2 = n1 if x1_is_x2 else x2.shape[0]
+  closed = jax.make_jaxpr(lambda p, x: apply_fn(p, x, **apply_kwargs))(shapes, xj)
+  moments = A.Moments(n1, n2, x1_is_x2, dtype)
+  param_vals = [A.ParamRef(l, l.shape, tuple(range(len(l.shape)))) for l in leaves_info]
+  x_roles = ('b',) + tuple(f'x{i}' for i in range(1, xj.ndim))
+  args = param_vals + [Det(xj, x_roles)]
+  outs = interpret(closed.jaxpr, closed.consts, args, moments)
+  if len(outs) != 1:
+    raise InfwidthError(f'apply_fn returns {len(outs)} arrays; kernelize supports one output array.')
+  (out,) = outs
+  if not isinstance(out, A.Wide):
+    raise InfwidthError(
+        'the output of apply_fn does not depend on any parameter through a linear '
+        'map with a channel axis, so it has no infinite-width limit (no wide axis found).')
+  st = moments.wide_pair(out, out)
+  ntk = moments.wide_ntk(out, out)
+  k = len(out.spatial)
+  nngp = _full(st.cross, (n1, n2) + _spatial_shape(out) * 2, dtype)
+  ntk = _full(ntk, (n1, n2) + _spatial_shape(out) * 2, dtype)
+  cov1 = _full(st.diag1, (n1,) + _spatial_shape(out) * 2, dtype)
+  cov2 = None if x1_is_x2 else _full(st.diag2, (n2,) + _spatial_shape(out) * 2, dtype)
+  nngp, ntk = _interleave(nngp, 2, k), _interleave(ntk, 2, k)
+  cov1 = _interleave(cov1, 1, k)
+  cov2 = None if cov2 is None else _interleave(cov2, 1, k)
+  shape1 = (n1,) + tuple(out.shape[1:])
+  shape2 = (n2,) + tuple(out.shape[1:])
+  return Kernel(nngp, ntk, cov1, cov2, x1_is_x2=x1_is_x2, shape1=shape1, shape2=shape2,
+                batch_axis=out.roles.index('b') if 'b' in out.roles else 0,
+                channel_axis=out.channel_axis)
+
+
+def _spatial_shape(w: A.Wide):
+  return tuple(w.shape[i] for i, r in enumerate(w.roles) if r not in ('b', 'c', None))
+
+
+def _full(x, shape, dtype):
+  return jnp.broadcast_to(jnp.asarray(x, dtype), shape)
+
+
+def _interleave(x, nb: int, k: int):
+  """`(*batch, s1..sk, s1'..sk')` → `(*batch, s1, s1', …, sk, sk')` (NT's layout)."""
+  if k == 0:
+    return x
+  perm = list(range(nb))
+  for i in range(k):
+    perm += [nb + i, nb + k + i]
+  return jnp.transpose(x, perm)
+
+
+def _fallback(err, fallback, apply_fn, params, leaves_info, x1, x2, x1_is_x2, n_samples,
+              key, apply_kwargs) -> Kernel:
+  from infwidth import _fallback as fb
+  return fb.fallback_kernel(err, fallback, apply_fn, params, leaves_info, x1, x2, x1_is_x2,
+                            n_samples, key, apply_kwargs)

@@ -1,0 +1,164 @@
+"""Elementwise primitives on wide values (DESIGN §2, kind 2).
+
+Linear ones (add, sub, neg, multiplication and division by deterministic
+values, parameters as factors) act on the terms of a wide value directly; any
+other elementwise primitive extends the value's elementwise chain, so a
+maximal elementwise subgraph applied to one Gaussian becomes one scalar
+function φ whose expectations `rules.gaussian` evaluates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.extend.core import primitives as P
+
+from infwidth import algebra as A
+from infwidth.errors import InfwidthError
+from infwidth.rules.chain import Chain, ChainBuilder, const
+from infwidth.rules.registry import register
+from infwidth.rules.values import (Det, add_offset, add_wides, collapse, det_to_canonical,
+                                   finish_term, map_terms_scale, merge_roles, param_to_wide,
+                                   relayout)
+
+#: Elementwise primitives that may appear inside a chain.
+CHAIN_PRIMITIVES = (
+    P.add_p, P.sub_p, P.mul_p, P.div_p, P.neg_p, P.max_p, P.min_p, P.abs_p, P.sign_p,
+    P.exp_p, P.exp2_p, P.log_p, P.log1p_p, P.expm1_p, P.tanh_p, P.logistic_p, P.erf_p,
+    P.erfc_p, P.erf_inv_p, P.sin_p, P.cos_p, P.tan_p, P.atan_p, P.sinh_p, P.cosh_p,
+    P.asinh_p, P.integer_pow_p, P.square_p, P.sqrt_p, P.rsqrt_p, P.cbrt_p, P.pow_p,
+    P.select_n_p, P.gt_p, P.ge_p, P.lt_p, P.le_p, P.eq_p, P.ne_p, P.clamp_p,
+    P.convert_element_type_p, P.is_finite_p, P.and_p, P.or_p, P.not_p, P.floor_p,
+    P.ceil_p, P.round_p, P.stop_gradient_p if hasattr(P, 'stop_gradient_p') else P.copy_p,
+    P.copy_p, P.reduce_precision_p, P.atan2_p, P.nextafter_p, P.rem_p,
+)
+
+_IDENTITY = (P.convert_element_type_p, P.copy_p, P.reduce_precision_p)
+
+
+def _float(v: Det):
+  """A Python float for a concrete scalar constant, else None."""
+  return float(v.value) if np.size(v.value) == 1 and _concrete(v.value) else None
+
+
+def _static(c):
+  """A canonical-layout operand as a Python float when it is a concrete scalar."""
+  if np.size(c) == 1 and _concrete(c):
+    return float(np.asarray(c).reshape(()))
+  return c
+
+
+def _is_single_param(w: A.Wide) -> bool:
+  """w is exactly one parameter source used as is (a per-channel scale)."""
+  if w.offset is not None or len(w.terms) != 1:
+    return False
+  t = w.terms[0]
+  return (t.is_gaussian and len(t.combo.sources) == 1 and isinstance(t.combo.sources[0], A.ParamSource)
+          and isinstance(t.combo.coefs[0], float) and t.combo.coefs[0] == 1.0
+          and isinstance(t.combo.mean, float))
+
+
+def elementwise_rule(ctx, *invals, **params):
+  prim = ctx.eqn.primitive
+  shape = tuple(ctx.eqn.outvars[0].aval.shape)
+
+  # Parameters combined only with scalar constants stay symbolic parameter views.
+  if all(isinstance(v, (A.ParamRef, Det)) for v in invals) and any(isinstance(v, A.ParamRef) for v in invals):
+    consts = [v for v in invals if isinstance(v, Det)]
+    p = next(v for v in invals if isinstance(v, A.ParamRef))
+    scalars = [_float(c) for c in consts]
+    if all(s is not None for s in scalars) and shape == p.shape:
+      if prim in _IDENTITY:
+        return p
+      if prim is P.neg_p:
+        return p.scaled(-1.0)
+      if prim is P.mul_p and len(scalars) == 1:
+        return p.scaled(scalars[0])
+      if prim is P.div_p and invals[0] is p and len(scalars) == 1:
+        return p.scaled(1.0 / scalars[0])
+
+  invals = [param_to_wide(v) if isinstance(v, A.ParamRef) else v for v in invals]
+  roles = merge_roles(shape, *invals)
+  if roles.count('c') != 1:
+    raise InfwidthError(f'internal: elementwise `{prim}` result has channel roles {roles}')
+  vals = []
+  for v in invals:
+    if isinstance(v, A.Wide):
+      vals.append(relayout(v, roles, shape))
+    else:
+      vals.append(v)
+  wides = [v for v in vals if isinstance(v, A.Wide)]
+  dets = [det_to_canonical(v, roles, f'an operand of `{prim}`') if isinstance(v, Det) else None
+          for v in vals]
+  out = _linear(prim, vals, dets, shape, roles)
+  if out is not None:
+    return out
+  return _extend_chain(prim, params, vals, dets, roles, shape)
+
+
+def _linear(prim, vals, dets, shape, roles):
+  """Fast paths that keep terms Gaussian; None when the op is not linear here."""
+  if prim in _IDENTITY:
+    return vals[0]
+  if prim is P.neg_p:
+    return map_terms_scale(vals[0], -1.0)
+  if prim in (P.add_p, P.sub_p):
+    a, b = vals
+    sign = 1.0 if prim is P.add_p else -1.0
+    if isinstance(a, A.Wide) and isinstance(b, A.Wide):
+      return add_wides(a, b, sign)
+    if isinstance(a, A.Wide):
+      return add_offset(a, sign * dets[1])
+    return add_offset(map_terms_scale(b, sign), dets[0])
+  if prim is P.mul_p:
+    a, b = vals
+    if isinstance(a, A.Wide) and isinstance(b, A.Wide):
+      for w, p in ((a, b), (b, a)):
+        if _is_single_param(p):
+          src = p.terms[0].combo.sources[0]
+          terms = tuple(dataclasses.replace(t, factors=t.factors + (src,)) for t in w.terms)
+          if w.offset is not None:
+            return None
+          return A.Wide(w.shape, w.roles, terms)
+      return None
+    if isinstance(a, A.Wide):
+      return map_terms_scale(a, _static(dets[1]))
+    return map_terms_scale(b, _static(dets[0]))
+  if prim is P.div_p and isinstance(vals[0], A.Wide) and not isinstance(vals[1], A.Wide):
+    c = _static(dets[1])
+    return map_terms_scale(vals[0], 1.0 / c)
+  return None
+
+
+def _concrete(x) -> bool:
+  try:
+    float(x)
+    return True
+  except Exception:
+    return False
+
+
+def _extend_chain(prim, params, vals, dets, roles, shape):
+  b = ChainBuilder()
+  pargs, dargs = [], []
+  combo = None
+  refs = []
+  for v, d in zip(vals, dets):
+    if isinstance(v, A.Wide):
+      r, combo = collapse(v, b, pargs, dargs, combo)
+    elif np.size(d) == 1 and _concrete(d):
+      r = const(np.asarray(d).reshape(()))
+    else:
+      r = b.new_arg()
+      dargs.append((r.index, d))
+    refs.append(r)
+  out = b.add(prim, params, refs)
+  spatial = tuple(r for r in roles if r not in ('b', 'c', None))
+  term = finish_term(b, out, combo, pargs, dargs, spatial)
+  return A.Wide(shape, roles, (term,))
+
+
+register(*CHAIN_PRIMITIVES)(elementwise_rule)

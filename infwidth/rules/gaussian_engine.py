@@ -1,0 +1,87 @@
+"""Gaussian expectations as the interpreter needs them.
+
+`expect_pair` and `expect_single` take `Chain`s (closed forms where
+recognised, quadrature otherwise; see `infwidth.rules.gaussian`).
+`expect_pair_fn` takes arbitrary callables and always integrates numerically:
+the interpreter uses it for derivatives with respect to chain arguments
+(the NTK terms of a LayerNorm scale inside a nonlinearity).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from infwidth.rules.chain import Chain
+
+_DEGREE = 48
+
+
+def _nodes(degree, dtype):
+  # Probabilists' Gauss–Hermite: ∫ f(z) N(z; 0, 1) dz ≈ Σ w_i f(z_i).
+  z, w = np.polynomial.hermite_e.hermegauss(degree)
+  return jnp.asarray(z, dtype), jnp.asarray(w / np.sqrt(2 * np.pi), dtype)
+
+
+def expect_pair_fn(f, f_args, g, g_args, mean1, mean2, var1, var2, cov, degree=_DEGREE):
+  """`E[f(u, *f_args) g(v, *g_args)]` for jointly Gaussian `(u, v)`, by quadrature.
+
+  All array arguments broadcast to one output shape. Loops over the nodes of
+  the first variable so memory stays `O(output · degree)`.
+  """
+  shape = jnp.broadcast_shapes(*(jnp.shape(a) for a in (mean1, mean2, var1, var2, cov)),
+                               *(jnp.shape(a) for a in f_args), *(jnp.shape(a) for a in g_args))
+  dtype = jnp.result_type(*(a for a in (var1, var2, cov) if not isinstance(a, float)), jnp.float32)
+  z, w = _nodes(degree, dtype)
+  s1 = jnp.sqrt(jnp.maximum(var1, 0.))
+  s2 = jnp.sqrt(jnp.maximum(var2, 0.))
+  denom = s1 * s2
+  rho = jnp.where(denom > 0, cov / jnp.where(denom > 0, denom, 1.), 0.)
+  rho = jnp.clip(rho, -1., 1.)
+  rest = jnp.sqrt(jnp.maximum(1. - rho ** 2, 0.))
+  gz = z.reshape((-1,) + (1,) * len(shape))
+
+  def body(i, acc):
+    u = mean1 + s1 * z[i]
+    fu = f(jnp.broadcast_to(u, shape), *f_args)
+    v = mean2 + s2 * (rho * z[i] + rest * gz)  # (deg, *shape)
+    gv = g(v, *(jnp.broadcast_to(a, shape) for a in g_args))
+    return acc + w[i] * fu * jnp.tensordot(w, gv, axes=1)
+
+  return jax.lax.fori_loop(0, degree, body, jnp.zeros(shape, dtype))
+
+
+def expect_single_fn(f, f_args, mean, var, degree=_DEGREE):
+  """`E[f(u, *f_args)]` for `u ~ N(mean, var)`, by quadrature."""
+  shape = jnp.broadcast_shapes(jnp.shape(mean), jnp.shape(var), *(jnp.shape(a) for a in f_args))
+  dtype = jnp.result_type(*(a for a in (mean, var) if not isinstance(a, float)), jnp.float32)
+  z, w = _nodes(degree, dtype)
+  s = jnp.sqrt(jnp.maximum(var, 0.))
+  u = mean + s * z.reshape((-1,) + (1,) * len(shape))
+  return jnp.tensordot(w, f(u, *(jnp.broadcast_to(a, shape) for a in f_args)), axes=1)
+
+
+def expect_pair(f: Chain, f_args, g: Chain, g_args, mean1, mean2, var1, var2, cov, *, ntk=True):
+  """`(E[f g], E[f' g'] or None)`: closed forms where recognised, else quadrature."""
+  try:
+    from infwidth.rules import gaussian
+  except ImportError:
+    gaussian = None
+  if gaussian is not None:
+    return gaussian.expect_pair(f, f_args, g, g_args, mean1, mean2, var1, var2, cov, ntk=ntk)
+  val = expect_pair_fn(f, f_args, g, g_args, mean1, mean2, var1, var2, cov)
+  if not ntk:
+    return val, None
+  return val, expect_pair_fn(f.derivative(), f_args, g.derivative(), g_args,
+                             mean1, mean2, var1, var2, cov)
+
+
+def expect_single(f: Chain, f_args, mean, var):
+  try:
+    from infwidth.rules import gaussian
+  except ImportError:
+    gaussian = None
+  if gaussian is not None:
+    return gaussian.expect_single(f, f_args, mean, var)
+  return expect_single_fn(f, f_args, mean, var)

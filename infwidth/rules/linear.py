@@ -1,0 +1,74 @@
+"""Linear maps with fresh Gaussian weights (DESIGN §2, kind 1): `dot_general`
+with a parameter operand creates a new Gaussian source."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jax.extend.core import primitives as P
+
+from infwidth import algebra as A
+from infwidth.errors import InfwidthError
+from infwidth.rules.chain import Chain
+from infwidth.rules.registry import register
+from infwidth.rules.values import Det
+
+
+@register(P.dot_general_p)
+def dot_general_rule(ctx, lhs, rhs, *, dimension_numbers, **_):
+  (lc, rc), (lb, rb) = dimension_numbers
+  if isinstance(lhs, A.ParamRef) == isinstance(rhs, A.ParamRef):
+    raise ctx.unsupported('a product of two wide values or two parameters')
+  param_is_lhs = isinstance(lhs, A.ParamRef)
+  p, x = (lhs, rhs) if param_is_lhs else (rhs, lhs)
+  pc, xc = (lc, rc) if param_is_lhs else (rc, lc)
+  pb, xb = (lb, rb) if param_is_lhs else (rb, lb)
+  if pb:
+    raise ctx.unsupported('batch dimensions shared between a parameter and its input')
+  p_free = [i for i in range(len(p.shape)) if i not in pc]
+  # The channel axis: the free weight axis that comes from the leaf (a size-1
+  # output axis is a valid single channel); other free axes must be trivial.
+  from_leaf = [i for i in p_free if p.axes[i] is not None]
+  big = [i for i in from_leaf if p.shape[i] != 1] or from_leaf
+  if len(big) != 1 or any(p.shape[i] != 1 for i in p_free if i not in big):
+    raise InfwidthError(
+        f'parameter {p.leaf.name!r} of shape {p.leaf.shape} keeps {len(big)} non-trivial '
+        'axes after its contraction; a weight must have exactly one output-feature '
+        '(channel) axis. Split fused weights, or pass wide_axes= to say which axis is wide.')
+  x_free = [i for i in range(len(x.shape)) if i not in xc]
+  out_shape = tuple(ctx.eqn.outvars[0].aval.shape)
+  # dot_general output: lhs free axes, then rhs free axes.
+  x_roles = [x.roles[i] for i in x_free]
+  p_roles = ['c' if i in big else None for i in p_free]
+  roles = tuple(p_roles + x_roles) if param_is_lhs else tuple(x_roles + p_roles)
+  spatial = tuple(r for r in x_roles if r not in ('b', 'c', None))
+  contracted_leaf_axes = tuple(p.axes[i] for i in pc)
+
+  if isinstance(x, A.Wide):
+    xc_big = [i for i in xc if x.shape[i] != 1]
+    if [x.roles[i] for i in xc_big] != ['c']:
+      raise InfwidthError(
+          f'a weight contracts axes {[x.roles[i] for i in xc_big]} of a wide value; '
+          'only a contraction over its channel axis alone is supported (a readout after '
+          'flattening spatial and channel axes together is not supported yet).')
+    if 'c' in x_roles:
+      raise InfwidthError('internal: channel axis survived its contraction')
+    src = A.LinearSource(p, x, spatial, width=x.shape[xc_big[0]])
+  else:
+    if 'b' in [x.roles[i] for i in xc]:
+      raise InfwidthError('a weight contracts the batch axis of the input: the inputs '
+                          'must have their batch axis first and it must not be summed.')
+    v = jnp.asarray(x.value)
+    b_axes = [i for i in x_free if x.roles[i] == 'b']
+    s_axes = [i for i in x_free if x.roles[i] not in ('b', None)]
+    drop = [i for i in x_free if x.roles[i] is None]
+    if any(x.shape[i] != 1 for i in drop):
+      raise InfwidthError(
+          f'cannot tell which axis of an input of shape {x.shape} is the batch axis; '
+          'the inputs must have their batch axis first.')
+    v = jnp.transpose(v, b_axes + s_axes + list(xc) + drop)
+    v = v.reshape(v.shape[:len(b_axes) + len(s_axes) + len(xc)])
+    if not b_axes:
+      v = v[None]
+    src = A.LinearSource(p, v, spatial)
+  src.contracted_leaf_axes = contracted_leaf_axes
+  return A.Wide(out_shape, roles, (A.Term(Chain(), A.combo_of(src, spatial)),))

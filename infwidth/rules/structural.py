@@ -1,0 +1,181 @@
+"""Structural primitives: broadcasts, reshapes, transposes and squeezes of
+parameters, wide values and deterministic arrays (DESIGN §2, kind 3).
+
+Also the axis-role rules for deterministic arrays, which say where the batch
+axis of an input went after constant-folded equations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+from jax.extend.core import primitives as P
+
+from infwidth import algebra as A
+from infwidth.errors import InfwidthError
+from infwidth.rules.registry import register
+from infwidth.rules.values import Det, relayout
+
+
+def _reshape_axis_map(old, new):
+  """For each new axis, the old axis it equals (same size, same position in the
+  factorisation), ignoring size-1 axes; None for axes from splits/merges."""
+  out = [None] * len(new)
+  i = j = 0
+  while i < len(old) and j < len(new):
+    if old[i] == 1:
+      i += 1
+      continue
+    if new[j] == 1:
+      j += 1
+      continue
+    if old[i] == new[j]:
+      out[j] = i
+      i += 1
+      j += 1
+      continue
+    # A split or merge: consume until the products agree.
+    pi, pj = old[i], new[j]
+    i += 1
+    j += 1
+    while pi != pj:
+      if pi < pj:
+        pi *= old[i]
+        i += 1
+      else:
+        pj *= new[j]
+        j += 1
+  return out
+
+
+def _merged_roles(old_roles, old, new):
+  """Roles after a reshape: kept for unchanged axes; merged spatial axes get a
+  combined id; merging the batch axis is an error."""
+  amap = _reshape_axis_map(old, new)
+  roles = []
+  for j, i in enumerate(amap):
+    if new[j] == 1:
+      roles.append(None)
+    elif i is not None:
+      roles.append(old_roles[i])
+    else:
+      roles.append(('reshaped', j, tuple(new)))
+  return tuple(roles)
+
+
+def det_roles(eqn, invals, outs):
+  """Axis roles of the outputs of a constant-folded equation."""
+  prim, params = eqn.primitive, eqn.params
+  dets = [v for v in invals if isinstance(v, Det)]
+  out_shapes = [tuple(np.shape(o)) for o in outs]
+  if prim is P.broadcast_in_dim_p:
+    (v,) = invals[:1]
+    roles = [None] * len(out_shapes[0])
+    for i, d in enumerate(params['broadcast_dimensions']):
+      if v.shape[i] == out_shapes[0][d]:
+        roles[d] = v.roles[i]
+    return [tuple(roles)]
+  if prim is P.transpose_p:
+    return [tuple(invals[0].roles[i] for i in params['permutation'])]
+  if prim is P.reshape_p:
+    return [_merged_roles(invals[0].roles, invals[0].shape, out_shapes[0])]
+  if prim is P.squeeze_p:
+    dims = set(d % len(invals[0].shape) for d in params['dimensions'])
+    return [tuple(r for i, r in enumerate(invals[0].roles) if i not in dims)]
+  if prim is P.dot_general_p:
+    (lc, rc), (lb, rb) = params['dimension_numbers']
+    l, r = invals
+    lf = [i for i in range(len(l.shape)) if i not in lc and i not in lb]
+    rf = [i for i in range(len(r.shape)) if i not in rc and i not in rb]
+    return [tuple([l.roles[i] for i in lb] + [l.roles[i] for i in lf] + [r.roles[i] for i in rf])]
+  if 'axes' in params and prim in (P.reduce_sum_p, P.reduce_max_p, P.reduce_min_p,
+                                   P.reduce_prod_p, P.argmax_p, P.argmin_p,
+                                   P.reduce_and_p, P.reduce_or_p):
+    axes = set(params['axes'])
+    return [tuple(r for i, r in enumerate(invals[0].roles) if i not in axes)]
+  result = []
+  for shape in out_shapes:
+    same = [d for d in dets if len(d.shape) == len(shape)]
+    roles = []
+    for i, n in enumerate(shape):
+      role = None
+      for d in same:
+        if d.roles[i] is not None and d.shape[i] == n:
+          role = d.roles[i]
+          break
+      roles.append(role)
+    result.append(tuple(roles))
+  return result
+
+
+# ----------------------------------------------------------------------------
+# Parameter views and wide values.
+
+
+def _param_reshape(p: A.ParamRef, new):
+  amap = _reshape_axis_map(p.shape, new)
+  axes = tuple(p.axes[i] if i is not None else (None if n == 1 else ('reshaped', j))
+               for j, (i, n) in enumerate(zip(amap, new)))
+  return dataclasses.replace(p, shape=tuple(new), axes=axes)
+
+
+@register(P.broadcast_in_dim_p)
+def broadcast_in_dim_rule(ctx, operand, *dyn, shape, broadcast_dimensions, **_):
+  shape = tuple(shape)
+  if isinstance(operand, A.ParamRef):
+    axes = [None] * len(shape)
+    for i, d in enumerate(broadcast_dimensions):
+      axes[d] = operand.axes[i]
+    return dataclasses.replace(operand, shape=shape, axes=tuple(axes))
+  roles = [None] * len(shape)
+  for i, d in enumerate(broadcast_dimensions):
+    roles[d] = operand.roles[i]
+  for d, n in enumerate(shape):
+    if roles[d] is None and n != 1:
+      raise InfwidthError(
+          f'a wide value is broadcast along a new axis of size {n}; copies of one '
+          'wide value along an axis are not supported yet.')
+  return relayout(operand, tuple(roles), shape)
+
+
+@register(P.reshape_p)
+def reshape_rule(ctx, operand, *dyn, new_sizes, dimensions=None, **_):
+  new = tuple(new_sizes)
+  if isinstance(operand, A.ParamRef):
+    return _param_reshape(operand, new)
+  amap = _reshape_axis_map(operand.shape, new)
+  roles = []
+  for j, i in enumerate(amap):
+    if new[j] == 1:
+      roles.append(None)
+    elif i is None:
+      raise InfwidthError(
+          f'reshape of a wide value from {operand.shape} to {new} merges or splits '
+          'its channel axis with other axes; flattening spatial and channel axes '
+          'together is not supported yet.')
+    else:
+      roles.append(operand.roles[i])
+  if 'c' not in roles:
+    raise InfwidthError('internal: reshape dropped the channel axis')
+  return relayout(operand, tuple(roles), new)
+
+
+@register(P.transpose_p)
+def transpose_rule(ctx, operand, *, permutation, **_):
+  perm = tuple(permutation)
+  shape = tuple(operand.shape[i] for i in perm)
+  if isinstance(operand, A.ParamRef):
+    return dataclasses.replace(operand, shape=shape, axes=tuple(operand.axes[i] for i in perm))
+  return relayout(operand, tuple(operand.roles[i] for i in perm), shape)
+
+
+@register(P.squeeze_p)
+def squeeze_rule(ctx, operand, *, dimensions, **_):
+  dims = set(d % len(operand.shape) for d in dimensions)
+  shape = tuple(n for i, n in enumerate(operand.shape) if i not in dims)
+  if isinstance(operand, A.ParamRef):
+    return dataclasses.replace(operand, shape=shape,
+                               axes=tuple(a for i, a in enumerate(operand.axes) if i not in dims))
+  roles = tuple(r for i, r in enumerate(operand.roles) if i not in dims)
+  return relayout(operand, roles, shape)

@@ -1,0 +1,266 @@
+"""Value helpers shared by the rules: deterministic arrays, parameter views,
+conversion between a value's axes and the canonical `(B, *S)` layout, and
+collapsing a wide value into one elementwise chain of one Gaussian."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional, Sequence, Tuple
+
+import jax.numpy as jnp
+from jax import lax
+
+from infwidth import algebra as A
+from infwidth.errors import InfwidthError
+from infwidth.rules.chain import Chain, ChainBuilder, U
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Det:
+  """A deterministic array over the joint batch, with per-axis roles.
+
+  roles[i]: 'b' (batch), a spatial role id from the input, or None.
+  """
+  value: Any
+  roles: Tuple[Any, ...]
+
+  @property
+  def shape(self):
+    return tuple(jnp.shape(self.value))
+
+
+def merge_roles(shape, *operands) -> Tuple[Any, ...]:
+  """Per-axis roles of an elementwise result: the first non-None role of an
+  operand whose size matches."""
+  out = []
+  for i, n in enumerate(shape):
+    role = None
+    for v in operands:
+      r = getattr(v, 'roles', None)
+      if r is None or len(r) != len(shape):
+        continue
+      if r[i] is not None and (v.shape[i] == n or r[i] == 'c'):
+        role = r[i]
+        break
+    out.append(role)
+  return tuple(out)
+
+
+def det_to_canonical(d: Det, roles: Sequence[Any], what: str = 'a deterministic operand'):
+  """Puts a `Det` aligned with a wide value of `roles` into canonical `(B|1, *S|1)` layout."""
+  v = jnp.asarray(d.value)
+  n_spatial = sum(r not in ('b', 'c', None) for r in roles)
+  if v.ndim == 0:
+    return v.reshape((1,) * (1 + n_spatial))
+  if v.ndim != len(roles):
+    raise InfwidthError(f'internal: {what} of rank {v.ndim} against a value of rank {len(roles)}')
+  for i, r in enumerate(roles):
+    if v.shape[i] == 1:
+      continue
+    if r == 'c':
+      raise InfwidthError(
+          f'{what} varies along the channel (wide) axis, so channels are not '
+          'i.i.d. and no infinite-width limit exists; fixed per-channel masks or '
+          'mixing matrices on a wide axis are not supported.')
+    if d.roles[i] != r and d.roles[i] is not None:
+      raise InfwidthError(f'internal: axis {i} of {what} has role {d.roles[i]}, expected {r}')
+  spatial = [i for i, r in enumerate(roles) if r not in ('b', 'c', None)]
+  b = [i for i, r in enumerate(roles) if r == 'b']
+  perm = b + spatial + [i for i in range(len(roles)) if i not in b + spatial]
+  v = jnp.transpose(v, perm)
+  keep = len(b) + len(spatial)
+  v = v.reshape(v.shape[:keep])
+  if not b:
+    v = v[None]
+  return v
+
+
+def canonical_to_value(arr, roles: Sequence[Any], shape: Sequence[int]):
+  """Inverse of `det_to_canonical` for a result without channel axis: `(B, *S)` → value layout."""
+  arr = jnp.asarray(arr)
+  b = [i for i, r in enumerate(roles) if r == 'b']
+  spatial = [i for i, r in enumerate(roles) if r not in ('b', 'c', None)]
+  order = b + spatial
+  if not b:
+    arr = arr[0]
+  # arr axes follow `order`; place them at their positions, size-1 elsewhere.
+  inv = sorted(range(len(order)), key=lambda k: order[k])
+  arr = jnp.transpose(arr, inv) if order else arr
+  full = [shape[i] if i in order else 1 for i in range(len(roles))]
+  return jnp.broadcast_to(arr.reshape(full), tuple(shape))
+
+
+def param_to_wide(p: A.ParamRef) -> A.Wide:
+  """A parameter used elementwise: a Gaussian source along its only non-trivial axis."""
+  from_leaf = [i for i, a in enumerate(p.axes) if a is not None]
+  big = [i for i in from_leaf if p.shape[i] != 1] or from_leaf
+  if len(big) > 1:
+    raise InfwidthError(
+        f'parameter {p.leaf.name!r} of shape {p.leaf.shape} is used elementwise with '
+        f'{len(big)} non-trivial axes; only per-channel vectors (biases, scales) are '
+        'supported elementwise.')
+  if not big:
+    raise InfwidthError(
+        f'parameter {p.leaf.name!r} is a scalar shared by all channels, so channels '
+        'are not independent; pass it as a constant (closed over) instead.')
+  roles = tuple('c' if i in big else None for i in range(len(p.shape)))
+  src = A.ParamSource(p)
+  return A.Wide(tuple(p.shape), roles, (A.Term(Chain(), A.combo_of(src, ())),))
+
+
+def relayout(w: A.Wide, roles: Tuple[Any, ...], shape: Tuple[int, ...]) -> A.Wide:
+  """Re-expresses `w` (broadcast to `shape`) with axis roles `roles`."""
+  if tuple(w.roles) == tuple(roles):
+    return dataclasses.replace(w, shape=tuple(shape))
+  src = w.spatial
+  dst = tuple(r for r in roles if r not in ('b', 'c', None))
+
+  def fix(arr):
+    if isinstance(arr, float):
+      return arr
+    return A.align(arr, src, dst)
+
+  terms = []
+  for t in w.terms:
+    c = t.combo
+    combo = A.Combo(c.sources, tuple(fix(k) for k in c.coefs), dst, fix(c.mean))
+    pargs = tuple(A.Combo(p.sources, tuple(fix(k) for k in p.coefs), dst, fix(p.mean))
+                  for p in t.pargs)
+    terms.append(A.Term(t.chain, combo, pargs, tuple(fix(d) for d in t.dargs), t.factors))
+  off = None if w.offset is None else fix(w.offset)
+  return A.Wide(tuple(shape), tuple(roles), tuple(terms), off)
+
+
+def map_terms_scale(w: A.Wide, c) -> A.Wide:
+  """`c · w` for a float or canonical-layout array `c`."""
+  terms = []
+  for t in w.terms:
+    if t.is_gaussian:
+      terms.append(dataclasses.replace(t, combo=A.scale_combo(t.combo, c)))
+    else:
+      b = ChainBuilder(t.chain.n_args)
+      out = b.inline(t.chain, U, [A_arg(i) for i in range(t.chain.n_args)])
+      k = b.new_arg()
+      out = b.add(lax.mul_p, {}, (out, k))
+      terms.append(A.Term(b.build(out), t.combo, t.pargs, t.dargs + (c if not isinstance(c, float) else jnp.asarray(c),), t.factors))
+  off = None if w.offset is None else A._mul(c, w.offset)
+  return A.Wide(w.shape, w.roles, tuple(terms), off)
+
+
+def A_arg(i):
+  from infwidth.rules.chain import arg
+  return arg(i)
+
+
+def add_wides(a: A.Wide, b: A.Wide, sign: float = 1.0) -> A.Wide:
+  """`a + sign·b` for two wide values already in the same layout."""
+  if sign != 1.0:
+    b = map_terms_scale(b, sign)
+  gauss = [t for t in a.terms + b.terms if t.is_gaussian]
+  other = [t for t in a.terms + b.terms if not t.is_gaussian]
+  terms = []
+  if gauss:
+    combo = gauss[0].combo
+    for t in gauss[1:]:
+      combo = A.add_combos(combo, t.combo)
+    terms.append(A.Term(Chain(), combo))
+  terms += other
+  off = a.offset if b.offset is None else (b.offset if a.offset is None else a.offset + b.offset)
+  return A.Wide(a.shape, a.roles, tuple(terms), off)
+
+
+def add_offset(w: A.Wide, c) -> A.Wide:
+  off = c if w.offset is None else w.offset + c
+  return A.Wide(w.shape, w.roles, w.terms, off)
+
+
+def collapse(w: A.Wide, b: ChainBuilder, pargs: list, dargs: list,
+             combo: Optional[A.Combo]) -> Tuple[Any, Optional[A.Combo]]:
+  """Adds `w`'s value to builder `b` as a function of the single random combination.
+
+  Args:
+    w: the wide value.
+    b: the chain under construction; its argument list is `pargs + dargs`
+      and is extended as needed (arguments are appended to the lists in order
+      of creation; `b.n_args == len(pargs) + len(dargs)` is kept).
+    combo: the random combination already chosen by earlier operands, or None.
+
+  Returns:
+    (reference to the value in `b`, the random combination).
+  Raises:
+    InfwidthError: if the value depends on two different random combinations
+      (a product of independent Gaussians, e.g. gating).
+  """
+  refs = []
+
+  def new_parg(p):
+    r = b.new_arg()
+    pargs.append((r.index, p))
+    return r
+
+  def new_darg(d):
+    r = b.new_arg()
+    dargs.append((r.index, d))
+    return r
+
+  for t in w.terms:
+    rnd, det = A.split_random(t.combo)
+    if rnd is not None:
+      if combo is None:
+        combo = rnd
+      elif not A.same_combo(combo, rnd):
+        raise InfwidthError(
+            'an elementwise operation combines two different random Gaussian '
+            'values (e.g. a product of independent pre-activations, as in gating); '
+            'kernels of such products are not supported yet; use '
+            'fallback="monte_carlo".')
+      u = U
+    else:
+      u = None
+    if det is not None:
+      d = new_parg(det)
+      u = d if u is None else b.add(lax.add_p, {}, (u, d))
+    if u is None:
+      raise InfwidthError('internal: empty combination')
+    args = []
+    for p in t.pargs:
+      args.append(new_parg(p))
+    for d in t.dargs:
+      args.append(new_darg(d))
+    r = b.inline(t.chain, u, args)
+    for f in t.factors:
+      if f.random:
+        raise InfwidthError(
+            f'parameter {f.leaf.name!r} (with nonzero variance) multiplies a value '
+            'inside a nonlinearity; this needs a higher-dimensional Gaussian '
+            'expectation and is not supported yet.')
+      fr = new_parg(A.combo_of(f, t.combo.spatial))
+      r = b.add(lax.mul_p, {}, (r, fr))
+    refs.append(r)
+  if w.offset is not None:
+    refs.append(new_darg(w.offset))
+  if not refs:
+    raise InfwidthError('internal: empty wide value')
+  out = refs[0]
+  for r in refs[1:]:
+    out = b.add(lax.add_p, {}, (out, r))
+  return out, combo
+
+
+def finish_term(b: ChainBuilder, out, combo: Optional[A.Combo], pargs: list, dargs: list,
+                spatial) -> A.Term:
+  """Builds the term `chain(u, *pargs, *dargs)`, renumbering arguments so that
+  parameter arguments come first (the order `Term` evaluates them in)."""
+  from infwidth.rules.chain import Node, Ref, arg
+  new_index = {}
+  for k, (i, _) in enumerate(pargs):
+    new_index[i] = k
+  for k, (i, _) in enumerate(dargs):
+    new_index[i] = len(pargs) + k
+  remap = lambda r: arg(new_index[r.index]) if r.kind == 'arg' else r
+  b.nodes = [Node(n.prim, n.params, tuple(remap(r) for r in n.operands)) for n in b.nodes]
+  out = remap(out)
+  chain = b.build(out)
+  if combo is None:
+    combo = A.Combo((), (), tuple(spatial), 0.0)
+  return A.Term(chain, combo, tuple(p for _, p in pargs), tuple(d for _, d in dargs))
