@@ -117,10 +117,35 @@ def _j1_jvp(primals, tangents):
   return j1(rho), j0(rho) * drho
 
 
+@jax.custom_jvp
+def arc_cosine(rho: jax.Array) -> Tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """(J1(ρ), J1(-ρ), J0(ρ), J0(-ρ)) sharing one arccos; derivatives finite at |ρ| = 1."""
+  a = arccos(-rho)                    # π - arccos(ρ)
+  b = jnp.asarray(math.pi, rho.dtype) - a
+  s = jnp.sqrt(jnp.maximum(1 - rho * rho, 0))
+  return ((s + rho * a) / _TWO_PI, (s - rho * b) / _TWO_PI, a / _TWO_PI, b / _TWO_PI)
+
+
+@arc_cosine.defjvp
+def _arc_cosine_jvp(primals, tangents):
+  rho, = primals
+  drho, = tangents
+  j1p, j1m, j0p, j0m = out = arc_cosine(rho)
+  inside = jnp.abs(rho) < 1
+  dj0 = jnp.where(inside, drho / (_TWO_PI * jnp.sqrt(jnp.where(inside, 1 - rho * rho, 1))), 0)
+  return out, (j0p * drho, -j0m * drho, dj0, -dj0)
+
+
 def correlation(var1, var2, cov) -> Tuple[Any, Any, Any]:
   """(sd1, sd2, ρ) with ρ = cov/(sd1·sd2) clipped to [-1, 1], ρ = 0 where a sd is 0."""
   s1, s2 = safe_sqrt(var1), safe_sqrt(var2)
-  den = s1 * s2
+  # One square root of the product: cov = var1 = var2 then gives ρ = 1
+  # exactly, where sqrt(var1)·sqrt(var2) may be off by an ulp (and J0 is
+  # sqrt-sensitive at ρ = 1: an ulp of ρ is 1e-4 of the float32 NTK). Where
+  # the product overflows or underflows, the product of square roots.
+  prod = var1 * var2
+  fine = (prod < jnp.finfo(prod.dtype).max) & (prod > jnp.finfo(prod.dtype).tiny)
+  den = jnp.where(fine, safe_sqrt(jnp.where(fine, prod, 1)), s1 * s2)
   ok = den > 0
   rho = jnp.where(ok, cov / jnp.where(ok, den, 1), 0)
   return s1, s2, jnp.clip(rho, -1, 1)
@@ -450,15 +475,23 @@ def _hom_pair(f: Form, g: Form, s1, s2, rho, ntk: bool):
   (a1, b1), (a2, b2) = f.c[:2], g.c[:2]
   same = b1 * b2 + a1 * a2
   diff = b1 * a2 + a1 * b2
-  jp, jm = j0(rho), j0(-rho)
+  j1p, j1m, jp, jm = arc_cosine(rho)
+
+  def combine(p, q, minus=False):
+    # same·p ± diff·q, skipping statically zero terms (relu: diff = 0).
+    terms = [] if is_static_zero(same) else [same * p]
+    if not is_static_zero(diff):
+      terms.append(-diff * q if minus else diff * q)
+    return sum(terms[1:], terms[0]) if terms else 0 * p
+
   if f.kind == 'hom1' and g.kind == 'hom1':
     # max(u,0) = u⁺, min(u,0) = -(-u)⁺ and (u, -v) has correlation -ρ:
     # E[f g] = s1 s2 [(B1B2 + A1A2) J1(ρ) - (B1A2 + A1B2) J1(-ρ)].
-    t = s1 * s2 * (same * j1(rho) - diff * j1(-rho))
+    t = s1 * s2 * combine(j1p, j1m, minus=True)
     # f' = A·1[u<0] + B·1[u>0]: E[f'g'] = (B1B2 + A1A2) J0(ρ) + (B1A2 + A1B2) J0(-ρ).
-    return t, (same * jp + diff * jm) if ntk else None
+    return t, combine(jp, jm) if ntk else None
   if f.kind == 'hom0' and g.kind == 'hom0':
-    t = same * jp + diff * jm
+    t = combine(jp, jm)
     # At zero variance u ≡ 0 takes the value Z.
     z1, z2 = f.c[2], g.c[2]
     h1, h2 = (a1 + b1) / 2, (a2 + b2) / 2
