@@ -192,6 +192,32 @@ def same_combo(a: Combo, b: Combo) -> bool:
   return a is b or a.key() == b.key()
 
 
+def combo_ratio(a: Combo, b: Combo):
+  """`α` with `a = α·b` (zero means), a float or per-input array; None if not proportional.
+
+  Proportionality is decided statically: equal coefficient objects, float
+  coefficients with one ratio, or a single shared source.
+  """
+  if not (_is_zero(a.mean) and _is_zero(b.mean)):
+    return None
+  if [s.uid for s in a.sources] != [s.uid for s in b.sources]:
+    return None
+  if len(a.sources) == 1:
+    ca, cb = a.coefs[0], b.coefs[0]
+    if ca is cb:
+      return 1.0
+    return ca / cb
+  ratios = set()
+  for ca, cb in zip(a.coefs, b.coefs):
+    if ca is cb:
+      ratios.add(1.0)
+    elif isinstance(ca, float) and isinstance(cb, float) and cb != 0.0:
+      ratios.add(ca / cb)
+    else:
+      return None
+  return ratios.pop() if len(ratios) == 1 else None
+
+
 # ----------------------------------------------------------------------------
 # Wide values.
 

@@ -123,6 +123,16 @@ class Chain:
     return dphi
 
 
+def _default_params(fn):
+  """The parameters this JAX version binds a binary primitive with."""
+  return dict(jax.make_jaxpr(fn)(1., 1.).eqns[0].params)
+
+
+#: Binary primitives the interpreter adds to chains itself, with their parameters.
+BINARY = {name: (jax.make_jaxpr(fn)(1., 1.).eqns[0].primitive, _default_params(fn))
+          for name, fn in (('add', jax.lax.add), ('mul', jax.lax.mul))}
+
+
 class ChainBuilder:
   """Builds a `Chain` node by node; `inline` splices in an existing chain."""
 
@@ -133,6 +143,11 @@ class ChainBuilder:
   def new_arg(self) -> Ref:
     self.n_args += 1
     return arg(self.n_args - 1)
+
+  def binary(self, name: str, x: Ref, y: Ref) -> Ref:
+    """Adds `x + y` (name 'add') or `x * y` (name 'mul')."""
+    prim, params = BINARY[name]
+    return self.add(prim, params, (x, y))
 
   def add(self, prim, params, operands) -> Ref:
     self.nodes.append(Node(prim, tuple(sorted(params.items())), tuple(operands)))

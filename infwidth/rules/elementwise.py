@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
@@ -41,7 +42,7 @@ _IDENTITY = (P.convert_element_type_p, P.copy_p, P.reduce_precision_p)
 
 def _float(v: Det):
   """A Python float for a concrete scalar constant, else None."""
-  return float(v.value) if np.size(v.value) == 1 and _concrete(v.value) else None
+  return _static(v.value) if np.size(v.value) == 1 and _concrete(v.value) else None
 
 
 def _static(c):
@@ -134,11 +135,8 @@ def _linear(prim, vals, dets, shape, roles):
 
 
 def _concrete(x) -> bool:
-  try:
-    float(x)
-    return True
-  except Exception:
-    return False
+  """Whether `x` has a value now (not a tracer under jit)."""
+  return not isinstance(x, jax.core.Tracer)
 
 
 def _extend_chain(prim, params, vals, dets, roles, shape):

@@ -8,6 +8,7 @@ contribute vanishes after the network's own `1/n`.
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 from jax.extend.core import primitives as P
 
 from infwidth import algebra as A
@@ -31,9 +32,6 @@ def reduce_sum_rule(ctx, operand, *, axes, **_):
   n = operand.shape[big[0]]
   out_roles = tuple(r for i, r in enumerate(operand.roles) if i not in axes)
   out_shape = tuple(ctx.eqn.outvars[0].aval.shape)
-  value = canonical_to_value(n * first, out_roles, _joint_shape(out_shape, out_roles, ctx))
-  return Det(value, out_roles)
-
-
-def _joint_shape(shape, roles, ctx):
-  return tuple(shape)
+  canonical = operand.canonical_shape(out_shape[out_roles.index('b')] if 'b' in out_roles else 1)
+  first = jnp.broadcast_to(jnp.asarray(first, m.dtype), canonical)
+  return Det(canonical_to_value(n * first, out_roles, out_shape), out_roles)

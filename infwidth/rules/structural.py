@@ -117,6 +117,10 @@ def _param_reshape(p: A.ParamRef, new):
   amap = _reshape_axis_map(p.shape, new)
   axes = tuple(p.axes[i] if i is not None else (None if n == 1 else ('reshaped', j))
                for j, (i, n) in enumerate(zip(amap, new)))
+  if new and all(a is None for a in axes) and any(a is not None for a in p.axes):
+    # Only size-1 axes on both sides (a bias of one channel): keep the leaf's
+    # last axis as the view's last axis (channels last).
+    axes = axes[:-1] + ([a for a in p.axes if a is not None][-1],)
   return dataclasses.replace(p, shape=tuple(new), axes=axes)
 
 

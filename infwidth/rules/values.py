@@ -12,7 +12,7 @@ from jax import lax
 
 from infwidth import algebra as A
 from infwidth.errors import InfwidthError
-from infwidth.rules.chain import Chain, ChainBuilder, U
+from infwidth.rules.chain import Chain, ChainBuilder, U, const
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -140,9 +140,12 @@ def map_terms_scale(w: A.Wide, c) -> A.Wide:
     else:
       b = ChainBuilder(t.chain.n_args)
       out = b.inline(t.chain, U, [A_arg(i) for i in range(t.chain.n_args)])
-      k = b.new_arg()
-      out = b.add(lax.mul_p, {}, (out, k))
-      terms.append(A.Term(b.build(out), t.combo, t.pargs, t.dargs + (c if not isinstance(c, float) else jnp.asarray(c),), t.factors))
+      if isinstance(c, float):
+        out = b.binary('mul', *(out, const(c)))
+        terms.append(dataclasses.replace(t, chain=b.build(out)))
+      else:
+        out = b.binary('mul', *(out, b.new_arg()))
+        terms.append(dataclasses.replace(t, chain=b.build(out), dargs=t.dargs + (c,)))
   off = None if w.offset is None else A._mul(c, w.offset)
   return A.Wide(w.shape, w.roles, tuple(terms), off)
 
@@ -208,18 +211,22 @@ def collapse(w: A.Wide, b: ChainBuilder, pargs: list, dargs: list,
     if rnd is not None:
       if combo is None:
         combo = rnd
-      elif not A.same_combo(combo, rnd):
+      ratio = A.combo_ratio(rnd, combo)
+      if ratio is None:
         raise InfwidthError(
             'an elementwise operation combines two different random Gaussian '
             'values (e.g. a product of independent pre-activations, as in gating); '
             'kernels of such products are not supported yet; use '
             'fallback="monte_carlo".')
-      u = U
+      if isinstance(ratio, float):
+        u = U if ratio == 1.0 else b.binary('mul', *(U, const(ratio)))
+      else:
+        u = b.binary('mul', *(U, new_darg(ratio)))
     else:
       u = None
     if det is not None:
       d = new_parg(det)
-      u = d if u is None else b.add(lax.add_p, {}, (u, d))
+      u = d if u is None else b.binary('add', *(u, d))
     if u is None:
       raise InfwidthError('internal: empty combination')
     args = []
@@ -235,7 +242,7 @@ def collapse(w: A.Wide, b: ChainBuilder, pargs: list, dargs: list,
             'inside a nonlinearity; this needs a higher-dimensional Gaussian '
             'expectation and is not supported yet.')
       fr = new_parg(A.combo_of(f, t.combo.spatial))
-      r = b.add(lax.mul_p, {}, (r, fr))
+      r = b.binary('mul', *(r, fr))
     refs.append(r)
   if w.offset is not None:
     refs.append(new_darg(w.offset))
@@ -243,7 +250,7 @@ def collapse(w: A.Wide, b: ChainBuilder, pargs: list, dargs: list,
     raise InfwidthError('internal: empty wide value')
   out = refs[0]
   for r in refs[1:]:
-    out = b.add(lax.add_p, {}, (out, r))
+    out = b.binary('add', *(out, r))
   return out, combo
 
 
