@@ -13,7 +13,6 @@ from __future__ import annotations
 from typing import Any, List, Sequence
 
 import numpy as np
-from jax.extend import source_info_util
 from jax.extend.core import Literal
 
 from infwidth import algebra as A
@@ -27,20 +26,31 @@ from infwidth.rules.values import Det
 class RuleContext:
   """What a rule may know besides its inputs: the equation and the moment engine."""
 
-  def __init__(self, eqn, moments: A.Moments):
+  def __init__(self, eqn, moments: A.Moments, callers=()):
     self.eqn = eqn
     self.moments = moments
+    self.callers = callers  # enclosing call equations, innermost last
 
   def unsupported(self, reason: str = '') -> UnsupportedPrimitiveError:
-    return UnsupportedPrimitiveError(self.eqn.primitive, self.eqn.params,
-                                     source_location(self.eqn), reason)
+    loc = None
+    for e in (self.eqn,) + tuple(reversed(self.callers)):
+      loc = source_location(e)
+      if loc:
+        break
+    return UnsupportedPrimitiveError(self.eqn.primitive, self.eqn.params, loc, reason)
 
 
 def source_location(eqn) -> str:
-  try:
-    return source_info_util.summarize(eqn.source_info)
-  except Exception:  # pragma: no cover - best effort for messages only
-    return 'unknown location'
+  """The user's source line of an equation: the innermost frame outside JAX and infwidth."""
+  tb = getattr(eqn.source_info, 'traceback', None)
+  for frame in getattr(tb, 'frames', ()) or ():
+    name = frame.file_name.replace('\\', '/')
+    if '/jax/' in name or '/jaxlib/' in name or '/infwidth/' in name:
+      continue
+    if '/flax/' in name or '/haiku/' in name or '/equinox/' in name:
+      continue
+    return f'{frame.file_name}:{frame.line_num} ({frame.function_name})'
+  return None
 
 
 def _det_literal(v) -> Det:
@@ -48,7 +58,8 @@ def _det_literal(v) -> Det:
   return Det(val, (None,) * val.ndim)
 
 
-def interpret(jaxpr, consts: Sequence[Any], args: Sequence[Any], moments: A.Moments) -> List[Any]:
+def interpret(jaxpr, consts: Sequence[Any], args: Sequence[Any], moments: A.Moments,
+              callers=()) -> List[Any]:
   """Evaluates `jaxpr` on abstract values; returns the abstract outputs."""
   env = {}
 
@@ -64,14 +75,15 @@ def interpret(jaxpr, consts: Sequence[Any], args: Sequence[Any], moments: A.Mome
     invals = [read(v) for v in eqn.invars]
     if eqn.primitive in CALL_PRIMITIVES:
       sub, sub_consts = subjaxpr_of(eqn)
-      outs = interpret(sub, sub_consts, invals[len(invals) - len(sub.invars):], moments)
+      outs = interpret(sub, sub_consts, invals[len(invals) - len(sub.invars):], moments,
+                       callers + (eqn,))
     elif all(isinstance(v, Det) for v in invals):
       outs = _fold(eqn, invals)
     else:
       rule = registry.KERNEL_RULES.get(eqn.primitive)
       if rule is None:
-        raise RuleContext(eqn, moments).unsupported()
-      outs = rule(RuleContext(eqn, moments), *invals, **eqn.params)
+        raise RuleContext(eqn, moments, callers).unsupported()
+      outs = rule(RuleContext(eqn, moments, callers), *invals, **eqn.params)
       if not eqn.primitive.multiple_results:
         outs = [outs]
     for var, val in zip(eqn.outvars, outs):
