@@ -25,6 +25,12 @@ tiles on its own devices and the tiles are exchanged with
 `multihost_utils.process_allgather`, so that the result is either complete on
 every host (`gather=True`) or a globally sharded `jax.Array` split along `N1`
 over all devices (`gather=False`).
+
+Limitations: `kernel_fn` must be traceable by `jax.jit` and each entry must
+depend only on its own pair of examples (no statistics over the batch); a
+`Kernel` in place of `x1` (composition) is not batched; with several
+processes every tile reaches every host (with `gather=False` a host keeps
+only its rows), and a sharded result is assembled in host memory first.
 """
 
 from __future__ import annotations
@@ -86,9 +92,6 @@ def batch(kernel_fn: Callable[..., Any],
   if not isinstance(device_count, (int, np.integer)) or device_count < -1:
     raise ValueError(f'device_count must be -1, 0 or positive, got '
                      f'{device_count!r}.')
-  if device_count > jax.local_device_count():
-    raise ValueError(f'device_count={device_count} but only '
-                     f'{jax.local_device_count()} local devices exist.')
   cache: Dict[Any, Callable[..., Any]] = {}
 
   @functools.wraps(kernel_fn)
@@ -109,6 +112,8 @@ def _batch_len(x: Any, name: str) -> Tuple[Any, int]:
   if not leaves:
     raise ValueError(f'{name} holds no arrays.')
   leaves = [np.asarray(l) for l in leaves]
+  leaves = [l.astype(jax.dtypes.canonicalize_dtype(l.dtype), copy=False)
+            for l in leaves]
   sizes = {l.shape[0] if l.ndim else None for l in leaves}
   if None in sizes:
     raise ValueError(f'Every leaf of {name} needs a leading batch axis; got '
@@ -214,6 +219,9 @@ class _Run:
     self.statics = tuple((i, l) for i, l in enumerate(leaves)
                          if i not in self.dyn_idx)
     local = jax.local_devices()
+    if device_count > len(local):
+      raise ValueError(f'device_count={device_count} but only {len(local)} '
+                       f'local devices exist.')
     self.devices = local[:1] if device_count == 0 else (
         local if device_count == -1 else local[:device_count])
     self.mesh = Mesh(np.array(self.devices), ('tiles',))
