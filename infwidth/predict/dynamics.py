@@ -100,6 +100,7 @@ def gradient_descent_mse(
     solver: str = 'auto',
     tol: float = 1e-10,
     maxiter: Optional[int] = None,
+    preconditioner: str = 'nystrom',
 ) -> Callable[..., Any]:
   """Outputs of gradient flow on MSE, in closed form, at any time.
 
@@ -125,7 +126,8 @@ def gradient_descent_mse(
     diag_reg_absolute_scale: `diag_reg` is in absolute units.
     trace_axes: axes of `y_train` along which the kernel is `Θ ⊗ I`.
     solver: `'cholesky'`, `'cg'` or `'auto'` for `t=None` (see `solvers`).
-    tol, maxiter: conjugate-gradient options.
+    tol, maxiter, preconditioner: conjugate-gradient options (see
+      `gp_inference`).
 
   Returns:
     `predict_fn(t=None, fx_train_0=0., fx_test_0=None, k_test_train=None)`
@@ -152,7 +154,8 @@ def gradient_descent_mse(
   def get_solver():
     with jax.ensure_compile_time_eval():
       return solvers.make_solver(_axes.make_2d(k_train_train), diag_reg,
-                                 diag_reg_absolute_scale, solver, tol, maxiter)
+                                 diag_reg_absolute_scale, solver, tol, maxiter,
+                                 preconditioner=preconditioner)
 
   @functools.lru_cache(1)
   def get_eigh():
@@ -343,6 +346,11 @@ def gradient_descent(
       return ODEState(state.qx_train, state.qx_test, df_train, df_test)
     return f
 
+  @jax.jit
+  def integrate(state_0, t, k_test_train):
+    return ode_lib.odeint(dstate_dt(k_test_train), state_0, t, rtol, atol,
+                          max_steps)
+
   def predict_fn(
       t: ArrayOrScalar = None,
       fx_train_or_state_0: Union[ArrayOrScalar, ODEState] = 0.,
@@ -387,8 +395,7 @@ def gradient_descent(
     state_0 = get_state_0(fx_train_or_state_0, fx_test_0, test_shape)
     checks.check_finite(state_0.fx_train, '`fx_train_0`')
     checks.check_finite(state_0.fx_test, '`fx_test_0`')
-    state_t, ok = ode_lib.odeint(dstate_dt(k_test_train), state_0, t,
-                                 rtol, atol, max_steps)
+    state_t, ok = integrate(state_0, t, k_test_train)
     checks.check(ok, f'The ODE integration failed (non-finite state or more '
                  f'than max_steps={max_steps} steps): the loss gradient may '
                  'be non-finite or the learning rate too large.')

@@ -60,6 +60,7 @@ def gradient_descent_mse_ensemble(
     solver: str = 'auto',
     tol: float = 1e-10,
     maxiter: Optional[int] = None,
+    preconditioner: str = 'nystrom',
     **kernel_fn_train_train_kwargs: Any,
 ) -> Callable[..., Any]:
   """Gaussian outputs of an infinite ensemble trained by gradient flow on MSE.
@@ -74,7 +75,8 @@ def gradient_descent_mse_ensemble(
     y_train: `(N, ..., C)` targets.
     learning_rate: step size `η`.
     diag_reg, diag_reg_absolute_scale, trace_axes: as in `gp_inference`.
-    solver, tol, maxiter: linear solver for `t=None` (see `gp_inference`).
+    solver, tol, maxiter, preconditioner: linear solver for `t=None` (see
+      `gp_inference`).
     **kernel_fn_train_train_kwargs: passed to `kernel_fn` for the train-train
       kernel; also to the test kernels unless overridden (tuples of two
       arrays are split into train and test parts, as in NT).
@@ -122,7 +124,7 @@ def gradient_descent_mse_ensemble(
   def predict_inf(dep: Tuple[str, ...]) -> Callable[..., Any]:
     k_dd = kernel_namedtuple(dep)(**get_k_train_train(dep))
     return gp.gp_inference(k_dd, y_train, diag_reg, diag_reg_absolute_scale,
-                           trace_axes, solver, tol, maxiter)
+                           trace_axes, solver, tol, maxiter, preconditioner)
 
   def get_kernels(dep, x_test, compute_cov, **test_kwargs):
     k_dd = get_k_train_train(dep)

@@ -42,7 +42,7 @@ def _dense(k: Any) -> jax.Array:
 
 
 def _solver_cache(k_train_train, diag_reg, diag_reg_absolute_scale, solver,
-                  tol, maxiter, **logdet_kwargs) -> Callable[[str], Any]:
+                  tol, maxiter, **kwargs) -> Callable[[str], Any]:
   @functools.lru_cache(3)
   def get(g: str) -> solvers.Solver:
     k = _axes.get_attr(k_train_train, g)
@@ -50,7 +50,7 @@ def _solver_cache(k_train_train, diag_reg, diag_reg_absolute_scale, solver,
     with jax.ensure_compile_time_eval():
       return solvers.make_solver(k, diag_reg, diag_reg_absolute_scale,
                                  solver, tol, maxiter,
-                                 name=f'k_train_train ({g})', **logdet_kwargs)
+                                 name=f'k_train_train ({g})', **kwargs)
   return get
 
 
@@ -77,6 +77,7 @@ def gp_inference(
     solver: str = 'auto',
     tol: float = 1e-10,
     maxiter: Optional[int] = None,
+    preconditioner: str = 'nystrom',
 ) -> Callable[..., Any]:
   """Posterior of the NNGP / NTK / NTKGP Gaussian process on a test set.
 
@@ -99,7 +100,8 @@ def gp_inference(
     diag_reg_absolute_scale: `diag_reg` is in absolute units.
     trace_axes: axes of `y_train` along which kernels are `K ⊗ I`.
     solver: `'cholesky'`, `'cg'` or `'auto'` (see `solvers.choose_solver`).
-    tol, maxiter: conjugate-gradient options.
+    tol, maxiter: conjugate-gradient relative tolerance and iteration cap.
+    preconditioner: CG preconditioner, `'nystrom'` or `'jacobi'`.
 
   Returns:
     `predict_fn(get=None, k_test_train=None, k_test_test=None)` returning,
@@ -113,7 +115,7 @@ def gp_inference(
   even, odd, first, last = _axes.get_axes(_axes.get_first(k_train_train).ndim)
   train_shape = tuple(_axes.get_first(k_train_train).shape[1::2])
   solve = _solver_cache(k_train_train, diag_reg, diag_reg_absolute_scale,
-                        solver, tol, maxiter)
+                        solver, tol, maxiter, preconditioner=preconditioner)
 
   @functools.lru_cache(3)
   def k_inv_y(g: str) -> jax.Array:
@@ -218,6 +220,7 @@ def marginal_log_likelihood(
     solver: str = 'auto',
     tol: float = 1e-10,
     maxiter: Optional[int] = None,
+    preconditioner: str = 'nystrom',
     logdet_probes: int = 32,
     logdet_steps: int = 100,
     key: Optional[jax.Array] = None,
@@ -242,7 +245,7 @@ def marginal_log_likelihood(
     diag_reg, diag_reg_absolute_scale, trace_axes: as in `gp_inference`.
     get: `'nngp'`, `'ntk'` or a tuple; `None` is the array itself, or every
       one of `('nngp', 'ntk')` present in a namedtuple / `Kernel`.
-    solver, tol, maxiter: as in `gp_inference`.
+    solver, tol, maxiter, preconditioner: as in `gp_inference`.
     logdet_probes, logdet_steps, key: stochastic log-determinant options.
 
   Returns:
@@ -261,7 +264,8 @@ def marginal_log_likelihood(
   _validate(k_train_train, y_train, trace_axes, gets)
   train_shape = tuple(_axes.get_first(k_train_train).shape[1::2])
   solve = _solver_cache(k_train_train, diag_reg, diag_reg_absolute_scale,
-                        solver, tol, maxiter, logdet_probes=logdet_probes,
+                        solver, tol, maxiter, preconditioner=preconditioner,
+                        logdet_probes=logdet_probes,
                         logdet_steps=logdet_steps, key=key)
   out = {}
   for g in gets:
