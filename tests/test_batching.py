@@ -279,7 +279,11 @@ def test_progress_reports(capsys):
   x = _data(12)
   iw.batch(erf_kernel_fn, 2, progress=True)(x)
   err = capsys.readouterr().err
-  assert '21/21 tiles' in err and 'left' in err and 'elapsed' in err
+  try:
+    import tqdm  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+    assert '21/21' in err
+  except ImportError:
+    assert '21/21 tiles' in err and 'left' in err and 'elapsed' in err
   iw.batch(erf_kernel_fn, 2, progress=False)(x)
   iw.batch(erf_kernel_fn, 6)(x)  # 3 tiles: quiet by default
   assert capsys.readouterr().err == ''
