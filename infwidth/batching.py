@@ -10,7 +10,8 @@ and cropped afterwards.
 
 When `x2` is None (or is `x1`) only tiles on and above the diagonal are
 computed, and those below are their mirror images. Mirroring swaps the two
-batch axes, and for extra per-example axes assumes:
+batch axes (a kernel is symmetric: an `(N1, N2)` output is transposed), and
+for extra per-example axes assumes:
 
 * a `Kernel` knows its layout: with `diagonal_spatial` every spatial axis
   appears once, `(N1, N2, H, W)`, and stays in place; otherwise axes come in
@@ -30,7 +31,8 @@ Limitations: `kernel_fn` must be traceable by `jax.jit` and each entry must
 depend only on its own pair of examples (no statistics over the batch); a
 `Kernel` in place of `x1` (composition) is not batched; with several
 processes every tile reaches every host (with `gather=False` a host keeps
-only its rows), and a sharded result is assembled in host memory first.
+only its rows), and a sharded result is assembled in host memory first;
+inputs must be complete on every host (not globally sharded arrays).
 """
 
 from __future__ import annotations
@@ -74,10 +76,14 @@ def batch(kernel_fn: Callable[..., Any],
     batch_size: examples per tile side; need not divide `N1` or `N2`. 0: one
       tile (split into row blocks across devices when there are several).
     device_count: local devices to use; -1 all, 0 only the default device.
-    store_on_device: keep the result in device memory; False assembles it in
-      host memory (numpy) for kernels larger than a device.
+    store_on_device: keep the result in device memory (on the first local
+      device); False assembles it in host memory (numpy) for kernels larger
+      than a device.
     checkpoint_dir: directory to which every finished tile is written; a
-      restarted call with the same arguments resumes from it.
+      restarted call with the same arguments resumes from it. A directory
+      written for other inputs, arguments, `batch_size`, `get` or another
+      kernel function (jaxpr fingerprint) is refused with a `ValueError`;
+      corrupt tiles are recomputed.
     progress: report tiles done and time left; None: only when there are
       more than a handful of tiles.
     gather: under multiple processes (or with several devices), True returns
