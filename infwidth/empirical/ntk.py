@@ -166,13 +166,26 @@ def _ntk_vector_products(s: _Setup, trace_axes: Axes, diagonal_axes: Axes):
     f2 = lambda a: jax.tree.leaves(g(s.params_with(a), x2, **kw2))
     out2, vjp2 = jax.vjp(f2, active)
 
-    def column(ct):
+    def column(ct, forward):
       tangent = vjp2(ct)[0]
       tangent = [_scale(s.weights[i], t) for i, t in zip(s.active, tangent)]
+      return forward(tangent)
+
+    def jvp1(tangent):
       return jax.jvp(f1, (active,), (tangent,))[1]
 
+    def transposed_vjp1(tangent):
+      # `J1 t` as the transpose of `t' ↦ J1ᵀ t'`: works where forward mode
+      # cannot (custom_vjp functions).
+      out1, vjp1 = jax.vjp(f1, active)
+      return jax.linear_transpose(lambda c: vjp1(c)[0], out1)(tangent)[0]
+
     shapes2 = [o.shape for o in out2]
-    cols = jax.vmap(column)(_utils.std_basis(out2))
+    basis = _utils.std_basis(out2)
+    try:
+      cols = jax.vmap(lambda ct: column(ct, jvp1))(basis)
+    except TypeError:  # forward mode through a custom_vjp function
+      cols = jax.vmap(lambda ct: column(ct, transposed_vjp1))(basis)
     res = []
     for k, (c, shape2) in enumerate(zip(cols, shapes2)):
       c = _utils.split_rows(c, shapes2)[k]  # (*o2, *o1): this output only

@@ -254,9 +254,10 @@ def _gather_map(op: _Op, operand_shape, indices) -> jax.Array:
   full = _gather_full_axes(op, operand_shape)
   row_shape = [1 if a in full else s for a, s in enumerate(operand_shape)]
   rows = jnp.arange(1, int(np.prod(row_shape)) + 1, dtype=jnp.int32)
-  rows = jnp.broadcast_to(rows.reshape(row_shape), operand_shape)
-  mode = op.params['mode']
-  m = lax.gather(rows, indices, dn, op.params['slice_sizes'], mode=mode,
+  rows = rows.reshape(row_shape)  # full axes have size 1, sliced whole
+  sizes = tuple(1 if a in full else s
+                for a, s in enumerate(op.params['slice_sizes']))
+  m = lax.gather(rows, indices, dn, sizes, mode=op.params['mode'],
                  fill_value=0)
   offset_of = _gather_offset_axes(op, operand_shape)
   drop = [y for y, a in offset_of.items() if a in full]
