@@ -151,7 +151,8 @@ def add_diagonal_regularizer(a: jax.Array, diag_reg: float,
                              diag_reg_absolute_scale: bool) -> jax.Array:
   """`A + reg·I` for a matrix `A` `(n, n)` (NT's `_add_diagonal_regularizer`)."""
   reg = regularizer(jnp.diagonal(a), diag_reg, diag_reg_absolute_scale)
-  return a + reg * jnp.eye(a.shape[0], dtype=a.dtype)
+  i = jnp.arange(a.shape[0])
+  return jnp.asarray(a).at[i, i].add(reg.astype(a.dtype))  # No (n, n) eye.
 
 
 def available_bytes() -> int:
