@@ -148,7 +148,9 @@ def correlation(var1, var2, cov) -> Tuple[Any, Any, Any]:
   den = jnp.where(fine, safe_sqrt(jnp.where(fine, prod, 1)), s1 * s2)
   ok = den > 0
   rho = jnp.where(ok, cov / jnp.where(ok, den, 1), 0)
-  return s1, s2, jnp.clip(rho, -1, 1)
+  # Clip without changing the derivative (jnp.clip halves it at ρ = ±1 exactly,
+  # which is where the diagonal of a kernel sits).
+  return s1, s2, rho + jax.lax.stop_gradient(jnp.clip(rho, -1, 1) - rho)
 
 
 # ----------------------------------------------------------------------------

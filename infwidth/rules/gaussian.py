@@ -15,6 +15,7 @@ split at the kinks for chains with kinks at known places.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import jax
@@ -191,6 +192,17 @@ def expect_pair(f: Chain, f_args: tuple, g: Chain, g_args: tuple,
   var1, var2, cov = (x.astype(dtype) for x in (var1, var2, cov))
   mean1, mean2 = _mean(mean1, dtype), _mean(mean2, dtype)
   f_args, g_args = _cast_args(f_args, dtype), _cast_args(g_args, dtype)
+  zero1, zero2 = isinstance(mean1, float), isinstance(mean2, float)
+  return _expect_pair(f, f_args, g, g_args, None if zero1 else mean1, None if zero2 else mean2,
+                      var1, var2, cov, ntk=ntk, degree=degree)
+
+
+@functools.partial(jax.jit, static_argnames=('f', 'g', 'ntk', 'degree'))
+def _expect_pair(f, f_args, g, g_args, mean1, mean2, var1, var2, cov, *, ntk, degree):
+  # One compilation per pair of chains and shapes; means None are zero.
+  dtype = var1.dtype
+  mean1 = 0.0 if mean1 is None else mean1
+  mean2 = 0.0 if mean2 is None else mean2
   shape = jnp.broadcast_shapes(*(jnp.shape(x) for x in (mean1, mean2, var1, var2, cov)),
                                *(jnp.shape(a) for a in f_args + g_args))
   ff = _cast_form(cf.recognise(f, f_args), dtype)
@@ -232,6 +244,13 @@ def expect_single(f: Chain, f_args: tuple, mean, var, *, degree: Optional[int] =
   var = var.astype(dtype)
   mean = _mean(mean, dtype)
   f_args = _cast_args(f_args, dtype)
+  return _expect_single(f, f_args, None if isinstance(mean, float) else mean, var, degree=degree)
+
+
+@functools.partial(jax.jit, static_argnames=('f', 'degree'))
+def _expect_single(f, f_args, mean, var, *, degree):
+  dtype = var.dtype
+  mean = 0.0 if mean is None else mean
   shape = jnp.broadcast_shapes(jnp.shape(mean), jnp.shape(var), *(jnp.shape(a) for a in f_args))
   form = _cast_form(cf.recognise(f, f_args), dtype)
   sm = cf.single_moments(form, mean, cf.safe_sqrt(var))

@@ -22,6 +22,7 @@ and the module constants below.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
@@ -47,6 +48,8 @@ PIECE_DEGREE = {64: 32, 32: 16}
 #: Extra cuts of the outer integral around each kink of g, in units of the
 #: width over which E[g(v) | z1] smooths it.
 OUTER_WIDTHS = (-8.0, -2.0, 2.0, 8.0)
+#: Extra cuts around a soft kink (tanh(a·u)), in units of its width 1/|a|.
+SOFT_CUTS = (-3.0, 3.0)
 #: More kinks than this in one chain: fall back to plain Gauss–Hermite.
 MAX_KINKS = 8
 #: Inner sums are vectorised (one extra leading axis) when nodes × elements
@@ -87,8 +90,8 @@ class _Unknown(Exception):
   pass
 
 
-def _roots(bx, by) -> List[Any]:
-  """Where two sets of affine branches cross."""
+def _roots(bx, by, width=None) -> List[Tuple[Any, Any]]:
+  """Where two sets of affine branches cross, as (position, width) kinks."""
   out = []
   for a1, b1 in bx:
     for a2, b2 in by:
@@ -97,22 +100,22 @@ def _roots(bx, by) -> List[Any]:
         continue
       lib = _lib(da, b1, b2)
       if lib is np:
-        out.append(float((b2 - b1) / da))
+        out.append((float((b2 - b1) / da), width))
       else:
         ok = da != 0
-        out.append(jnp.where(ok, (b2 - b1) / jnp.where(ok, da, 1), jnp.inf))
+        out.append((jnp.where(ok, (b2 - b1) / jnp.where(ok, da, 1), jnp.inf), width))
   return out
 
 
-def _union(*lists) -> List[Any]:
+def _union(*lists) -> List[Tuple[Any, Any]]:
   out, seen = [], set()
   for lst in lists:
-    for k in lst:
-      if isinstance(k, float):
-        if k in seen or not math.isfinite(k):
+    for k, w in lst:
+      if isinstance(k, float) and (w is None or isinstance(w, float)):
+        if (k, w) in seen or not math.isfinite(k):
           continue
-        seen.add(k)
-      out.append(k)
+        seen.add((k, w))
+      out.append((k, w))
   if len(out) > MAX_KINKS:
     raise _Unknown
   return out
@@ -188,16 +191,21 @@ def _kink_rule(prim, ops: List[_Kinks], refs) -> _Kinks:
   # Of a non-affine argument (gelu's tanh of a cubic), cut at u = 0.
   if len(ops) == 1 and prim not in _POLYNOMIAL:
     if br[0] is not None and len(br[0]) == 1:
-      kinks = _union(kinks, _roots(br[0], [(0.0, 0.0)]))
+      a = br[0][0][0]
+      width = (1 / abs(float(a)) if not _is_zero(a) else None) if _lib(a) is np else \
+          1 / jnp.maximum(jnp.abs(a), 1e-30)
+      kinks = _union(kinks, _roots(br[0], [(0.0, 0.0)], width))
     elif br[0] is None:
-      kinks = _union(kinks, [0.0])
+      kinks = _union(kinks, [(0.0, 1.0)])
   return _Kinks(kinks, None)
 
 
-def chain_kinks(chain: Chain, args: Sequence = ()) -> Optional[List[Any]]:
-  """Candidate kink positions of φ(·, *args) in u (floats or arrays), or None if unknown.
+def chain_kinks(chain: Chain, args: Sequence = ()) -> Optional[List[Tuple[Any, Any]]]:
+  """Candidate kinks of φ(·, *args) in u as (position, width), or None if unknown.
 
-  A superset is harmless (an extra cut of the integration domain).
+  Positions are floats or arrays; width is None for a true kink and the
+  scale in u of a soft one (tanh(a·u + b): -b/a, 1/|a|). A superset is
+  harmless (an extra cut of the integration domain).
   """
   vals: List[_Kinks] = []
   try:
@@ -311,19 +319,41 @@ def _value_and_derivative(chain: Chain, x, args, need_derivative: bool):
   return jax.jvp(lambda y: chain(y, *args), (x,), (jnp.ones_like(x),))
 
 
+def point_derivative(chain: Chain, x, args):
+  """φ'(x) as the mean of the derivatives at x ± h, h = sqrt(eps)·(1 + |x|).
+
+  Under a point mass (zero variance) this is the derivative JAX's own rules
+  give a smooth function (O(h²) = O(eps) off), and at a kink the mean of
+  the one-sided derivatives, as in the closed forms; the inlined primal of
+  e.g. softplus would give 0 at its internal max(x, 0).
+  """
+  x = jnp.asarray(x)
+  h = jnp.sqrt(jnp.finfo(x.dtype).eps) * (1 + jnp.abs(x))
+  _, dp = _value_and_derivative(chain, x + h, args, True)
+  _, dm = _value_and_derivative(chain, x - h, args, True)
+  return (dp + dm) / 2
+
+
 # ----------------------------------------------------------------------------
 # Expectations.
 
+@functools.partial(jax.jit, static_argnames=('f', 'degree'))
 def single_quadrature(f: Chain, f_args: Tuple, mean, var, *, degree: Optional[int] = None):
-  """(E f(u), E f'(u), E[(u - m) f(u)]) for u ~ N(mean, var) by quadrature."""
+  """(E f(u), E f'(u), E[(u - m) f(u)]) for u ~ N(mean, var) by quadrature.
+
+  Jitted, with the chain static: one compilation per chain and shapes.
+  """
   dtype = jnp.result_type(var)
   shape = jnp.broadcast_shapes(jnp.shape(mean), jnp.shape(var), *(jnp.shape(a) for a in f_args))
   s = safe_sqrt(var)
   kinks = chain_kinks(f, f_args)
   rule = _make_rule(kinks, [], mean, s, 0., 0., None, shape, dtype, degree)
 
+  d_point = point_derivative(f, mean + 0 * s, f_args)
+
   def fn(z, w):
     fu, dfu = _value_and_derivative(f, mean + s * z, f_args, True)
+    dfu = jnp.where(s > 0, dfu, d_point)
     return w * fu, w * dfu, w * s * z * fu, w + 0 * fu
   e, de, ze, wsum = _sum_nodes(rule, fn, shape, dtype, 4)
   return e / wsum, de / wsum, ze / wsum
@@ -335,23 +365,49 @@ def _make_rule(kf, kg, m1, s1, m2, c, d, shape, dtype, degree) -> _Rule:
   if not kf and not kg:
     return _gauss_hermite(degree or GH_DEGREE)
   zm = z_max(dtype)
-  breaks = [_to_z(k, m1, s1, zm) for k in kf]
-  for k in kg:
-    # E[g(v) | z1] is g smoothed over a width w = d/|c| in z1 around z1 = (k - m2)/c:
-    # cut there and at a few widths either side, so that near ρ = ±1 the
-    # pieces resolve the smoothed kink.
+  breaks = []
+  for k, width in kf:
+    zk = _to_z(k, m1, s1, zm)
+    breaks.append(zk)
+    if width is not None:
+      breaks += [_shift(zk, t * width, s1, zm) for t in SOFT_CUTS]
+  for k, width in kg:
+    # E[g(v) | z1] is g smoothed over a width sqrt(d² + width²)/|c| in z1
+    # around z1 = (k - m2)/c: cut there and at a few widths either side, so
+    # that near ρ = ±1 the pieces resolve the smoothed kink.
     zk = _to_z(k, m2, c, zm)
     breaks.append(zk)
     if d is not None:
-      w = d / jnp.maximum(jnp.abs(c), d / zm + jnp.finfo(dtype).tiny)
-      breaks += [jnp.clip(zk + t * w, -zm, zm) for t in OUTER_WIDTHS]
+      spread = d if width is None else jnp.sqrt(d * d + width * width)
+      breaks += [_shift(zk, t * spread, jnp.abs(c), zm) for t in OUTER_WIDTHS]
   return _piecewise(breaks, zm, shape, dtype)
 
 
+def _shift(z, du, s, zmax):
+  """z + du/s clipped to [-zmax, zmax] (±zmax where s = 0)."""
+  ok = s > 0
+  step = jnp.where(ok, du / jnp.where(ok, s, 1), jnp.sign(du) * zmax * 2)
+  return jnp.clip(z + step, -zmax, zmax)
+
+
+def _inner_breaks(kg, centre, d, zm):
+  breaks = []
+  for k, width in kg:
+    zk = _to_z(k, centre, d, zm)
+    breaks.append(zk)
+    if width is not None:
+      breaks += [_shift(zk, t * width, d, zm) for t in SOFT_CUTS]
+  return breaks
+
+
+@functools.partial(jax.jit, static_argnames=('f', 'g', 'ntk', 'degree'))
 def pair_quadrature(f: Chain, f_args: Tuple, g: Chain, g_args: Tuple,
                     mean1, mean2, var1, var2, cov, *, ntk: bool = True,
                     degree: Optional[int] = None):
-  """(E[f(u) g(v)], E[f'(u) g'(v)] or None) by nested quadrature; shapes broadcast."""
+  """(E[f(u) g(v)], E[f'(u) g'(v)] or None) by nested quadrature; shapes broadcast.
+
+  Jitted, with the chains static: one compilation per pair of chains and shapes.
+  """
   dtype = jnp.result_type(var1, var2, cov)
   shape = jnp.broadcast_shapes(*(jnp.shape(x) for x in (mean1, mean2, var1, var2, cov)),
                                *(jnp.shape(a) for a in f_args + g_args))
@@ -363,17 +419,26 @@ def pair_quadrature(f: Chain, f_args: Tuple, g: Chain, g_args: Tuple,
   zm = z_max(dtype)
   ndim = len(shape)
 
+  if ntk:
+    # Zero variance: a point evaluation of the derivative (see point_derivative).
+    df_point = point_derivative(f, mean1 + 0 * s1, f_args)
+    dg_point = point_derivative(g, mean2 + 0 * s2, g_args)
+
   def outer_fn(z1, w1):
     fu, dfu = _value_and_derivative(f, mean1 + s1 * z1, f_args, ntk)
+    if ntk:
+      dfu = jnp.where(s1 > 0, dfu, df_point)
     centre = mean2 + c * z1
     zshape = jnp.broadcast_shapes(jnp.shape(z1), shape)
     if outer.bounds is None:
       inner = outer
     else:
-      inner = _piecewise([_to_z(k, centre, d, zm) for k in kg], zm, zshape, dtype)
+      inner = _piecewise(_inner_breaks(kg, centre, d, zm), zm, zshape, dtype)
 
     def inner_fn(z2, w2):
       gv, dgv = _value_and_derivative(g, centre + d * z2, g_args, ntk)
+      if ntk:
+        dgv = jnp.where(s2 > 0, dgv, dg_point)
       outs = (w2 * gv, w2 + 0 * gv)
       return outs + ((w2 * dgv,) if ntk else ())
     sums = _sum_nodes(inner, inner_fn, zshape, dtype, 3 if ntk else 2)
@@ -383,7 +448,8 @@ def pair_quadrature(f: Chain, f_args: Tuple, g: Chain, g_args: Tuple,
       outs += (w1 * dfu * (sums[2] / sums[1]),)
     return outs
 
-  inner_size = outer.size if outer.bounds is None else piece_degree(dtype) * (len(kg) + 1)
+  inner_size = (outer.size if outer.bounds is None else
+                piece_degree(dtype) * (1 + sum(1 + (w is not None) * len(SOFT_CUTS) for _, w in kg)))
   size = int(np.prod(shape)) if shape else 1
   if outer.size * inner_size * size <= VECTORISE_BUDGET:
     z1, w1 = outer.at(jnp.arange(outer.size), ndim, dtype)
