@@ -141,6 +141,17 @@ def test_gp_inference_matches_nt(nt, name, reg, solver):
   assert both._fields == ('nngp', 'ntk')
 
 
+def test_gp_inference_accepts_kernel_objects(nt):
+  from infwidth import Kernel
+  nngp, ntk = nt['nngp'], nt['ntk']
+  k = lambda s1, s2: Kernel(nngp=nngp[s1, s2], ntk=ntk[s1, s2], cov1=None,
+                            cov2=None)
+  res = predict.gp_inference(k(TR, TR), nt['y'])('ntk', k(TE, TR), k(TE, TE))
+  assert_rel(res.mean, nt['gp_ntk_mean'], 1e-8)
+  assert_rel(res.covariance, nt['gp_ntk_cov'], 1e-8)
+  assert predict.solvers.choose_solver('auto', N, np.float64) == 'cholesky'
+
+
 def test_gp_inference_output_axes_match_nt(nt):
   k4 = nt['k4']
   fn = predict.gp_inference(Kern(nngp=k4[TR, TR]), nt['y4'], diag_reg=1e-3)

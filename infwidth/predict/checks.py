@@ -56,6 +56,32 @@ def is_concrete(x: Any) -> bool:
                  for l in jax.tree_util.tree_leaves(x))
 
 
+def tracing() -> bool:
+  """Whether the caller runs inside a `jit` (or other staging) trace."""
+  return isinstance(jnp.zeros(()), jax.core.Tracer)
+
+
+def memoize_concrete(fn: Callable[..., Any]) -> Callable[..., Any]:
+  """Memoises `fn(*hashable_args)`, except for results computed under a trace.
+
+  Factorisations are computed once per predictor and reused across calls,
+  as in NT; a result computed inside `jit` holds tracers of that trace and
+  must not outlive it, so it is recomputed per trace instead.
+  """
+  cache = {}
+
+  @functools.wraps(fn)
+  def wrapper(*args):
+    if args in cache:
+      return cache[args]
+    out = fn(*args)
+    if not tracing():
+      cache[args] = out
+    return out
+
+  return wrapper
+
+
 def check(predicate: Any, message: str,
           error: type = NonFiniteError) -> None:
   """Raises `error(message)` if `predicate` is False.

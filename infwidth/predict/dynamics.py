@@ -74,6 +74,49 @@ def inv_expm1_fn(evals: jax.Array, t: jax.Array, n: int) -> jax.Array:
   return jnp.where(pos, expm1_fn(evals, t, n) / jnp.where(pos, evals, 1.), 0.)
 
 
+@functools.partial(jax.jit, static_argnames=('trace_axes', 'odd'))
+def _mse_finite(evals, evecs, t, y_train, fx_train_0, fx_test_0, k_test_train,
+                trace_axes, odd):
+  """The finite-time closed form of `gradient_descent_mse` (one compilation
+  per shape, shared by all predictors); `trace_axes` are negative."""
+  n_t_axes = len(trace_axes)
+  n_non_t_axes = y_train.ndim - n_t_axes
+  last_t_axes = tuple(range(-n_t_axes, 0))
+  non_t_axes = tuple(range(-y_train.ndim, -n_t_axes))
+  rhs_shape = tuple(y_train.shape[a] for a in trace_axes)
+  train_shape = tuple(y_train.shape[a] for a in range(-y_train.ndim, 0)
+                      if a not in trace_axes)
+  t_shape, t_ndim = t.shape, t.ndim
+  first_t_axes = tuple(range(t_ndim))
+  t = t.reshape((-1, 1))
+  rhs = -y_train if fx_train_0 is None else fx_train_0 - y_train
+  rhs = jnp.broadcast_to(rhs, y_train.shape)
+  rhs = jnp.moveaxis(rhs, trace_axes, last_t_axes).reshape((-1,) + rhs_shape)
+  shape = t_shape + train_shape + rhs_shape
+  out = []
+  if fx_train_0 is not None:
+    dfx = _in_eigenbasis(evecs, expm1_fn(evals, t, y_train.size), rhs)
+    dfx = jnp.moveaxis(dfx.reshape(shape), last_t_axes, trace_axes)
+    out.append(jnp.expand_dims(fx_train_0, first_t_axes) + dfx)
+  if fx_test_0 is not None:
+    dfx = _in_eigenbasis(evecs, inv_expm1_fn(evals, t, y_train.size), rhs)
+    dfx = jnp.tensordot(k_test_train, dfx.reshape(shape), (odd, non_t_axes))
+    dfx = jnp.moveaxis(
+        dfx, tuple(range(n_non_t_axes, n_non_t_axes + t_ndim)) + last_t_axes,
+        tuple(range(t_ndim)) + trace_axes)
+    out.append(jnp.expand_dims(fx_test_0, first_t_axes) + dfx)
+  return out[0] if len(out) == 1 else tuple(out)
+
+
+@functools.partial(jax.jit, static_argnames=('diag_reg_absolute_scale',))
+def eigh_regularized(k: jax.Array, diag_reg: float,
+                     diag_reg_absolute_scale: bool
+                     ) -> Tuple[jax.Array, jax.Array]:
+  """`eigh(K + reg·I)` of a matrix `K` `(n, n)`: `(evals (n,), evecs (n, n))`."""
+  return jnp.linalg.eigh(solvers.add_diagonal_regularizer(
+      k, diag_reg, diag_reg_absolute_scale))
+
+
 def check_predict_inputs(fx_train_0: Any, fx_test_0: Any,
                          k_test_train: Any) -> None:
   if fx_train_0 is None and fx_test_0 is None:
@@ -141,28 +184,21 @@ def gradient_descent_mse(
   checks.check_finite(y_train, '`y_train`')
   _, odd, _, _ = _axes.get_axes(k_train_train.ndim)
   trace_axes = tuple(-y_train.ndim + a for a in trace_axes)
-  n_t_axes = len(trace_axes)
-  n_non_t_axes = y_train.ndim - n_t_axes
-  last_t_axes = tuple(range(-n_t_axes, 0))
-  non_t_axes = tuple(range(-y_train.ndim, -n_t_axes))
+  last_t_axes = tuple(range(-len(trace_axes), 0))
   train_shape = tuple(k_train_train.shape[1::2])
-  rhs_shape = tuple(y_train.shape[a] for a in trace_axes)
   hint = ('`k_train_train` may be too ill-conditioned; pass `diag_reg > 0` '
           'or use float64.')
 
-  @functools.lru_cache(1)
+  @checks.memoize_concrete
   def get_solver():
-    with jax.ensure_compile_time_eval():
-      return solvers.make_solver(_axes.make_2d(k_train_train), diag_reg,
-                                 diag_reg_absolute_scale, solver, tol, maxiter,
-                                 preconditioner=preconditioner)
+    return solvers.make_solver(_axes.make_2d(k_train_train), diag_reg,
+                               diag_reg_absolute_scale, solver, tol, maxiter,
+                               preconditioner=preconditioner)
 
-  @functools.lru_cache(1)
+  @checks.memoize_concrete
   def get_eigh():
-    with jax.ensure_compile_time_eval():
-      k = solvers.add_diagonal_regularizer(_axes.make_2d(k_train_train),
-                                           diag_reg, diag_reg_absolute_scale)
-      return jnp.linalg.eigh(k)
+    return eigh_regularized(_axes.make_2d(k_train_train), diag_reg,
+                            diag_reg_absolute_scale)
 
   def predict_inf(fx_train_0, fx_test_0, k_test_train):
     fx_train_t = y_train.astype(k_train_train.dtype)
@@ -180,27 +216,8 @@ def gradient_descent_mse(
   def predict_finite(t, fx_train_0, fx_test_0, k_test_train):
     evals, evecs = get_eigh()
     t = jnp.asarray(t) * learning_rate
-    t_shape, t_ndim = t.shape, t.ndim
-    first_t_axes = tuple(range(t_ndim))
-    t = t.reshape((-1, 1))
-    rhs = -y_train if fx_train_0 is None else fx_train_0 - y_train
-    rhs = jnp.broadcast_to(rhs, y_train.shape)
-    rhs = jnp.moveaxis(rhs, trace_axes, last_t_axes).reshape(
-        (-1,) + rhs_shape)
-    shape = t_shape + train_shape + rhs_shape
-    out = []
-    if fx_train_0 is not None:
-      dfx = _in_eigenbasis(evecs, expm1_fn(evals, t, y_train.size), rhs)
-      dfx = jnp.moveaxis(dfx.reshape(shape), last_t_axes, trace_axes)
-      out.append(jnp.expand_dims(fx_train_0, first_t_axes) + dfx)
-    if fx_test_0 is not None:
-      dfx = _in_eigenbasis(evecs, inv_expm1_fn(evals, t, y_train.size), rhs)
-      dfx = jnp.tensordot(k_test_train, dfx.reshape(shape), (odd, non_t_axes))
-      dfx = jnp.moveaxis(
-          dfx, tuple(range(n_non_t_axes, n_non_t_axes + t_ndim)) + last_t_axes,
-          tuple(range(t_ndim)) + trace_axes)
-      out.append(jnp.expand_dims(fx_test_0, first_t_axes) + dfx)
-    return out[0] if len(out) == 1 else tuple(out)
+    return _mse_finite(evals, evecs, t, y_train, fx_train_0, fx_test_0,
+                       k_test_train, trace_axes=trace_axes, odd=odd)
 
   def predict_fn(
       t: ArrayOrScalar = None,

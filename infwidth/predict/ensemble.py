@@ -23,6 +23,7 @@ import numpy as np
 
 from infwidth.kernel import kernel_namedtuple
 from infwidth.predict import _axes
+from infwidth.predict import checks
 from infwidth.predict import dynamics
 from infwidth.predict import gp
 from infwidth.predict import solvers
@@ -47,6 +48,56 @@ def _is_array_tree(x: Any) -> bool:
 
 def _field(k: Any, g: str) -> jax.Array:
   return k if _axes.is_array(k) else getattr(k, g)
+
+
+@functools.partial(jax.jit, static_argnames=('g', 'n', 'ref_shape',
+                                             't_shape', 'trace_axes'))
+def _finite_time(evals, evecs, t, y_flat, k_td, nngp_td, nngp_dd, nngp_tt,
+                 g, n, ref_shape, t_shape, trace_axes):
+  """Mean [and covariance] at times `t` `(T, 1)` (Eq. 15-16, see above).
+
+  `k_td` is `None` for the training set, `nngp_tt` `None` for the mean only.
+  """
+  last_t_axes = tuple(range(-len(trace_axes), 0))
+  # A_t = Θ⁻¹ (I - e^{-Θt/n}) = V diag(-inv_expm1) Vᵀ (Eq. 15).
+  neg_inv_expm1 = -dynamics.inv_expm1_fn(evals, t, n)
+  if k_td is None:
+    mean = dynamics._in_eigenbasis(  # pylint: disable=protected-access
+        evecs, -dynamics.expm1_fn(evals, t, n), y_flat)
+  else:
+    ktd = _axes.make_2d(k_td)
+    mean = jnp.einsum('lj,tj...->tl...', ktd, dynamics._in_eigenbasis(  # pylint: disable=protected-access
+        evecs, neg_inv_expm1, y_flat))
+  mean = mean.reshape(t_shape + ref_shape + y_flat.shape[1:])
+  mean = jnp.moveaxis(mean, last_t_axes, trace_axes)
+  if nngp_tt is None:
+    return mean
+  nngp_dd = _axes.make_2d(nngp_dd)
+  lam = jnp.maximum(evals, 0.)
+  if k_td is None:
+    if g == 'nngp':
+      # Σ_t(X, X) = K e^{-2Kt/n}.
+      cov = jnp.einsum('ji,ti,ki->tjk', evecs,
+                       lam * jnp.exp(-2 * lam * t / n), evecs)
+    else:
+      # Σ_t(X, X) = e^{-Θt/n} K e^{-Θt/n}.
+      e = jnp.einsum('mi,ti,ki->tmk', evecs, jnp.exp(-lam * t / n), evecs)
+      cov = jnp.einsum('tmk,kl,tnl->tmn', e, nngp_dd, e)
+  else:
+    nngp_t = _axes.make_2d(nngp_tt)[None]
+    kv = ktd @ evecs
+    if g == 'nngp':
+      a2 = -dynamics.inv_expm1_fn(evals, 2 * t, n)
+      cov = nngp_t - jnp.einsum('mi,ti,li->tml', kv, a2, kv)
+    else:
+      term_1 = jnp.einsum('mi,ti,li->tml', evecs, neg_inv_expm1, kv)
+      term_2 = jnp.einsum('mi,ti,li->tml', kv, neg_inv_expm1,
+                          _axes.make_2d(nngp_td) @ evecs)
+      term_2 = term_2 + jnp.swapaxes(term_2, 1, 2)
+      cov = jnp.einsum('tji,jk,tkl->til', term_1, nngp_dd, term_1)
+      cov = cov - term_2 + nngp_t
+  cov = cov.reshape(t_shape + ref_shape * 2)
+  return mean, _axes.zip_axes(cov, len(t_shape))
 
 
 def gradient_descent_mse_ensemble(
@@ -113,12 +164,11 @@ def gradient_descent_mse_ensemble(
                                  f'kernel_fn(x_train, None, {g!r})')
     return {g: k_dd_cache[g] for g in gets}
 
-  @functools.lru_cache(2)
+  @checks.memoize_concrete
   def eigenspace(g: str) -> Tuple[jax.Array, jax.Array]:
-    k = solvers.add_diagonal_regularizer(
+    return dynamics.eigh_regularized(
         _axes.make_2d(get_k_train_train((g,))[g]), diag_reg,
         diag_reg_absolute_scale)
-    return jnp.linalg.eigh(k)
 
   @functools.lru_cache(4)
   def predict_inf(dep: Tuple[str, ...]) -> Callable[..., Any]:
@@ -185,56 +235,16 @@ def gradient_descent_mse_ensemble(
     t = t.reshape((-1, 1))
     ref = next(iter((k_dd if k_td is None else k_td).values()))
 
-    def reshape_mean(mean):
-      mean = mean.reshape(t_shape + ref.shape[::2] + trace_shape)
-      return jnp.moveaxis(mean, last_t_axes, trace_axes)
-
-    def reshape_cov(cov):
-      cov = cov.reshape(t_shape + ref.shape[::2] * 2)
-      return _axes.zip_axes(cov, len(t_shape))
-
     out = {}
     for g in gets:
       evals, evecs = eigenspace(g)
-      # A_t = Θ⁻¹ (I - e^{-Θt/n}) = V diag(-inv_expm1) Vᵀ (Eq. 15).
-      neg_inv_expm1 = -dynamics.inv_expm1_fn(evals, t, n)
-      if k_td is None:
-        mean = dynamics._in_eigenbasis(  # pylint: disable=protected-access
-            evecs, -dynamics.expm1_fn(evals, t, n), y_flat)
-      else:
-        ktd_g = _axes.make_2d(k_td[g])
-        mean = jnp.einsum('lj,tj...->tl...', ktd_g, dynamics._in_eigenbasis(  # pylint: disable=protected-access
-            evecs, neg_inv_expm1, y_flat))
-      mean = reshape_mean(mean)
-      if nngp_tt is None:
-        out[g] = mean
-        continue
-      nngp_dd = _axes.make_2d(k_dd['nngp'])
-      lam = jnp.maximum(evals, 0.)
-      if k_td is None:
-        if g == 'nngp':
-          # Σ_t(X, X) = K e^{-2Kt/n}.
-          cov = jnp.einsum('ji,ti,ki->tjk', evecs,
-                           lam * jnp.exp(-2 * lam * t / n), evecs)
-        else:
-          # Σ_t(X, X) = e^{-Θt/n} K e^{-Θt/n}.
-          e = jnp.einsum('mi,ti,ki->tmk', evecs, jnp.exp(-lam * t / n), evecs)
-          cov = jnp.einsum('tmk,kl,tnl->tmn', e, nngp_dd, e)
-      else:
-        nngp_t = _axes.make_2d(nngp_tt)[None]
-        if g == 'nngp':
-          a2 = -dynamics.inv_expm1_fn(evals, 2 * t, n)
-          kv = ktd_g @ evecs
-          cov = nngp_t - jnp.einsum('mi,ti,li->tml', kv, a2, kv)
-        else:
-          kv = ktd_g @ evecs
-          term_1 = jnp.einsum('mi,ti,li->tml', evecs, neg_inv_expm1, kv)
-          term_2 = jnp.einsum('mi,ti,li->tml', kv, neg_inv_expm1,
-                              _axes.make_2d(k_td['nngp']) @ evecs)
-          term_2 = term_2 + jnp.swapaxes(term_2, 1, 2)
-          cov = jnp.einsum('tji,jk,tkl->til', term_1, nngp_dd, term_1)
-          cov = cov - term_2 + nngp_t
-      out[g] = gp.Gaussian(mean, reshape_cov(cov))
+      res = _finite_time(
+          evals, evecs, t, y_flat, None if k_td is None else k_td[g],
+          None if k_td is None or nngp_tt is None else k_td['nngp'],
+          None if nngp_tt is None else k_dd['nngp'], nngp_tt,
+          g=g, n=n, ref_shape=tuple(ref.shape[::2]), t_shape=t_shape,
+          trace_axes=trace_axes)
+      out[g] = res if nngp_tt is None else gp.Gaussian(*res)
     dynamics.check_result(out, gp._HINT)  # pylint: disable=protected-access
     return _axes.named_output('Gaussians', out, single, gets)
 

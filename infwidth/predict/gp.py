@@ -9,7 +9,6 @@ evidence used for model selection (NT paper, Fig. 3).
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple, Union
 
 import jax
@@ -43,14 +42,13 @@ def _dense(k: Any) -> jax.Array:
 
 def _solver_cache(k_train_train, diag_reg, diag_reg_absolute_scale, solver,
                   tol, maxiter, **kwargs) -> Callable[[str], Any]:
-  @functools.lru_cache(3)
+  @checks.memoize_concrete
   def get(g: str) -> solvers.Solver:
     k = _axes.get_attr(k_train_train, g)
     k = k if solvers.is_operator(k) else _axes.make_2d(k)
-    with jax.ensure_compile_time_eval():
-      return solvers.make_solver(k, diag_reg, diag_reg_absolute_scale,
-                                 solver, tol, maxiter,
-                                 name=f'k_train_train ({g})', **kwargs)
+    return solvers.make_solver(k, diag_reg, diag_reg_absolute_scale, solver,
+                               tol, maxiter, name=f'k_train_train ({g})',
+                               **kwargs)
   return get
 
 
@@ -117,7 +115,7 @@ def gp_inference(
   solve = _solver_cache(k_train_train, diag_reg, diag_reg_absolute_scale,
                         solver, tol, maxiter, preconditioner=preconditioner)
 
-  @functools.lru_cache(3)
+  @checks.memoize_concrete
   def k_inv_y(g: str) -> jax.Array:
     return dynamics.solve_along(solve(g), train_shape, y_train, trace_axes)
 

@@ -124,7 +124,9 @@ def kernel_operator(kernel_fn: Callable[..., Any], x1: jax.Array,
 
   Returns:
     A `KernelOperator` for a string `get`, else a namedtuple of them with
-    fields `get`, usable wherever the predictors take a kernel.
+    fields `get`, usable wherever `gp_inference` and
+    `marginal_log_likelihood` take a kernel. Pass `solver='cg'`: with
+    `'auto'` or `'cholesky'` the kernel is materialised (when it fits).
   """
   import collections
   if isinstance(get, str):
