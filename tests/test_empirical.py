@@ -161,6 +161,24 @@ def embedding_only_model():
   return f, params, t1, (t1[:2] + 3) % 50
 
 
+def rnn_model():
+  """A scan over time with a shared weight, then a cond: weights inside
+  control flow take the Jacobian-contraction fallback."""
+  k = keys(5, 13)
+  params = dict(wi=jax.random.normal(k[0], (3, 5)),
+                wh=jax.random.normal(k[1], (5, 5)),
+                wo=jax.random.normal(k[2], (5, 2)))
+
+  def f(p, x):
+    def step(h, xt):
+      return jnp.tanh(xt @ p['wi'] + h @ p['wh'] / 5 ** .5), None
+    h, _ = lax.scan(step, jnp.zeros((x.shape[0], 5)), jnp.swapaxes(x, 0, 1))
+    out = h @ p['wo']
+    return lax.cond(jnp.sum(x) > 0, lambda o: o, lambda o: -o, out)
+  return f, params, jax.random.normal(k[3], (3, 4, 3)), jax.random.normal(
+      k[4], (2, 4, 3))
+
+
 @jax.custom_vjp
 def _dense(x, w):
   return x @ w
@@ -242,8 +260,8 @@ def equinox_model():
 MODELS = dict(mlp=mlp_model, cnn=cnn_model, strided_cnn=strided_cnn_model,
               resnet=resnet_model, attention=attention_model,
               embedding=embedding_model, embedding_only=embedding_only_model,
-              custom=custom_model, flax=flax_model, haiku=haiku_model,
-              equinox=equinox_model)
+              custom=custom_model, rnn=rnn_model, flax=flax_model,
+              haiku=haiku_model, equinox=equinox_model)
 
 
 # ORACLE
@@ -343,39 +361,38 @@ def test_vmap_axes_triple_with_kwargs(impl):
 
 
 def test_nngp_and_kernel_fn_get():
-  f, params, x1, x2 = attention_model()
+  f, params, x1, x2 = model_and_oracle('attention', False)[:4]
+  full = model_and_oracle('attention', False)[4]
   kernel_fn = iw.empirical_kernel_fn(f, trace_axes=(-1,), diagonal_axes=(1,),
                                      implementation=3)
-  k = kernel_fn(x1, x2, ('nngp', 'ntk'), params)
+  k = jax.jit(lambda a, b, p: kernel_fn(a, b, ('nngp', 'ntk'), p))(
+      x1, x2, params)
   assert k._fields == ('nngp', 'ntk')
   o1, o2 = np.asarray(f(params, x1)), np.asarray(f(params, x2))
   assert_close(k.nngp, np.einsum('atc,btc->abt', o1, o2) / o1.shape[-1])
   assert_close(kernel_fn(x1, x2, 'nngp', params), k.nngp)
-  full = explicit_ntk(f, params, x1, x2)
   assert_close(k.ntk, np.einsum('atcbtc->abt', full) / o1.shape[-1])
-  both = kernel_fn(x1, None, None, params)
+  both = jax.eval_shape(lambda a: kernel_fn(a, None, None, params), x1)
   assert both.nngp.shape == (3, 3, 3) and both.ntk.shape == (3, 3, 3)
   nngp_fn = iw.empirical_nngp_fn(f, trace_axes=(), diagonal_axes=(0,))
   assert_close(nngp_fn(x1, None, params), np.einsum('atc,asd->atscd', o1, o1))
 
 
 def test_pytree_outputs_get_one_kernel_each():
-  f0, params, x1, x2 = mlp_model()
+  f0, params, x1, x2, full = model_and_oracle('mlp', False)
   f = lambda p, x: {'a': f0(p, x), 'b': f0(p, x)[:, :2] ** 2}
+  full_b = explicit_ntk(lambda p, x: f(p, x)['b'], params, x1, x2)
   for impl in IMPLS[:3]:
-    k = iw.empirical_kernel_fn(f, implementation=impl, vmap_axes=0)(
-        x1, x2, ('ntk',), params)
-    fa = lambda p, x: f(p, x)['b']
-    full = explicit_ntk(fa, params, x1, x2)
-    assert_close(k['b'].ntk, np.einsum('acbc->ab', full) / 2)
-    assert_close(k['a'].ntk, np.einsum('acbc->ab', explicit_ntk(
-        f0, params, x1, x2)) / 4)
+    kernel_fn = iw.empirical_kernel_fn(f, implementation=impl, vmap_axes=0)
+    k = jax.jit(lambda a, b, p: kernel_fn(a, b, ('ntk',), p))(x1, x2, params)
+    assert_close(k['b'].ntk, np.einsum('acbc->ab', full_b) / 2)
+    assert_close(k['a'].ntk, np.einsum('acbc->ab', full) / 4)
 
 
 def test_jit_and_float32():
-  f, params, x1, x2 = cnn_model()
+  f, params, x1, x2, full = model_and_oracle('cnn', False)
   p32 = jax.tree.map(lambda a: a.astype(jnp.float32), params)
-  want = np.einsum('acbc->ab', explicit_ntk(f, params, x1, x2)) / 3
+  want = np.einsum('acbc->ab', full) / 3
   for impl in IMPLS:
     fn = jax.jit(iw.empirical_ntk_fn(f, vmap_axes=0, implementation=impl))
     got = fn(x1.astype(jnp.float32), x2.astype(jnp.float32), p32)
@@ -384,33 +401,30 @@ def test_jit_and_float32():
 
 
 def test_empirical_kernels_weights_and_symmetry():
-  f, params, x1, x2 = flax_model()
-  full = explicit_ntk(f, params, x1, x2)
+  f, params, x1, x2, full = model_and_oracle('flax', False)
   weights = jax.tree.map(lambda _: 1., params)
   weights['params']['Dense_1']['kernel'] = 0.
   weights['params']['Conv_0']['kernel'] = 2.5
-  only = lambda path: jax.tree_util.tree_map_with_path(
-      lambda p, a: a if path in jax.tree_util.keystr(p) else jnp.zeros_like(a),
-      params)
+  jac = jax.jit(jax.jacobian(f))
+  ja, jb = jac(params, x1), jac(params, x2)
 
   def part(path):
-    ja = jax.jacobian(f)(params, x1)
-    jb = jax.jacobian(f)(params, x2)
     sel = lambda t: [l for p, l in jax.tree_util.tree_leaves_with_path(t)
                      if path in jax.tree_util.keystr(p)][0]
     a, b = np.asarray(sel(ja)), np.asarray(sel(jb))
     return np.einsum('acp,bcp->ab', a.reshape(a.shape[:2] + (-1,)),
                      b.reshape(b.shape[:2] + (-1,))) / 3
-  del only
   want = (np.einsum('acbc->ab', full) / 3 - part("'Dense_1']['kernel'")
           + 1.5 * part("'Conv_0']['kernel'"))
+  nngp = np.asarray(f(params, x1)) @ np.asarray(f(params, x2)).T / 3
   for impl in IMPLS[:3]:
-    k = empirical_kernels(f, params, x1, x2, ('nngp', 'ntk'), weights,
-                          implementation=impl)
+    k = jax.jit(lambda a, b, p: empirical_kernels(
+        f, p, a, b, ('nngp', 'ntk'), weights, implementation=impl))(
+            x1, x2, params)
     assert_close(k.ntk, want)
-    assert_close(k.nngp, np.asarray(f(params, x1)) @ np.asarray(
-        f(params, x2)).T / 3)
-  sym = empirical_kernels(f, params, x1, None, 'ntk')
+    assert_close(k.nngp, nngp)
+  sym = jax.jit(lambda a, p: empirical_kernels(f, p, a, None, 'ntk'))(
+      x1, params)
   np.testing.assert_allclose(sym, sym.T, atol=1e-12)
   assert np.linalg.eigvalsh(np.asarray(sym)).min() > -1e-10
 
@@ -423,7 +437,8 @@ def test_rng_kwarg_split_as_nt():
     mask = jax.random.bernoulli(rng, 0.7, (x.shape[-1],))
     return f0(p, x * mask)
   key = jax.random.PRNGKey(3)
-  got = iw.empirical_ntk_fn(f, implementation=3)(x1, None, params, rng=key)
+  got = jax.jit(iw.empirical_ntk_fn(f, implementation=3))(x1, None, params,
+                                                          rng=key)
   g = lambda p, x: f(p, x, key)
   assert_close(got, np.einsum('acbc->ab', explicit_ntk(g, params, x1, x1)) / 4)
 
