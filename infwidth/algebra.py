@@ -198,17 +198,20 @@ def combo_ratio(a: Combo, b: Combo):
   Proportionality is decided statically: equal coefficient objects, float
   coefficients with one ratio, or a single shared source.
   """
-  if not (_is_zero(a.mean) and _is_zero(b.mean)):
-    return None
+  if a is b:
+    return 1.0
   if [s.uid for s in a.sources] != [s.uid for s in b.sources]:
     return None
-  if len(a.sources) == 1:
+  if len(a.sources) == 1 and _is_zero(a.mean) and _is_zero(b.mean):
     ca, cb = a.coefs[0], b.coefs[0]
     if ca is cb:
       return 1.0
     return ca / cb
   ratios = set()
-  for ca, cb in zip(a.coefs, b.coefs):
+  pairs = list(zip(a.coefs, b.coefs))
+  if not (_is_zero(a.mean) and _is_zero(b.mean)):
+    pairs.append((a.mean, b.mean))
+  for ca, cb in pairs:
     if ca is cb:
       ratios.add(1.0)
     elif isinstance(ca, float) and isinstance(cb, float) and cb != 0.0:

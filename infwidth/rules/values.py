@@ -179,21 +179,44 @@ def add_offset(w: A.Wide, c) -> A.Wide:
 
 def collapse(w: A.Wide, b: ChainBuilder, pargs: list, dargs: list,
              combo: Optional[A.Combo]) -> Tuple[Any, Optional[A.Combo]]:
-  """Adds `w`'s value to builder `b` as a function of the single random combination.
+  """Adds `w`'s value to builder `b` as a function of one Gaussian combination `u`.
+
+  `u` is, if possible, a whole combination (zero-variance parameters such as
+  zero-initialised biases stay inside it, so closed forms still apply); terms
+  over proportional combinations use `α·u`. Otherwise only the random parts
+  must be proportional and the deterministic-valued parts become parameter
+  arguments of the chain.
 
   Args:
     w: the wide value.
-    b: the chain under construction; its argument list is `pargs + dargs`
-      and is extended as needed (arguments are appended to the lists in order
-      of creation; `b.n_args == len(pargs) + len(dargs)` is kept).
-    combo: the random combination already chosen by earlier operands, or None.
+    b: the chain under construction; new arguments are appended to `pargs`
+      (parameter arguments) or `dargs` (deterministic arrays) as
+      `(index, value)` pairs, in creation order.
+    combo: the combination already chosen by earlier operands, or None.
 
   Returns:
-    (reference to the value in `b`, the random combination).
+    (reference to the value in `b`, the chosen combination).
   Raises:
     InfwidthError: if the value depends on two different random combinations
       (a product of independent Gaussians, e.g. gating).
   """
+  whole = combo
+  for t in w.terms:
+    whole = whole or t.combo
+    if A.combo_ratio(t.combo, whole) is None:
+      break
+  else:
+    if whole is not None:
+      return _collapse(w, b, pargs, dargs, whole, split=False), whole
+  if combo is None:
+    for t in w.terms:
+      combo = A.split_random(t.combo)[0]
+      if combo is not None:
+        break
+  return _collapse(w, b, pargs, dargs, combo, split=True), combo
+
+
+def _collapse(w, b, pargs, dargs, combo, split: bool):
   refs = []
 
   def new_parg(p):
@@ -206,34 +229,32 @@ def collapse(w: A.Wide, b: ChainBuilder, pargs: list, dargs: list,
     dargs.append((r.index, d))
     return r
 
+  def scaled_u(ratio):
+    if isinstance(ratio, float):
+      return U if ratio == 1.0 else b.binary('mul', U, const(ratio))
+    return b.binary('mul', U, new_darg(ratio))
+
   for t in w.terms:
-    rnd, det = A.split_random(t.combo)
+    if split:
+      rnd, det = A.split_random(t.combo)
+    else:
+      rnd, det = t.combo, None
+    u = None
     if rnd is not None:
-      if combo is None:
-        combo = rnd
-      ratio = A.combo_ratio(rnd, combo)
+      ratio = A.combo_ratio(rnd, combo) if combo is not None else None
       if ratio is None:
         raise InfwidthError(
             'an elementwise operation combines two different random Gaussian '
             'values (e.g. a product of independent pre-activations, as in gating); '
             'kernels of such products are not supported yet; use '
             'fallback="monte_carlo".')
-      if isinstance(ratio, float):
-        u = U if ratio == 1.0 else b.binary('mul', *(U, const(ratio)))
-      else:
-        u = b.binary('mul', *(U, new_darg(ratio)))
-    else:
-      u = None
+      u = scaled_u(ratio)
     if det is not None:
       d = new_parg(det)
-      u = d if u is None else b.binary('add', *(u, d))
+      u = d if u is None else b.binary('add', u, d)
     if u is None:
       raise InfwidthError('internal: empty combination')
-    args = []
-    for p in t.pargs:
-      args.append(new_parg(p))
-    for d in t.dargs:
-      args.append(new_darg(d))
+    args = [new_parg(p) for p in t.pargs] + [new_darg(d) for d in t.dargs]
     r = b.inline(t.chain, u, args)
     for f in t.factors:
       if f.random:
@@ -241,8 +262,7 @@ def collapse(w: A.Wide, b: ChainBuilder, pargs: list, dargs: list,
             f'parameter {f.leaf.name!r} (with nonzero variance) multiplies a value '
             'inside a nonlinearity; this needs a higher-dimensional Gaussian '
             'expectation and is not supported yet.')
-      fr = new_parg(A.combo_of(f, t.combo.spatial))
-      r = b.binary('mul', *(r, fr))
+      r = b.binary('mul', r, new_parg(A.combo_of(f, t.combo.spatial)))
     refs.append(r)
   if w.offset is not None:
     refs.append(new_darg(w.offset))
@@ -250,8 +270,8 @@ def collapse(w: A.Wide, b: ChainBuilder, pargs: list, dargs: list,
     raise InfwidthError('internal: empty wide value')
   out = refs[0]
   for r in refs[1:]:
-    out = b.binary('add', *(out, r))
-  return out, combo
+    out = b.binary('add', out, r)
+  return out
 
 
 def finish_term(b: ChainBuilder, out, combo: Optional[A.Combo], pargs: list, dargs: list,
