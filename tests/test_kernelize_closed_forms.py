@@ -325,3 +325,76 @@ def test_grad_matches_finite_differences(act):
     v = np.asarray(jax.random.normal(jax.random.PRNGKey(seed), X1.shape))
     fd = (f(X1 + h * v) - f(X1 - h * v)) / (2 * h)
     np.testing.assert_allclose(np.sum(g * v), fd, rtol=1e-6)
+
+
+def test_apply_kwargs_are_forwarded():
+  p, st = init(KEY, 1)
+  base = make_mlp('relu')
+
+  def net(params, x, train=True):
+    return base(params, x) * (2.0 if train else 1.0)
+
+  kf = iw.kernelize(net, p, param_stats=st)
+  k = kf(X1, X2, 'nngp')
+  np.testing.assert_allclose(kf(X1, X2, 'nngp', train=False), k / 4, rtol=1e-12)
+  jf = jax.jit(kf, static_argnames=('get', 'train'))
+  np.testing.assert_allclose(jf(X1, X2, 'nngp', train=False), k / 4, rtol=1e-12)
+
+
+@pytest.mark.xfail(strict=True, raises=iw.InfwidthError, reason='jnp.where(h > 0, h, 0.0) on a hidden layer raises '
+                   '"an operand of select_n varies along the channel axis" (the broadcast '
+                   'scalar branch is taken for a per-channel mask)')
+def test_relu_written_with_where():
+  p, st = init(KEY, 1)
+  where_relu = lambda h: jnp.where(h > 0, h, 0.0)
+
+  def net(params, x):
+    (w0, b0), (w1, b1) = params
+    h = where_relu(SW / np.sqrt(D) * (x @ w0) + SB * b0)
+    return SW / np.sqrt(N) * (h @ w1) + SB * b1
+
+  k = iw.kernelize(net, p, param_stats=st)(X1, X2, ('nngp', 'ntk'))
+  want_k, want_t = recursion(X1, X2, 1, 'relu')
+  assert _rel(k.nngp, want_k) < 1e-10
+  assert _rel(k.ntk, want_t) < 1e-10
+
+
+@pytest.mark.xfail(strict=True, raises=iw.InfwidthError, reason='jax.nn.elu and jax.nn.selu lower to select_n with a '
+                   'constant branch; kernelize rejects them as per-channel masks')
+@pytest.mark.parametrize('act', ['elu', 'selu'])
+def test_elu_family_against_direct_sampling(act):
+  # Oracle: E[φ(u)φ(v)] from 4·10⁵ draws of the 2-D Gaussian per input pair
+  # (DESIGN §6), tolerance 5 SE of that average (SE from the draws' spread).
+  phi = getattr(jax.nn, act)
+
+  def net(params, x):
+    (w0, b0), (w1, b1) = params
+    h = phi(SW / np.sqrt(D) * (x @ w0) + SB * b0)
+    return SW / np.sqrt(N) * (h @ w1) + SB * b1
+
+  p, st = init(KEY, 1)
+  k = np.asarray(iw.kernelize(net, p, param_stats=st)(X1[:3], None, 'nngp'))
+  x = np.asarray(X1[:3])
+  k0 = SW ** 2 * x @ x.T / D + SB ** 2
+  z = np.random.default_rng(0).standard_normal((2, 400_000))
+  for i in range(3):
+    for j in range(3):
+      cov = np.array([[k0[i, i], k0[i, j]], [k0[i, j], k0[j, j]]])
+      L = np.linalg.cholesky(cov + 1e-12 * np.eye(2))
+      u, v = L @ z
+      prod = SW ** 2 * np.asarray(phi(u) * phi(v)) + SB ** 2
+      se = prod.std() / np.sqrt(prod.size)
+      assert abs(k[i, j] - prod.mean()) < 5 * se
+
+
+@pytest.mark.xfail(strict=True, raises=iw.InfwidthError, reason='kernelize raises "apply_fn returns 2 arrays; kernelize '
+                   'supports one output array"; DESIGN §1 promises a pytree of kernels')
+def test_pytree_of_outputs_gives_pytree_of_kernels():
+  p, st = init(KEY, 1)
+  net = make_mlp('relu')
+  two = lambda params, x: (net(params, x), 2.0 * net(params, x))
+  k = iw.kernelize(two, p, param_stats=st)(X1, X2, 'nngp')
+  want, _ = recursion(X1, X2, 1, 'relu')
+  assert isinstance(k, tuple) and len(k) == 2
+  assert _rel(k[0], want) < 1e-10
+  assert _rel(k[1], 4 * want) < 1e-10

@@ -258,7 +258,7 @@ _XFAIL = {'elu': _SELECT_BUG, 'selu': _SELECT_BUG}
 
 @pytest.mark.slow
 @pytest.mark.parametrize('act', [
-    pytest.param(a, marks=pytest.mark.xfail(strict=True, reason=_XFAIL[a])) if a in _XFAIL else a
+    pytest.param(a, marks=pytest.mark.xfail(strict=True, raises=iw.InfwidthError, reason=_XFAIL[a])) if a in _XFAIL else a
     for a in sorted(ALL_ACTS)])
 def test_activation_sweep(act):
   width = 1024
