@@ -72,10 +72,6 @@ M_RHO = np.array([0.4, 1.0, -1.0, 0.0])
 M_COV = M_RHO * np.sqrt(M_VAR1 * M_VAR2)
 
 
-def _derivative(fn):
-  return lambda u, *a: jax.grad(lambda x: jnp.sum(fn(x, *a)))(u)
-
-
 def _sample_moments(fn, gn, mean1, mean2, var1, var2, cov, f_args=(), g_args=()):
   """Monte Carlo (E f g, SE, E f'g', SE) per configuration (1-D arrays)."""
   mean1, mean2, var1, var2, cov = (np.broadcast_to(np.asarray(x, float), np.shape(var1))
@@ -91,8 +87,9 @@ def _sample_moments(fn, gn, mean1, mean2, var1, var2, cov, f_args=(), g_args=())
     v = mean2[:, None] + c[:, None] * z[0] + d[:, None] * z[1]
     fa = [a[:, None] for a in f_args]
     ga = [a[:, None] for a in g_args]
-    t = fn(u, *fa) * gn(v, *ga)
-    dt = _derivative(fn)(u, *fa) * _derivative(gn)(v, *ga)
+    fu, dfu = jax.jvp(lambda x: fn(x, *fa), (u,), (jnp.ones_like(u),))
+    gv, dgv = jax.jvp(lambda x: gn(x, *ga), (v,), (jnp.ones_like(v),))
+    t, dt = fu * gv, dfu * dgv
     n = z.shape[1]
     return (t.mean(1), t.std(1) / math.sqrt(n), dt.mean(1), dt.std(1) / math.sqrt(n))
   return [np.asarray(x) for x in moments(jnp.asarray(_Z), tuple(map(jnp.asarray, f_args)),
@@ -108,54 +105,57 @@ def _assert_within_se(pred, mc, se, what, mask=None):
   assert not bad.any(), f'{what}: {pred[bad]} vs samples {mc[bad]} ± {se[bad]}'
 
 
-@pytest.mark.parametrize('name', sorted(FUNCTIONS))
-def test_zero_mean_against_samples(name):
-  fn, kind, smooth_at_zero = FUNCTIONS[name]
-  chain = chain_from_fn(fn)
-  assert cf.recognise(chain).kind == kind
-  t, dt = expect_pair(chain, (), chain, (), 0.0, 0.0, ZM_VAR1, ZM_VAR2, ZM_COV)
-  mc_t, se_t, mc_dt, se_dt = _sample_moments(fn, fn, 0., 0., ZM_VAR1, ZM_VAR2, ZM_COV)
-  _assert_within_se(t, mc_t, se_t, f'{name} second moment')
+ALL = [np.concatenate([a, b]) for a, b in ((np.zeros(6), M_MEAN1), (np.zeros(6), M_MEAN2),
+                                            (ZM_VAR1, M_VAR1), (ZM_VAR2, M_VAR2), (ZM_COV, M_COV))]
+
+
+def _check_against_samples(fn, gn, what, zero_mean_kinds, ntk_at_point_mass):
+  """Both configuration sets against one sampling pass.
+
+  Zero means are passed statically (closed forms where recognised) and, for
+  chains left to quadrature, as arrays together with the nonzero means (one
+  compilation).
+  """
+  f, g = chain_from_fn(fn), chain_from_fn(gn)
+  mc_t, se_t, mc_dt, se_dt = _sample_moments(fn, gn, *ALL)
+  closed = zero_mean_kinds != ('other', 'other')
+  if closed:
+    t0, dt0 = expect_pair(f, (), g, (), 0.0, 0.0, ZM_VAR1, ZM_VAR2, ZM_COV)
+    t1, dt1 = expect_pair(f, (), g, (), M_MEAN1, M_MEAN2, M_VAR1, M_VAR2, M_COV)
+    t, dt = np.concatenate([t0, t1]), np.concatenate([dt0, dt1])
+  else:
+    t, dt = expect_pair(f, (), g, (), *ALL)
+  _assert_within_se(t, mc_t, se_t, f'{what} second moment')
   # Under a point mass at a kink (u ≡ 0) the derivative is a convention.
-  mask = np.ones(len(ZM_VAR1), bool)
-  mask[ZM_POINT_MASS] = smooth_at_zero
-  _assert_within_se(dt, mc_dt, se_dt, f'{name} NTK factor', mask)
+  mask = np.ones(len(ALL[0]), bool)
+  mask[ZM_POINT_MASS] = ntk_at_point_mass
+  _assert_within_se(dt, mc_dt, se_dt, f'{what} NTK factor', mask)
 
 
 @pytest.mark.parametrize('name', sorted(FUNCTIONS))
-def test_nonzero_means_against_samples(name):
-  fn, _, _ = FUNCTIONS[name]
-  chain = chain_from_fn(fn)
-  t, dt = expect_pair(chain, (), chain, (), M_MEAN1, M_MEAN2, M_VAR1, M_VAR2, M_COV)
-  mc_t, se_t, mc_dt, se_dt = _sample_moments(fn, fn, M_MEAN1, M_MEAN2, M_VAR1, M_VAR2, M_COV)
-  _assert_within_se(t, mc_t, se_t, f'{name} second moment')
-  _assert_within_se(dt, mc_dt, se_dt, f'{name} NTK factor')
+def test_against_samples(name):
+  fn, kind, smooth_at_zero = FUNCTIONS[name]
+  assert cf.recognise(chain_from_fn(fn)).kind == kind
+  _check_against_samples(fn, fn, name, (kind, kind), smooth_at_zero)
 
 
-PAIRS = [('relu', 'identity'), ('identity', 'relu'), ('relu', 'tanh'), ('sign', 'identity'),
-         ('abs', 'leaky_relu'), ('erf', 'sin'), ('relu6', 'gelu_tanh'), ('sign', 'relu'),
-         ('relu', 'sign'), ('exp', 'cos_affine'), ('identity', 'user'), ('sign', 'abs'),
-         ('hard_tanh', 'clip')]
+PAIRS = [('relu', 'identity'), ('relu', 'tanh'), ('sign', 'identity'), ('abs', 'leaky_relu'),
+         ('erf', 'sin'), ('relu6', 'gelu_tanh'), ('sign', 'relu'), ('exp', 'cos_affine'),
+         ('identity', 'user')]
 
 
 def _fn(name):
   return (lambda u: u) if name == 'identity' else FUNCTIONS[name][0]
 
 
+def _kind(name):
+  return 'affine' if name == 'identity' else FUNCTIONS[name][1]
+
+
 @pytest.mark.parametrize('f_name,g_name', PAIRS)
 def test_different_functions_against_samples(f_name, g_name):
-  fn, gn = _fn(f_name), _fn(g_name)
-  f, g = chain_from_fn(fn), chain_from_fn(gn)
-  for zero_mean in (True, False):
-    means = (0.0, 0.0) if zero_mean else (M_MEAN1, M_MEAN2)
-    var1, var2, cov = (ZM_VAR1, ZM_VAR2, ZM_COV) if zero_mean else (M_VAR1, M_VAR2, M_COV)
-    t, dt = expect_pair(f, (), g, (), *means, var1, var2, cov)
-    mc_t, se_t, mc_dt, se_dt = _sample_moments(fn, gn, *means, var1, var2, cov)
-    _assert_within_se(t, mc_t, se_t, f'E[{f_name} {g_name}]')
-    mask = np.ones(len(var1), bool)
-    if zero_mean:
-      mask[ZM_POINT_MASS] = False
-    _assert_within_se(dt, mc_dt, se_dt, f"E[{f_name}' {g_name}']", mask)
+  _check_against_samples(_fn(f_name), _fn(g_name), f'E[{f_name} {g_name}]',
+                         (_kind(f_name), _kind(g_name)), False)
 
 
 def test_cross_moment_closed_forms():
@@ -309,13 +309,13 @@ def test_float32_matches_float64():
   x = rng.standard_normal((12, 6)) * rng.uniform(0.2, 3, (12, 1))
   k = (x @ x.T / 6).astype(np.float32)         # inputs representable in float32
   v = np.diagonal(k)
-  for name in ['relu', 'leaky_relu', 'abs', 'sign', 'erf', 'sin', 'exp', 'relu6', 'tanh']:
+  for name in ['relu', 'leaky_relu', 'abs', 'sign', 'erf', 'sin', 'exp', 'tanh']:
     chain = chain_from_fn(FUNCTIONS[name][0])
     r64 = expect_pair(chain, (), chain, (), 0.0, 0.0, v[:, None].astype(float),
                       v[None].astype(float), k.astype(float))
     r32 = expect_pair(chain, (), chain, (), 0.0, 0.0, jnp.asarray(v[:, None]),
                       jnp.asarray(v[None]), jnp.asarray(k))
-    rtol = 1e-5 if name not in ('relu6', 'tanh') else 1e-4   # quadrature: 16 nodes per piece
+    rtol = 1e-5 if name != 'tanh' else 1e-4   # quadrature: 16 nodes per piece
     for a, b in zip(r32, r64):
       assert a.dtype == jnp.float32
       np.testing.assert_allclose(a, b, rtol=0, atol=rtol * float(jnp.max(jnp.abs(b))) + 1e-30)
@@ -339,22 +339,23 @@ def test_float32_deep_relu_large_weights_does_not_overflow():
   np.testing.assert_allclose(np.diagonal(t), np.asarray(v) / 2, rtol=1e-6)
 
 
-GRAD_FUNCTIONS = ['relu', 'abs', 'sign', 'erf', 'tanh', 'relu6', 'sin']
+GRAD_FUNCTIONS = ['relu', 'abs', 'sign', 'erf', 'sin', 'relu6']
 
 
 @pytest.mark.parametrize('name', GRAD_FUNCTIONS)
 def test_gradients_finite_at_correlation_one_and_zero_variance(name):
   chain = chain_from_fn(FUNCTIONS[name][0])
-  ident = Chain()
   # (var1, var2, cov): u = v; u = -v; u ≡ 0; both ≡ 0.
-  points = [(1.3, 1.3, 1.3), (0.8, 0.8, -0.8), (0.0, 1.0, 0.0), (0.0, 0.0, 0.0)]
-  for g in (chain, ident):
+  var1 = jnp.asarray([1.3, 0.8, 0.0, 0.0])
+  var2 = jnp.asarray([1.3, 0.8, 1.0, 0.0])
+  cov = jnp.asarray([1.3, -0.8, 0.0, 0.0])
+  # Closed forms also against the identity (a 1-D expectation); quadrature once.
+  for g in (chain, Chain()) if FUNCTIONS[name][1] != 'other' else (chain,):
     def total(v1, v2, c):
       t, dt = expect_pair(chain, (), g, (), 0.0, 0.0, v1, v2, c)
-      return t + dt
-    for p in points:
-      grads = jax.grad(total, argnums=(0, 1, 2))(*map(jnp.asarray, p))
-      assert all(np.isfinite(gr) for gr in grads), (name, p, grads)
+      return jnp.sum(t + dt)
+    grads = jax.grad(total, argnums=(0, 1, 2))(var1, var2, cov)
+    assert all(np.isfinite(gr).all() for gr in grads), (name, grads)
 
 
 def test_gradient_values():
@@ -368,7 +369,7 @@ def test_gradient_values():
   np.testing.assert_allclose(jax.grad(lambda v: t(v, v))(jnp.asarray(1.7)), 0.5, rtol=1e-12)
   # Quadrature gradients at an interior point against finite differences.
   tanh = chain_from_fn(jnp.tanh)
-  q = lambda x: expect_pair(tanh, (), tanh, (), 0.2, -0.1, x[0], x[1], x[2])[0]
+  q = lambda x: expect_pair(tanh, (), tanh, (), 0.2, -0.1, x[0], x[1], x[2], ntk=False)[0]
   x0 = jnp.asarray([1.1, 0.7, 0.4])
   g = jax.grad(q)(x0)
   h = 1e-5
@@ -377,7 +378,7 @@ def test_gradient_values():
 
 
 @pytest.mark.parametrize('pair', [('relu', 'relu'), ('relu', 'sign'), ('tanh', 'relu6'),
-                                  ('erf', 'identity'), ('gelu_tanh', 'abs')])
+                                  ('erf', 'identity')])
 def test_symmetric_under_swapping_sides(pair):
   f, g = (chain_from_fn(_fn(n)) for n in pair)
   rng = np.random.default_rng(3)

@@ -256,22 +256,29 @@ class _Rule:
     return n if self.bounds is None else n * (self.bounds.shape[0] - 1)
 
   def at(self, i, ndim: int, dtype):
-    """(z, weight) of node i (a scalar), or of nodes i (a vector: leading axis)."""
+    """(z, weight) of node i (a traced scalar), or of all nodes (i None: leading axis)."""
     n = len(self.x)
-    x = jnp.asarray(self.x, dtype)[i % n]
-    w = jnp.asarray(self.w, dtype)[i % n]
-    lead = jnp.ndim(i) == 1
-    if lead:
-      x = x.reshape((-1,) + (1,) * ndim)
-      w = w.reshape((-1,) + (1,) * ndim)
-    if self.bounds is None:
-      return x, w
-    p = i // n
-    lo = jnp.take(self.bounds, p, axis=0)
-    hi = jnp.take(self.bounds, p + 1, axis=0)
+    if i is None:
+      # All nodes at once, without gathers: (pieces, n, ...) flattened.
+      x = jnp.asarray(self.x, dtype).reshape((1, n) + (1,) * ndim)
+      w = jnp.asarray(self.w, dtype).reshape((1, n) + (1,) * ndim)
+      if self.bounds is None:
+        return x[0], w[0]
+      lo, hi = self.bounds[:-1, None], self.bounds[1:, None]
+      shape = (self.size,) + jnp.broadcast_shapes(lo.shape[2:], (1,) * ndim)
+    else:
+      x = jnp.asarray(self.x, dtype)[i % n]
+      w = jnp.asarray(self.w, dtype)[i % n]
+      if self.bounds is None:
+        return x, w
+      lo = lax.dynamic_index_in_dim(self.bounds, i // n, 0, keepdims=False)
+      hi = lax.dynamic_index_in_dim(self.bounds, i // n + 1, 0, keepdims=False)
     half = (hi - lo) / 2
     z = lo + half * (x + 1)
-    return z, half * w * jnp.exp(-z * z / 2) / math.sqrt(2 * math.pi)
+    wt = half * w * jnp.exp(-z * z / 2) / math.sqrt(2 * math.pi)
+    if i is None:
+      z, wt = z.reshape(shape), wt.reshape(shape)
+    return z, wt
 
 
 def _gauss_hermite(n: int) -> _Rule:
@@ -303,7 +310,7 @@ def _sum_nodes(rule: _Rule, fn: Callable, shape, dtype, n_out: int):
   ndim = len(shape)
   size = int(np.prod(shape)) if shape else 1
   if rule.size * size <= VECTORISE_BUDGET:
-    z, w = rule.at(jnp.arange(rule.size), ndim, dtype)
+    z, w = rule.at(None, ndim, dtype)
     return tuple(jnp.sum(o, axis=0) for o in fn(z, w))
 
   def body(i, acc):
@@ -329,9 +336,8 @@ def point_derivative(chain: Chain, x, args):
   """
   x = jnp.asarray(x)
   h = jnp.sqrt(jnp.finfo(x.dtype).eps) * (1 + jnp.abs(x))
-  _, dp = _value_and_derivative(chain, x + h, args, True)
-  _, dm = _value_and_derivative(chain, x - h, args, True)
-  return (dp + dm) / 2
+  _, d = _value_and_derivative(chain, jnp.stack([x + h, x - h]), args, True)
+  return (d[0] + d[1]) / 2
 
 
 # ----------------------------------------------------------------------------
@@ -452,7 +458,7 @@ def pair_quadrature(f: Chain, f_args: Tuple, g: Chain, g_args: Tuple,
                 piece_degree(dtype) * (1 + sum(1 + (w is not None) * len(SOFT_CUTS) for _, w in kg)))
   size = int(np.prod(shape)) if shape else 1
   if outer.size * inner_size * size <= VECTORISE_BUDGET:
-    z1, w1 = outer.at(jnp.arange(outer.size), ndim, dtype)
+    z1, w1 = outer.at(None, ndim, dtype)
     # The inner vectorised sum adds its axis in front of z1's node axis.
     sums = tuple(jnp.sum(o, axis=0) for o in outer_fn(z1, w1))
   else:
