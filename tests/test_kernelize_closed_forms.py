@@ -243,7 +243,7 @@ def _assert_psd(m):
 @pytest.mark.parametrize('act', ['relu', 'erf'])
 @pytest.mark.parametrize('param', ['ntk', 'standard'])
 def test_symmetric_psd_and_kernel_fields(act, param):
-  p, st = init(KEY, 3, param=param)
+  p, st = init(KEY, 2, param=param)
   # Nearly collinear rows make the PSD check sharp (small eigenvalues).
   x = jnp.concatenate([X1, X1[:2] + 1e-3 * X2[:2], jnp.zeros((1, D))])
   k = iw.kernelize(make_mlp(act, param=param), p, param_stats=st)(x)
