@@ -196,7 +196,7 @@ def test_standard_parameterisation_ntk_grows_with_width():
     ths.append(np.asarray(iw.kernelize(make_mlp('relu', param='standard'), p, param_stats=st)(X1, None, 'ntk')))
     _, want = recursion(X1, X1, 1, 'relu', param='standard', n=n)
     assert _rel(ths[-1], want) < 1e-10
-  # Θ(n) = n·T + (terms independent of n): the difference of Θ/n cancels to T.
+  # Θ(n) = n·T + (terms independent of n): the difference quotient in n is T.
   np.testing.assert_allclose((ths[1] - ths[0]) / (128 - 32), _one_layer_T(X1), rtol=1e-9)
 
 
