@@ -7,7 +7,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Optional, Sequence, Tuple
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from infwidth import algebra as A
@@ -48,7 +50,9 @@ def merge_roles(shape, *operands) -> Tuple[Any, ...]:
 
 def det_to_canonical(d: Det, roles: Sequence[Any], what: str = 'a deterministic operand'):
   """Puts a `Det` aligned with a wide value of `roles` into canonical `(B|1, *S|1)` layout."""
-  v = jnp.asarray(d.value)
+  # Concrete values stay NumPy so that constants stay static under jit.
+  xp = jnp if isinstance(d.value, jax.core.Tracer) else np
+  v = xp.asarray(d.value)
   n_spatial = sum(r not in ('b', 'c', None) for r in roles)
   if v.ndim == 0:
     return v.reshape((1,) * (1 + n_spatial))
@@ -67,7 +71,7 @@ def det_to_canonical(d: Det, roles: Sequence[Any], what: str = 'a deterministic 
   spatial = [i for i, r in enumerate(roles) if r not in ('b', 'c', None)]
   b = [i for i, r in enumerate(roles) if r == 'b']
   perm = b + spatial + [i for i in range(len(roles)) if i not in b + spatial]
-  v = jnp.transpose(v, perm)
+  v = xp.transpose(v, perm)
   keep = len(b) + len(spatial)
   v = v.reshape(v.shape[:keep])
   if not b:
