@@ -9,8 +9,11 @@ the relu family A·min(u,0) + B·max(u,0) (relu, leaky_relu, abs, identity and
 their cross-moments: arc-cosine kernels of Cho & Saul), sign and steps, erf(a·u),
 sin/cos(a·u + b) and exp(a·u + b) with any means, and an affine function paired
 with anything (a 1-D expectation). Everything else goes to quadrature
-(`quadrature.py`): Gauss–Hermite for smooth chains and piecewise Gauss–Legendre
-split at the kinks for chains with kinks at known places.
+(`quadrature.py`): Gauss–Legendre on pieces of the Gaussian's z-line cut at the
+chain's kinks and soft kinks, Gauss–Hermite for chains without any.
+
+At zero variance (a point mass) the derivative of a chain is the mean of its
+one-sided derivatives there, in closed forms and quadrature alike.
 """
 
 from __future__ import annotations
@@ -177,13 +180,11 @@ def expect_pair(f: Chain, f_args: tuple, g: Chain, g_args: tuple,
       for the zero-mean closed forms), else arrays.
     var1, var2, cov: variances and covariance; the dtype of the result.
     ntk: whether to compute the NTK factor.
-    degree: quadrature nodes per dimension (Gauss–Hermite) where no closed
-      form applies; default `quadrature.GH_DEGREE`.
+    degree: Gauss–Hermite nodes per dimension for chains that quadrature
+      integrates without cuts; default `quadrature.GH_DEGREE`.
 
   Returns:
-    (second_moment, ntk_factor or None), both of the broadcast shape. At zero
-    variance a kink's derivative is the mean of its one-sided derivatives in
-    closed forms and JAX's derivative at the point in quadrature.
+    (second_moment, ntk_factor or None), both of the broadcast shape.
   """
   var1, var2, cov = (jnp.asarray(x) for x in (var1, var2, cov))
   dtype = jnp.result_type(var1, var2, cov)

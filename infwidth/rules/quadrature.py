@@ -5,18 +5,32 @@ normals, c = s2·ρ, d = s2·sqrt(1 - ρ²). Then
 
   E[f(u) g(v)] = ∫ f(u(z1)) E[g(v) | z1] φ(z1) dz1,
 
-computed as an outer sum over z1 nodes (a loop) of an inner sum over z2
+an outer sum over z1 nodes of an inner sum over z2 nodes: vectorised while
+nodes × elements stays below VECTORISE_BUDGET, else a `fori_loop` over outer
 nodes, so memory stays at a few arrays of the output's shape.
 
-Smooth chains use Gauss–Hermite nodes. Chains with kinks or jumps (relu6,
-hard_tanh, clip, a relu of a shifted input) converge slowly under
-Gauss–Hermite (|x| NTK 3% off at degree 120), so when the kinks are at known
-positions in u (constants or per-input arguments, after affine maps) the
-z-line is cut at them and each piece, truncated to |z| ≤ Z_MAX, is integrated
-by Gauss–Legendre against the normal density. Kinks of g enter the outer
-integral as well (at z1 = (k - m2)/c): as ρ → 1, E[g(v) | z1] itself becomes
-kinked there. Measured accuracy: see `tests/test_gaussian_expectations.py`
-and the module constants below.
+Gauss–Hermite converges slowly where φ or φ' has a kink or jump (|x| NTK 3%
+off at degree 120) and where a smooth saturating φ is sharp on the scale of
+the standard deviation (tanh at variance 10: 1e-3 relative at degree 64, 3%
+at variance 30). So the z-line is cut at the chain's kinks (`chain_kinks`:
+max/min/clamp/abs/sign/comparisons at constants or per-input arguments,
+after affine maps) and at its soft kinks (tanh(a·u + b) at u = -b/a, with
+extra cuts ±3/|a| away), truncated to |z| ≤ z_max, and each piece is
+integrated by Gauss–Legendre against the normal density. Kinks of g enter
+the outer integral too, at z1 = (k - m2)/c and a few smoothing widths
+sqrt(d² + width²)/|c| either side: as ρ → ±1, E[g(v) | z1] is itself kinked
+there. Chains with no kinks (polynomials) use Gauss–Hermite, exact for them;
+kinks at unknown places fall back to Gauss–Hermite of KINK_FALLBACK_DEGREE.
+
+Measured accuracy (relative to max |T|, means 0.3 and 0, variances 0.1 to
+100, ρ in {0.5, 0.9, -0.3, 0.99, 1, 0.2, 0.999, -1}, against the same
+scheme with 200 nodes per piece): tanh, gelu, sigmoid, silu, softplus,
+relu6, hard_tanh, elu: T and Ṫ within 5e-13 (float64, 32 nodes per piece)
+and 3.3e-7 (float32, 16 nodes). relu and abs computed this way match their
+closed forms to 1e-13 (float64). relu6 matches adaptive scipy integration
+of closed-form conditional expectations to 1e-10 and 10^6 samples within 5
+standard errors (tests/test_gaussian_expectations.py). Cost per element: for
+a tanh pair 10 outer pieces × 4 inner pieces × 32² nodes (float64).
 """
 
 from __future__ import annotations
@@ -36,8 +50,8 @@ from jax.extend.core import primitives as _p
 from infwidth.rules.chain import Chain
 from infwidth.rules.closed_forms import correlation, safe_sqrt
 
-#: Gauss–Hermite nodes per dimension for smooth chains. tanh/gelu/sigmoid
-#: kernels at variances up to ~10 are accurate to ~1e-9 relative at 64.
+#: Gauss–Hermite nodes per dimension for chains without kinks (polynomials:
+#: exact) or with a `degree` given by the caller.
 GH_DEGREE = 64
 #: Gauss–Hermite nodes per dimension when a chain has kinks at unknown places.
 KINK_FALLBACK_DEGREE = 160
