@@ -7,11 +7,18 @@ memory (`ru_maxrss`) is its own. The kernel is the NNGP of a one-hidden-layer
 ReLU network (arc-cosine kernel, Cho & Saul 2009) of Gaussian inputs,
 `float64`, with `diag_reg=1e-4`; 1000 test points. Paths:
 
-* `cholesky`: dense kernel, Cholesky factorisation.
+* `cholesky`: dense kernel (computed in row blocks), Cholesky factorisation.
 * `cg`: dense kernel, Jacobi-preconditioned CG (no factorisation).
 * `cg-matfree`: `kernel_operator`, CG recomputing kernel rows in blocks of
   1024; the `N x N` kernel is never stored.
 
+Workers run with `OPENBLAS_NUM_THREADS=1`: the multi-threaded `dpotrf` of
+the OpenBLAS 0.3.30 that scipy (and through it jaxlib's LAPACK kernels) ships
+segfaults at N = 16384 on this machine (also with plain
+`numpy.linalg.cholesky`). XLA's own kernels (matmul, elementwise) still use
+every core.
+
+Peak memory is that of the whole process (kernel construction included).
 The largest `N` in a memory budget is extrapolated from the measured peaks:
 `a + b N²` for the dense paths, `a + c N` for the matrix-free one.
 """
@@ -59,8 +66,9 @@ def worker(n: int, path: str) -> dict:
   if path == 'cg-matfree':
     k_dd = predict.kernel_operator(kernel_fn, x, None, 'nngp', BLOCK)
     k_td = predict.kernel_operator(kernel_fn, xt, x, 'nngp', BLOCK)
-  else:
-    k_dd = kernel_fn(x, None, 'nngp').block_until_ready()
+  else:  # Materialised in row blocks: no N x N temporaries beyond K itself.
+    k_dd = predict.kernel_operator(kernel_fn, x, None, 'nngp', BLOCK)
+    k_dd = k_dd.materialize().block_until_ready()
     k_td = kernel_fn(xt, x, 'nngp').block_until_ready()
   t_kernel = time.perf_counter() - start
 
@@ -78,8 +86,9 @@ def worker(n: int, path: str) -> dict:
 def run(n: int, path: str) -> dict:
   out = subprocess.run([sys.executable, __file__, '--worker', str(n), path],
                        capture_output=True, text=True, check=True,
-                       env=dict(os.environ, PYTHONPATH=os.path.dirname(
-                           os.path.dirname(os.path.abspath(__file__)))))
+                       env=dict(os.environ, OPENBLAS_NUM_THREADS='1',
+                                PYTHONPATH=os.path.dirname(os.path.dirname(
+                                    os.path.abspath(__file__)))))
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -106,7 +115,8 @@ def main() -> None:
   import numpy as np
   gib = 2. ** 30
   print(f'gp_inference, arc-cosine NNGP, d={D}, M={M} test points, float64, '
-        f'diag_reg={DIAG_REG}, CG tol={TOL}, {os.cpu_count()} CPUs')
+        f'diag_reg={DIAG_REG}, CG tol={TOL}, {os.cpu_count()} CPUs, '
+        'OPENBLAS_NUM_THREADS=1')
   print(f'{"N":>6} {"path":>11} {"kernel s":>9} {"solve s":>8} '
         f'{"peak GiB":>9} {"max|Δmean| vs chol":>19}')
   results = {}

@@ -419,10 +419,20 @@ def make_solver(k: Any, diag_reg: float, diag_reg_absolute_scale: bool,
     return x
 
   def logdet() -> jax.Array:
-    return slq_logdet(matvec, n, diagonal.dtype, logdet_probes, logdet_steps,
+    if operator:
+      return slq_logdet(matvec, n, diagonal.dtype, logdet_probes,
+                        logdet_steps, jax.random.fold_in(key, 1))
+    return _slq_dense(k, reg, logdet_probes, logdet_steps,
                       jax.random.fold_in(key, 1))
 
   return Solver(method, n, solve, logdet)
+
+
+@functools.partial(jax.jit, static_argnames=('probes', 'steps'))
+def _slq_dense(a: jax.Array, reg: jax.Array, probes: int, steps: int,
+               key: jax.Array) -> jax.Array:
+  return slq_logdet(lambda v: a @ v + reg * v, a.shape[0], a.dtype, probes,
+                    steps, key)
 
 
 def slq_logdet(matvec: Callable[[jax.Array], jax.Array], n: int, dtype: Any,
