@@ -30,7 +30,9 @@ and 3.3e-7 (float32, 16 nodes). relu and abs computed this way match their
 closed forms to 1e-13 (float64). relu6 matches adaptive scipy integration
 of closed-form conditional expectations to 1e-10 and 10^6 samples within 5
 standard errors (tests/test_gaussian_expectations.py). Cost per element: for
-a tanh pair 10 outer pieces × 4 inner pieces × 32² nodes (float64).
+a tanh pair 10 outer pieces × 4 inner pieces × 32² nodes (float64), 16² in
+float32: ~60 µs per element on XLA:CPU (a 256 x 256 tanh or relu6 kernel,
+float32, 4 s), against ~10 ns for relu's closed form.
 """
 
 from __future__ import annotations
