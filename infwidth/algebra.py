@@ -130,6 +130,22 @@ class ParamSource(Source):
     return self.param.scale * self.leaf.mean
 
 
+class KernelSource(Source):
+  """A Gaussian input given by its kernels (a `Kernel` in place of `x1`).
+
+  Its channel axis is wide; `nngp`, `cov1`, `cov2` are its second moments and
+  `ntk` its NTK, as computed for an earlier function.
+  """
+
+  def __init__(self, kernel, n_params: int):
+    super().__init__()
+    self.kernel = kernel
+    self.leaf = ParamLeaf(-1, '<input kernel>', (), 0.0, 1.0, 1.0)
+    self.param = ParamRef(self.leaf, (), ())
+    self.spatial = ()
+    self.random = True
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Combo:
   """A Gaussian combination `mean + Σ coef_s · s` in a canonical layout.
@@ -351,6 +367,8 @@ class Moments:
   def __init__(self, n1: int, n2: int, x1_is_x2: bool, dtype):
     self.n1, self.n2, self.x1_is_x2, self.dtype = n1, n2, x1_is_x2, dtype
     self._cache: Dict[Any, Any] = {}
+    self.sources: Dict[Any, Any] = {}  # interning of linear sources by use
+    self.keep_alive = []  # values whose ids key `sources`
 
   # -- layout plumbing ------------------------------------------------------
 
@@ -414,6 +432,9 @@ class Moments:
   def _source_pair(self, a: Source, b: Source) -> PairStats:
     leaf = a.leaf
     c = a.param.scale * b.param.scale
+    if isinstance(a, KernelSource):
+      k = a.kernel
+      return PairStats(k.nngp, k.cov1, k.cov1 if k.cov2 is None else k.cov2)
     if isinstance(a, ParamSource) and isinstance(b, ParamSource):
       v = c * leaf.var
       return PairStats(v, v, v)
@@ -460,7 +481,9 @@ class Moments:
       return self._cache[key]
     leaf = a.leaf
     c = a.param.scale * b.param.scale
-    if isinstance(a, ParamSource):
+    if isinstance(a, KernelSource):
+      out = 0.0 if a.kernel.ntk is None else a.kernel.ntk
+    elif isinstance(a, ParamSource):
       out = c * leaf.ntk_weight
     else:
       # DESIGN §2: Θ_z = c²·M·w (W's own gradient) + c²·n·v·Θ_y (through W).

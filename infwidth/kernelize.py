@@ -80,6 +80,29 @@ def _leaf_moments(params, param_stats, ntk_weights):
   return out, noisy
 
 
+def _set_wide_axes(leaves_info, params, wide_axes):
+  """Records explicit wide (channel) axes per leaf: a pytree of axis tuples or None."""
+  for leaf in leaves_info:
+    leaf.wide_axes = None
+  if wide_axes is None:
+    return
+  treedef = jax.tree_util.tree_structure(params)
+  try:
+    specs = treedef.flatten_up_to(wide_axes)
+  except (ValueError, TypeError) as e:
+    raise InfwidthError(f'wide_axes must be a pytree matching params with a tuple of axes '
+                        f'(or None) per parameter: {e}') from None
+  for leaf, spec in zip(leaves_info, specs):
+    if spec is None:
+      continue
+    spec = (spec,) if isinstance(spec, int) else tuple(spec)
+    nd = len(leaf.shape)
+    if any(not isinstance(a, int) or not -nd <= a < nd for a in spec):
+      raise InfwidthError(f'wide_axes for {leaf.name}: {spec} are not axes of a '
+                          f'parameter of shape {leaf.shape}.')
+    leaf.wide_axes = tuple(a % nd for a in spec)
+
+
 def _check_get(get):
   if get is None:
     return None
@@ -130,7 +153,9 @@ def kernelize(apply_fn: Callable, params: Any, *, param_stats: Any = None,
       or None leaves (estimated from the sample).
     ntk_weights: optional pytree of per-leaf learning-rate multipliers
       (default 1; 0 excludes a leaf from the NTK).
-    wide_axes: reserved for overriding the inferred wide axes.
+    wide_axes: optional pytree matching `params` of axis tuples (or None):
+      which axes of each parameter are wide (its channel axis after a
+      contraction), overriding the inference.
     fallback: 'error', 'monte_carlo' or 'empirical' for primitives without
       a closed-form rule.
     n_samples: Monte Carlo samples for `fallback='monte_carlo'`.
@@ -143,20 +168,21 @@ def kernelize(apply_fn: Callable, params: Any, *, param_stats: Any = None,
   """
   if fallback not in ('error', 'monte_carlo', 'empirical'):
     raise InfwidthError(f"fallback={fallback!r}: must be 'error', 'monte_carlo' or 'empirical'.")
-  if wide_axes is not None:
-    raise InfwidthError('wide_axes= overrides are not supported yet; the wide axes are '
-                        'inferred from the parameters contracted with each value.')
   leaves_info, noisy = _leaf_moments(params, param_stats, ntk_weights)
+  _set_wide_axes(leaves_info, params, wide_axes)
   treedef = jax.tree_util.tree_structure(params)
   shapes = jax.tree_util.tree_map(lambda l: jax.ShapeDtypeStruct(np.shape(l), l.dtype), params)
 
   def kernel_fn(x1, x2=None, get=None, **apply_kwargs):
     gets = _check_get(get)
     if isinstance(x1, Kernel):
-      raise InfwidthError('a Kernel in place of x1 is not supported by kernelize yet; '
-                          'pass the inputs themselves.')
-    x1_is_x2 = x2 is None or x2 is x1
-    _check_inputs(x1, None if x1_is_x2 else x2)
+      if x2 is not None:
+        raise InfwidthError('with a Kernel in place of x1, x2 must be None: the Kernel '
+                            'already holds both batches.')
+      x1_is_x2 = x1.x1_is_x2
+    else:
+      x1_is_x2 = x2 is None or x2 is x1
+      _check_inputs(x1, None if x1_is_x2 else x2)
     if noisy:
       msg = ', '.join(f'{n} ({s} entries, ±{100 * e:.0f}%)' for n, s, e in noisy)
       warnings.warn(f'parameter moments estimated from small samples: {msg}. Pass '
@@ -170,27 +196,60 @@ def kernelize(apply_fn: Callable, params: Any, *, param_stats: Any = None,
                     n_samples, key, apply_kwargs)
     if gets is None:
       return k
-    return k.get(gets[0]) if isinstance(get, str) else k.get(gets)
+    pick = lambda kk: kk.get(gets[0]) if isinstance(get, str) else kk.get(gets)
+    return jax.tree_util.tree_map(pick, k, is_leaf=lambda v: isinstance(v, Kernel))
 
   return kernel_fn
 
 
 def _analytic(apply_fn, shapes, treedef, leaves_info, x1, x2, x1_is_x2, apply_kwargs) -> Kernel:
-  x1 = jnp.asarray(x1)
-  dtype = x1.dtype if jnp.issubdtype(x1.dtype, jnp.floating) else jnp.float32
-  x1 = x1.astype(dtype)
-  xj = x1 if x1_is_x2 else jnp.concatenate([x1, jnp.asarray(x2, dtype)])
-  n1 = x1.shape[0]
-  n2 = n1 if x1_is_x2 else x2.shape[0]
-  closed = jax.make_jaxpr(lambda p, x: apply_fn(p, x, **apply_kwargs))(shapes, xj)
-  moments = A.Moments(n1, n2, x1_is_x2, dtype)
+  if isinstance(x1, Kernel):
+    moments, xj, x_val = _kernel_input(x1)
+    n1, n2, dtype = moments.n1, moments.n2, moments.dtype
+  else:
+    x1 = jnp.asarray(x1)
+    dtype = x1.dtype if jnp.issubdtype(x1.dtype, jnp.floating) else jnp.float32
+    x1 = x1.astype(dtype)
+    xj = x1 if x1_is_x2 else jnp.concatenate([x1, jnp.asarray(x2, dtype)])
+    n1 = x1.shape[0]
+    n2 = n1 if x1_is_x2 else x2.shape[0]
+    moments = A.Moments(n1, n2, x1_is_x2, dtype)
+    x_val = Det(xj, ('b',) + tuple(f'x{i}' for i in range(1, xj.ndim)))
+  closed, out_shapes = jax.make_jaxpr(lambda p, x: apply_fn(p, x, **apply_kwargs),
+                                      return_shape=True)(shapes, xj)
   param_vals = [A.ParamRef(l, l.shape, tuple(range(len(l.shape)))) for l in leaves_info]
-  x_roles = ('b',) + tuple(f'x{i}' for i in range(1, xj.ndim))
-  args = param_vals + [Det(xj, x_roles)]
+  args = param_vals + [x_val]
   outs = interpret(closed.jaxpr, closed.consts, args, moments)
-  if len(outs) != 1:
-    raise InfwidthError(f'apply_fn returns {len(outs)} arrays; kernelize supports one output array.')
-  (out,) = outs
+  kernels = [_output_kernel(out, moments, n1, n2, x1_is_x2, dtype) for out in outs]
+  return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shapes), kernels)
+
+
+def _kernel_input(k: Kernel):
+  """A Kernel in place of x1: a Gaussian input whose channel axis is wide (NT's
+  composition `kernel_fn(kernel_fn_prev(x1, x2))`)."""
+  if k.nngp is None or jnp.ndim(k.nngp) != 2:
+    raise InfwidthError('a Kernel in place of x1 must have an (N1, N2) nngp (no spatial '
+                        f'axes yet); got shape {None if k.nngp is None else jnp.shape(k.nngp)}.')
+  if k.cov1 is None:
+    raise InfwidthError('a Kernel in place of x1 needs cov1 (and cov2 unless x1_is_x2).')
+  n1, n2 = jnp.shape(k.nngp)
+  dtype = jnp.result_type(k.nngp)
+  n_joint = n1 if k.x1_is_x2 else n1 + n2
+  shape = (n_joint,) + tuple(k.shape1[1:]) if k.shape1 else (n_joint, 1)
+  if len(shape) != 2:
+    raise InfwidthError(f'a Kernel in place of x1 must describe (N, C) outputs; got {k.shape1}.')
+  src = A.KernelSource(k, 0)
+  x_val = A.Wide(shape, ('b', 'c'), (A.Term(_identity_chain(), A.combo_of(src, ())),))
+  return A.Moments(n1, n2, k.x1_is_x2, dtype), jax.ShapeDtypeStruct(shape, dtype), x_val
+
+
+def _identity_chain():
+  from infwidth.rules.chain import Chain
+  return Chain()
+
+
+def _output_kernel(out, moments: A.Moments, n1, n2, x1_is_x2, dtype) -> Kernel:
+  """The `Kernel` of one output of the function (per output channel)."""
   if not isinstance(out, A.Wide):
     raise InfwidthError(
         'the output of apply_fn does not depend on any parameter through a linear '

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 from typing import Any, List, Sequence
 
+import jax
 import numpy as np
+from jax.extend.core.primitives import broadcast_in_dim_p
 from jax.extend.core import Literal
 
 from infwidth import algebra as A
@@ -97,4 +99,17 @@ def _fold(eqn, invals):
   if not eqn.primitive.multiple_results:
     outs = [outs]
   roles = det_roles(eqn, invals, outs)
-  return [Det(o, r) for o, r in zip(outs, roles)]
+  return [Det(o, r, _compact(eqn, invals)) for o, r in zip(outs, roles)]
+
+
+def _compact(eqn, invals):
+  """The un-broadcast form of a constant-folded broadcast (see `Det.compact`)."""
+  if eqn.primitive is not broadcast_in_dim_p:
+    return None
+  src = invals[0].compact if invals[0].compact is not None else invals[0].value
+  if isinstance(src, jax.core.Tracer) and src.ndim:
+    return None  # a per-input value: keep the full array
+  shape = [1] * len(eqn.params['shape'])
+  for i, d in enumerate(eqn.params['broadcast_dimensions']):
+    shape[d] = np.shape(src)[i]
+  return np.reshape(np.asarray(src), shape) if not isinstance(src, jax.core.Tracer) else src.reshape(shape)

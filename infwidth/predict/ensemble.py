@@ -19,14 +19,12 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from infwidth.kernel import kernel_namedtuple
 from infwidth.predict import _axes
 from infwidth.predict import checks
 from infwidth.predict import dynamics
 from infwidth.predict import gp
-from infwidth.predict import solvers
 
 
 def _dependency(gets: Tuple[str, ...], compute_cov: bool) -> Tuple[str, ...]:

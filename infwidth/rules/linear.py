@@ -29,11 +29,15 @@ def dot_general_rule(ctx, lhs, rhs, *, dimension_numbers, **_):
   # output axis is a valid single channel); other free axes must be trivial.
   from_leaf = [i for i in p_free if p.axes[i] is not None]
   big = [i for i in from_leaf if p.shape[i] != 1] or from_leaf
+  explicit = getattr(p.leaf, 'wide_axes', None)
+  if explicit is not None:
+    big = [i for i in from_leaf if p.axes[i] in explicit]
   if len(big) != 1 or any(p.shape[i] != 1 for i in p_free if i not in big):
     raise InfwidthError(
-        f'parameter {p.leaf.name!r} of shape {p.leaf.shape} keeps {len(big)} non-trivial '
-        'axes after its contraction; a weight must have exactly one output-feature '
-        '(channel) axis. Split fused weights, or pass wide_axes= to say which axis is wide.')
+        f'parameter {p.leaf.name!r} of shape {p.leaf.shape} keeps {len(big)} candidate '
+        'output-feature (channel) axes after its contraction; a weight must have exactly '
+        'one, every other free axis of size 1. Split fused weights, or say which axis is '
+        "wide: kernelize(..., wide_axes=<pytree like params, e.g. {'W': (1,)}>).")
   x_free = [i for i in range(len(x.shape)) if i not in xc]
   out_shape = tuple(ctx.eqn.outvars[0].aval.shape)
   # dot_general output: lhs free axes, then rhs free axes.
@@ -43,6 +47,11 @@ def dot_general_rule(ctx, lhs, rhs, *, dimension_numbers, **_):
   spatial = tuple(r for r in x_roles if r not in ('b', 'c', None))
   contracted_leaf_axes = tuple(p.axes[i] for i in pc)
 
+  # The same weight applied to the same value twice is one random variable.
+  key = ('linear-source', id(p.leaf), id(x), tuple(xc), tuple(pc), p.axes, p.scale, roles)
+  cached = ctx.moments.sources.get(key)
+  if cached is not None:
+    return A.Wide(out_shape, roles, (A.Term(Chain(), A.combo_of(cached, spatial)),))
   if isinstance(x, A.Wide):
     xc_big = [i for i in xc if x.shape[i] != 1]
     if [x.roles[i] for i in xc_big] != ['c']:
@@ -71,4 +80,6 @@ def dot_general_rule(ctx, lhs, rhs, *, dimension_numbers, **_):
       v = v[None]
     src = A.LinearSource(p, v, spatial)
   src.contracted_leaf_axes = contracted_leaf_axes
+  ctx.moments.sources[key] = src
+  ctx.moments.keep_alive.append(x)
   return A.Wide(out_shape, roles, (A.Term(Chain(), A.combo_of(src, spatial)),))

@@ -25,6 +25,10 @@ class Det:
   """
   value: Any
   roles: Tuple[Any, ...]
+  # The same values with size-1 axes where `value` is a broadcast (a constant
+  # along that axis), or None: lets a constant broadcast along the channel
+  # axis (`jnp.where(h > 0, h, 0.)`) be used elementwise.
+  compact: Any = None
 
   @property
   def shape(self):
@@ -51,8 +55,9 @@ def merge_roles(shape, *operands) -> Tuple[Any, ...]:
 def det_to_canonical(d: Det, roles: Sequence[Any], what: str = 'a deterministic operand'):
   """Puts a `Det` aligned with a wide value of `roles` into canonical `(B|1, *S|1)` layout."""
   # Concrete values stay NumPy so that constants stay static under jit.
-  xp = jnp if isinstance(d.value, jax.core.Tracer) else np
-  v = xp.asarray(d.value)
+  value = d.value if d.compact is None else d.compact
+  xp = jnp if isinstance(value, jax.core.Tracer) else np
+  v = xp.asarray(value)
   n_spatial = sum(r not in ('b', 'c', None) for r in roles)
   if v.ndim == 0:
     return v.reshape((1,) * (1 + n_spatial))
