@@ -341,9 +341,6 @@ def test_apply_kwargs_are_forwarded():
   np.testing.assert_allclose(jf(X1, X2, 'nngp', train=False), k / 4, rtol=1e-12)
 
 
-@pytest.mark.xfail(strict=True, raises=iw.InfwidthError, reason='jnp.where(h > 0, h, 0.0) on a hidden layer raises '
-                   '"an operand of select_n varies along the channel axis" (the broadcast '
-                   'scalar branch is taken for a per-channel mask)')
 def test_relu_written_with_where():
   p, st = init(KEY, 1)
   where_relu = lambda h: jnp.where(h > 0, h, 0.0)
@@ -359,8 +356,6 @@ def test_relu_written_with_where():
   assert _rel(k.ntk, want_t) < 1e-10
 
 
-@pytest.mark.xfail(strict=True, raises=iw.InfwidthError, reason='jax.nn.elu and jax.nn.selu lower to select_n with a '
-                   'constant branch; kernelize rejects them as per-channel masks')
 @pytest.mark.parametrize('act', ['elu', 'selu'])
 def test_elu_family_against_direct_sampling(act):
   # Oracle: E[φ(u)φ(v)] from 4·10⁵ draws of the 2-D Gaussian per input pair
@@ -387,8 +382,6 @@ def test_elu_family_against_direct_sampling(act):
       assert abs(k[i, j] - prod.mean()) < 5 * se
 
 
-@pytest.mark.xfail(strict=True, raises=iw.InfwidthError, reason='kernelize raises "apply_fn returns 2 arrays; kernelize '
-                   'supports one output array"; DESIGN §1 promises a pytree of kernels')
 def test_pytree_of_outputs_gives_pytree_of_kernels():
   p, st = init(KEY, 1)
   net = make_mlp('relu')

@@ -251,15 +251,10 @@ ALL_ACTS = {
     'sigmoid': jax.nn.sigmoid, 'silu': jax.nn.silu, 'softplus': jax.nn.softplus,
     'elu': jax.nn.elu, 'selu': jax.nn.selu, 'sin': jnp.sin, 'relu6': jax.nn.relu6,
 }
-_SELECT_BUG = ('jnp.where(h > 0, h, g(h)) on a hidden layer is rejected: select_n whose '
-               'predicate is a function of the same wide value is taken for a per-channel mask')
-_XFAIL = {'elu': _SELECT_BUG, 'selu': _SELECT_BUG}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('act', [
-    pytest.param(a, marks=pytest.mark.xfail(strict=True, raises=iw.InfwidthError, reason=_XFAIL[a])) if a in _XFAIL else a
-    for a in sorted(ALL_ACTS)])
+@pytest.mark.parametrize('act', sorted(ALL_ACTS))
 def test_activation_sweep(act):
   width = 1024
   shapes = mlp_shapes(width)
