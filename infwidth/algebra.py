@@ -467,6 +467,8 @@ class Moments:
     la, lb = 'abcdefgh'[:ka], 'ijklmnop'[:kb]
     lc = 'qrstuvw'[:nc]
     cross = jnp.einsum(f'x{la}{lc},y{lb}{lc}->xy{la}{lb}', self.rows(xa), self.cols(xb))
+    if self.x1_is_x2 and xa is xb:
+      return PairStats(cross, batch_diagonal(cross), batch_diagonal(cross))
     d1 = jnp.einsum(f'x{la}{lc},x{lb}{lc}->x{la}{lb}', self.rows(xa), self.rows(xb))
     d2 = d1 if self.x1_is_x2 else jnp.einsum(
         f'x{la}{lc},x{lb}{lc}->x{la}{lb}', self.cols(xa), self.cols(xb))
@@ -507,8 +509,19 @@ class Moments:
         continue
       st = self._embed_pair(st, sa.spatial, sb.spatial, a.spatial, b.spatial)
       out = out + self._weight_pair(st, ca, cb, len(a.spatial), len(b.spatial))
+    out = self._consistent(out, a is b or a.key() == b.key())
     self._cache[key] = out
     return out
+
+  def _consistent(self, st: PairStats, same: bool) -> PairStats:
+    """With x1 = x2, a value's per-input moments are the diagonal of its cross
+    block, bit for bit: then correlations on the diagonal are exactly 1, where
+    the arc-cosine kernels are most sensitive to rounding (an ulp of ρ near 1
+    moves J0 by ~√ulp)."""
+    if not (same and self.x1_is_x2) or isinstance(st.cross, float):
+      return st
+    d = batch_diagonal(st.cross)
+    return PairStats(st.cross, d, d)
 
   def combo_ntk(self, a: Combo, b: Combo):
     key = ('combontk', a.key(), b.key())
@@ -679,8 +692,17 @@ class Moments:
         d.append(_sum3(_mul(put(oa, 'a'), put(pb_, 'b')), _mul(put(pa_, 'a'), put(ob, 'b')),
                        _mul(put(oa, 'a'), put(ob, 'b'))))
       stats = stats + PairStats(extra_cross, d[0], d[1])
+    stats = self._consistent(stats, a is b)
     self._cache[('wide', id(a), id(b))] = stats
     self._cache[('widentk', id(a), id(b))] = ntk
+
+
+def batch_diagonal(cross):
+  """`(N, N, *S)` → `(N, *S)`: the entries of equal inputs."""
+  if isinstance(cross, float):
+    return cross
+  d = jnp.diagonal(cross, axis1=0, axis2=1)
+  return jnp.moveaxis(d, -1, 0)
 
 
 def term_first_moment_aligned(m: Moments, t: Term, which: str, w: Wide):
