@@ -31,7 +31,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from infwidth.errors import InfwidthError
-from infwidth.rules import gaussian_engine
 from infwidth.rules.chain import Chain
 
 Array = Any
@@ -101,7 +100,8 @@ class LinearSource(Source):
     width: the size of the contracted channel axis (wide input only).
   """
 
-  def __init__(self, param: ParamRef, inputs, spatial, width: int = 1):
+  def __init__(self, param: ParamRef, inputs, spatial, width: int = 1, transform=None,
+               traced=()):
     super().__init__()
     self.param = param
     self.leaf = param.leaf
@@ -109,6 +109,39 @@ class LinearSource(Source):
     self.spatial = tuple(spatial)
     self.width = width
     self.random = param.leaf.var > 0
+    # transform(block, n_lead): maps input-layout moment blocks to this
+    # source's layout (a convolution's joint window sums); None for dense.
+    self.transform = transform
+    # Spatial roles of a wide input summed together with its channel axis
+    # (a dense readout after flattening): the moment is traced over them.
+    self.traced = tuple(traced)
+
+
+class MappedSource(Source):
+  """A linear map `P` of a wide value along its spatial axes (pooling, sums).
+
+  Its second moments are `P ⊗ P` applied to the base value's: exact for any
+  base. It is Gaussian only when the base is (then it may enter a
+  nonlinearity).
+
+  Attributes:
+    base: the `Wide` value mapped.
+    apply: apply(block, n_lead, side) maps a moment block's side-'a' or
+      side-'b' spatial axes from the base's layout to this source's.
+  """
+
+  def __init__(self, base, apply, spatial):
+    super().__init__()
+    self.base = base
+    self.apply = apply
+    self.spatial = tuple(spatial)
+    self.leaf = _MAPPED_LEAF
+    self.param = ParamRef(_MAPPED_LEAF, (), ())
+    self.random = True
+    self.gaussian = all(t.is_gaussian for t in base.terms) and base.offset is None
+
+
+_MAPPED_LEAF = ParamLeaf(-2, '<spatial map>', (), 0.0, 1.0, 0.0)
 
 
 class ParamSource(Source):
@@ -271,10 +304,14 @@ class Wide:
   roles: Tuple[Any, ...]
   terms: Tuple[Term, ...]
   offset: Any = None  # canonical-layout array or None
+  # (role, size) of spatial axes merged into the channel axis by a reshape
+  # (Flatten): they stay in the canonical layout, after the visible ones.
+  hidden: Tuple[Any, ...] = ()
 
   @property
   def spatial(self) -> Tuple[str, ...]:
-    return tuple(r for r in self.roles if r not in ('b', 'c', None))
+    return tuple(r for r in self.roles if r not in ('b', 'c', None)) + tuple(
+        r for r, _ in self.hidden)
 
   @property
   def channel_axis(self) -> int:
@@ -285,6 +322,8 @@ class Wide:
     return self.shape[self.channel_axis]
 
   def canonical_shape(self, batch: int) -> Tuple[int, ...]:
+    if self.hidden:
+      raise InfwidthError('internal: canonical shape of a flattened value')
     b = batch if 'b' in self.roles else 1
     return (b,) + tuple(self.shape[i] for i, r in enumerate(self.roles)
                         if r not in ('b', 'c', None))
@@ -435,6 +474,11 @@ class Moments:
     if isinstance(a, KernelSource):
       k = a.kernel
       return PairStats(k.nngp, k.cov1, k.cov1 if k.cov2 is None else k.cov2)
+    if isinstance(a, MappedSource):
+      st = self.wide_pair(a.base, b.base)
+      mapped = lambda x, lead: b.apply(a.apply(x, lead), lead + len(a.spatial))
+      return PairStats(*(mapped(x, lead) if not isinstance(x, float) else x
+                         for x, lead in ((st.cross, 2), (st.diag1, 1), (st.diag2, 1))))
     if isinstance(a, ParamSource) and isinstance(b, ParamSource):
       v = c * leaf.var
       return PairStats(v, v, v)
@@ -450,14 +494,27 @@ class Moments:
     if key in self._cache:
       return self._cache[key]
     ya, yb = a.inputs, b.inputs
+    if (a.transform is None) != (b.transform is None) or a.traced != b.traced:
+      raise InfwidthError(f'parameter {a.leaf.name!r} is used in two different kinds of '
+                          'linear map; weight sharing needs the same map.')
     if isinstance(ya, Wide) and isinstance(yb, Wide):
-      out = _scale_stats(self.wide_pair(ya, yb), float(a.width))
+      st = self.wide_pair(ya, yb)
+      if a.traced:
+        st = PairStats(*(_trace_spatial(x, lead, ya.spatial, yb.spatial, a.traced)
+                         for x, lead in ((st.cross, 2), (st.diag1, 1), (st.diag2, 1))))
+      out = _scale_stats(st, float(a.width))
+    elif hasattr(a, 'k') and hasattr(b, 'k'):  # a convolution of the input
+      from infwidth.rules.conv import det_conv_moment
+      out = det_conv_moment(self, ya, yb, a.k)
     elif not isinstance(ya, Wide) and not isinstance(yb, Wide):
       out = self._det_contraction(ya, len(a.spatial), yb, len(b.spatial))
     else:
       raise InfwidthError(
           f'parameter {a.leaf.name!r} contracts both an input axis and a wide axis; '
           'weight tying between an embedding and a readout needs wide_axes=.')
+    if a.transform is not None:
+      out = PairStats(*(a.transform(x, lead) if not isinstance(x, float) else x
+                        for x, lead in ((out.cross, 2), (out.diag1, 1), (out.diag2, 1))))
     self._cache[key] = out
     return out
 
@@ -485,13 +542,21 @@ class Moments:
     c = a.param.scale * b.param.scale
     if isinstance(a, KernelSource):
       out = 0.0 if a.kernel.ntk is None else a.kernel.ntk
+    elif isinstance(a, MappedSource):
+      t = self.wide_ntk(a.base, b.base)
+      out = t if isinstance(t, float) else b.apply(a.apply(t, 2), 2 + len(a.spatial))
     elif isinstance(a, ParamSource):
       out = c * leaf.ntk_weight
     else:
       # DESIGN §2: Θ_z = c²·M·w (W's own gradient) + c²·n·v·Θ_y (through W).
       out = _mul(c * leaf.ntk_weight, self.input_moment(a, b).cross)
       if isinstance(a.inputs, Wide) and leaf.var > 0:
-        out = _add(out, _mul(c * leaf.var * a.width, self.wide_ntk(a.inputs, b.inputs)))
+        t = self.wide_ntk(a.inputs, b.inputs)
+        if a.traced and not isinstance(t, float):
+          t = _trace_spatial(t, 2, a.inputs.spatial, b.inputs.spatial, a.traced)
+        if a.transform is not None and not isinstance(t, float):
+          t = a.transform(t, 2)
+        out = _add(out, _mul(c * leaf.var * a.width, t))
     self._cache[key] = out
     return out
 
@@ -584,7 +649,7 @@ class Moments:
     if term.chain.is_identity:
       return _mul(fac, mean)
     var = self._var(term.combo, which)
-    return _mul(fac, gaussian_engine.expect_single(term.chain, self._args(term, which), mean, var))
+    return _mul(fac, _engine().expect_single(term.chain, self._args(term, which), mean, var))
 
   def wide_first_moment(self, w: Wide, which: str):
     out = 0.0 if w.offset is None else (self.rows(w.offset) if which == 'rows' else self.cols(w.offset))
@@ -613,7 +678,7 @@ class Moments:
       second = _add(cov, _mul(ma, mb))
       dd = 1.0
     else:
-      second, dd = gaussian_engine.expect_pair(ta.chain, aa, tb.chain, ab, ma, mb, va, vb, cov,
+      second, dd = _engine().expect_pair(ta.chain, aa, tb.chain, ab, ma, mb, va, vb, cov,
                                                ntk=(mode == 'cross'))
     value = _mul(fac_m, second)
     if mode != 'cross':
@@ -627,7 +692,7 @@ class Moments:
         t = self.combo_ntk(pa, pb)
         if _is_zero(t):
           continue
-        e = gaussian_engine.expect_pair_fn(_arg_derivative(ta.chain, i), aa, _arg_derivative(tb.chain, j), ab,
+        e = _engine().expect_pair_fn(_arg_derivative(ta.chain, i), aa, _arg_derivative(tb.chain, j), ab,
                                            ma, mb, va, vb, cov)
         ntk = _add(ntk, _mul(fac_m, _mul(e, t)))
     if ta.pargs or tb.pargs:
@@ -695,6 +760,24 @@ class Moments:
     stats = self._consistent(stats, a is b)
     self._cache[('wide', id(a), id(b))] = stats
     self._cache[('widentk', id(a), id(b))] = ntk
+
+
+def _trace_spatial(block, lead, sa, sb, traced):
+  """Sums a `(*lead, *sa, *sb)` block over equal positions of the `traced` roles."""
+  letters = iter('abcdefghijklmnopqrstuvw')
+  lead_l = ''.join(next(letters) for _ in range(lead))
+  la = {r: next(letters) for r in sa}
+  lb = {r: (la[r] if r in traced else next(letters)) for r in sb}
+  out = lead_l + ''.join(la[r] for r in sa if r not in traced) + ''.join(
+      lb[r] for r in sb if r not in traced)
+  src = lead_l + ''.join(la[r] for r in sa) + ''.join(lb[r] for r in sb)
+  return jnp.einsum(f'{src}->{out}', block)
+
+
+def _engine():
+  # Imported on use: the rules package imports this module.
+  from infwidth.rules import gaussian_engine
+  return gaussian_engine
 
 
 def batch_diagonal(cross):

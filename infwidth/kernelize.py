@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from infwidth import algebra as A
-from infwidth import rules as _rules  # noqa: F401  (registers the kernel rules)
+from infwidth.rules import builtin as _builtin_rules  # noqa: F401  (registers the rules)
 from infwidth.errors import InfwidthError, UnsupportedPrimitiveError
 from infwidth.interpreters.kernel_interpreter import interpret
 from infwidth.kernel import Kernel

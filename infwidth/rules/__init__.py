@@ -1,5 +1,7 @@
-"""Kernel rules, one module per family of primitives; importing this package
-registers them all in `registry.KERNEL_RULES`."""
+"""Kernel rules, one module per family of primitives.
 
-from infwidth.rules import elementwise, linear, reductions, structural  # noqa: F401
+`registry.KERNEL_RULES` maps each primitive to its rule; importing
+`infwidth.rules.builtin` registers the built-in rules.
+"""
+
 from infwidth.rules.registry import KERNEL_RULES, register  # noqa: F401

@@ -123,7 +123,7 @@ def _linear(prim, vals, dets, shape, roles):
           terms = tuple(dataclasses.replace(t, factors=t.factors + (src,)) for t in w.terms)
           if w.offset is not None:
             return None
-          return A.Wide(w.shape, w.roles, terms)
+          return A.Wide(w.shape, w.roles, terms, None, w.hidden)
       return None
     if isinstance(a, A.Wide):
       return map_terms_scale(a, _static(dets[1]))
@@ -155,8 +155,9 @@ def _extend_chain(prim, params, vals, dets, roles, shape):
     refs.append(r)
   out = b.add(prim, params, refs)
   spatial = tuple(r for r in roles if r not in ('b', 'c', None))
-  term = finish_term(b, out, combo, pargs, dargs, spatial)
-  return A.Wide(shape, roles, (term,))
+  hidden = next((v.hidden for v in vals if isinstance(v, A.Wide)), ())
+  term = finish_term(b, out, combo, pargs, dargs, spatial + tuple(r for r, _ in hidden))
+  return A.Wide(shape, roles, (term,), None, hidden)
 
 
 register(*CHAIN_PRIMITIVES)(elementwise_rule)

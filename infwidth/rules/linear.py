@@ -4,6 +4,7 @@ with a parameter operand creates a new Gaussian source."""
 from __future__ import annotations
 
 import jax.numpy as jnp
+import numpy as np
 from jax.extend.core import primitives as P
 
 from infwidth import algebra as A
@@ -61,7 +62,10 @@ def dot_general_rule(ctx, lhs, rhs, *, dimension_numbers, **_):
           'flattening spatial and channel axes together is not supported yet).')
     if 'c' in x_roles:
       raise InfwidthError('internal: channel axis survived its contraction')
-    src = A.LinearSource(p, x, spatial, width=x.shape[xc_big[0]])
+    # After a Flatten the contracted axis also runs over the hidden spatial
+    # positions: Σ_{s,i} y_si y'_si = n·Σ_s E[y_s y'_s] (a trace over s).
+    n = x.shape[xc_big[0]] // int(np.prod([size for _, size in x.hidden], dtype=int))
+    src = A.LinearSource(p, x, spatial, width=n, traced=tuple(r for r, _ in x.hidden))
   else:
     if 'b' in [x.roles[i] for i in xc]:
       raise InfwidthError('a weight contracts the batch axis of the input: the inputs '

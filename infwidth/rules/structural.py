@@ -148,21 +148,50 @@ def reshape_rule(ctx, operand, *dyn, new_sizes, dimensions=None, **_):
   new = tuple(new_sizes)
   if isinstance(operand, A.ParamRef):
     return _param_reshape(operand, new)
-  amap = _reshape_axis_map(operand.shape, new)
-  roles = []
-  for j, i in enumerate(amap):
+  groups = _reshape_groups(operand.shape, new)
+  roles, hidden = [], list(operand.hidden)
+  for j, group in enumerate(groups):
     if new[j] == 1:
       roles.append(None)
-    elif i is None:
-      raise InfwidthError(
-          f'reshape of a wide value from {operand.shape} to {new} merges or splits '
-          'its channel axis with other axes; flattening spatial and channel axes '
-          'together is not supported yet.')
+    elif group is not None and len(group) == 1:
+      roles.append(operand.roles[group[0]])
+    elif group is not None and 'c' in [operand.roles[i] for i in group] and 'b' not in [
+        operand.roles[i] for i in group]:
+      # Flatten: spatial axes merged into the channel axis become hidden.
+      roles.append('c')
+      hidden += [(operand.roles[i], operand.shape[i]) for i in group
+                 if operand.roles[i] not in ('c', None)]
     else:
-      roles.append(operand.roles[i])
+      raise InfwidthError(
+          f'reshape of a wide value from {operand.shape} to {new} splits its channel '
+          'axis or merges the batch axis with others; only merging spatial axes into '
+          'the channel axis (Flatten) is supported.')
   if 'c' not in roles:
     raise InfwidthError('internal: reshape dropped the channel axis')
-  return relayout(operand, tuple(roles), new)
+  return relayout(operand, tuple(roles), new, hidden)
+
+
+def _reshape_groups(old, new):
+  """For each new axis, the old axes (size > 1) merged into it, or None for a split."""
+  groups = [[] for _ in new]
+  i = j = 0
+  while j < len(new):
+    if new[j] == 1:
+      j += 1
+      continue
+    while i < len(old) and old[i] == 1:
+      i += 1
+    prod, members = 1, []
+    while i < len(old) and prod < new[j]:
+      if old[i] != 1:
+        members.append(i)
+      prod *= old[i]
+      i += 1
+    groups[j] = members if prod == new[j] else None
+    if prod != new[j]:
+      return [None] * len(new)
+    j += 1
+  return groups
 
 
 @register(P.transpose_p)

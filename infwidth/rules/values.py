@@ -117,12 +117,14 @@ def param_to_wide(p: A.ParamRef) -> A.Wide:
   return A.Wide(tuple(p.shape), roles, (A.Term(Chain(), A.combo_of(src, ())),))
 
 
-def relayout(w: A.Wide, roles: Tuple[Any, ...], shape: Tuple[int, ...]) -> A.Wide:
-  """Re-expresses `w` (broadcast to `shape`) with axis roles `roles`."""
-  if tuple(w.roles) == tuple(roles):
+def relayout(w: A.Wide, roles: Tuple[Any, ...], shape: Tuple[int, ...], hidden=None) -> A.Wide:
+  """Re-expresses `w` (broadcast to `shape`) with axis roles `roles` (and, for a
+  Flatten, the spatial axes `hidden` merged into its channel axis)."""
+  hidden = w.hidden if hidden is None else tuple(hidden)
+  if tuple(w.roles) == tuple(roles) and hidden == w.hidden:
     return dataclasses.replace(w, shape=tuple(shape))
   src = w.spatial
-  dst = tuple(r for r in roles if r not in ('b', 'c', None))
+  dst = tuple(r for r in roles if r not in ('b', 'c', None)) + tuple(r for r, _ in hidden)
 
   def fix(arr):
     if isinstance(arr, float):
@@ -137,7 +139,7 @@ def relayout(w: A.Wide, roles: Tuple[Any, ...], shape: Tuple[int, ...]) -> A.Wid
                   for p in t.pargs)
     terms.append(A.Term(t.chain, combo, pargs, tuple(fix(d) for d in t.dargs), t.factors))
   off = None if w.offset is None else fix(w.offset)
-  return A.Wide(tuple(shape), tuple(roles), tuple(terms), off)
+  return A.Wide(tuple(shape), tuple(roles), tuple(terms), off, hidden)
 
 
 def map_terms_scale(w: A.Wide, c) -> A.Wide:
@@ -156,7 +158,7 @@ def map_terms_scale(w: A.Wide, c) -> A.Wide:
         out = b.binary('mul', *(out, b.new_arg()))
         terms.append(dataclasses.replace(t, chain=b.build(out), dargs=t.dargs + (c,)))
   off = None if w.offset is None else A._mul(c, w.offset)
-  return A.Wide(w.shape, w.roles, tuple(terms), off)
+  return A.Wide(w.shape, w.roles, tuple(terms), off, w.hidden)
 
 
 def A_arg(i):
@@ -178,12 +180,12 @@ def add_wides(a: A.Wide, b: A.Wide, sign: float = 1.0) -> A.Wide:
     terms.append(A.Term(Chain(), combo))
   terms += other
   off = a.offset if b.offset is None else (b.offset if a.offset is None else a.offset + b.offset)
-  return A.Wide(a.shape, a.roles, tuple(terms), off)
+  return A.Wide(a.shape, a.roles, tuple(terms), off, a.hidden)
 
 
 def add_offset(w: A.Wide, c) -> A.Wide:
   off = c if w.offset is None else w.offset + c
-  return A.Wide(w.shape, w.roles, w.terms, off)
+  return A.Wide(w.shape, w.roles, w.terms, off, w.hidden)
 
 
 def collapse(w: A.Wide, b: ChainBuilder, pargs: list, dargs: list,
@@ -249,6 +251,11 @@ def _collapse(w, b, pargs, dargs, combo, split: bool):
     else:
       rnd, det = t.combo, None
     u = None
+    if any(isinstance(src, A.MappedSource) and not src.gaussian for src in t.combo.sources):
+      raise InfwidthError(
+          'a nonlinearity of a pooled (or summed) non-Gaussian value: its distribution is '
+          'not Gaussian, so no two-dimensional expectation gives its kernel; this is not '
+          'supported yet (use fallback="monte_carlo").')
     if rnd is not None:
       ratio = A.combo_ratio(rnd, combo) if combo is not None else None
       if ratio is None:

@@ -1,0 +1,215 @@
+"""Convolutions with a parameter filter and pooling (DESIGN §2 kinds 1 and 3, §5).
+
+A convolution `z_o = c Σ_t Σ_i y_{o·s + t·d - p, i} W_{t, i}` with i.i.d.
+filter entries of variance `v` has
+
+    E[z_o z'_o'] = c² v Σ_t Σ_i E[y_{o·s+t·d-p, i} y'_{o'·s+t·d-p, i}]
+                 = c² v n Σ_t K_y(o·s + t·d - p, o'·s + t·d - p),
+
+a *joint* window sum over the two copies of each spatial axis (zero outside
+the input, as the padding is), applied one spatial dimension at a time
+(separable, as the filter's i.i.d. entries make it). Pooling is a linear map
+`P` of each copy separately: `K ↦ P K Pᵀ`.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.extend.core import primitives as P
+
+from infwidth import algebra as A
+from infwidth.errors import InfwidthError
+from infwidth.rules.chain import Chain
+from infwidth.rules.registry import register
+
+_uid = itertools.count()
+
+
+def _window_axes(x, axes, window, stride, dilation, pad, base_dilation, out_size):
+  """`Σ_t x[o·s + t·d - p]` along each axis in `axes` jointly (same o, t on all)."""
+  cfg = [(0, 0, 0)] * x.ndim
+  for ax in axes:
+    cfg[ax] = (pad[0], pad[1], base_dilation - 1)
+  x = lax.pad(x, jnp.zeros((), x.dtype), cfg)
+  out = 0.
+  for t in range(window):
+    start = [0] * x.ndim
+    limit = list(x.shape)
+    strides = [1] * x.ndim
+    for ax in axes:
+      start[ax] = t * dilation
+      limit[ax] = t * dilation + stride * (out_size - 1) + 1
+      strides[ax] = stride
+    out = out + lax.slice(x, start, limit, strides)
+  return out
+
+
+@register(P.conv_general_dilated_p)
+def conv_rule(ctx, lhs, rhs, *, window_strides, padding, lhs_dilation, rhs_dilation,
+              dimension_numbers, feature_group_count=1, batch_group_count=1, **_):
+  if not isinstance(rhs, A.ParamRef) or isinstance(lhs, A.ParamRef):
+    raise ctx.unsupported('a convolution whose filter is not a parameter')
+  if feature_group_count != 1 or batch_group_count != 1:
+    raise ctx.unsupported('grouped or depthwise convolution (feature_group_count != 1) '
+                          'is not supported yet')
+  lspec, rspec, ospec = dimension_numbers
+  k = len(lspec) - 2
+  out_shape = tuple(ctx.eqn.outvars[0].aval.shape)
+  windows = [rhs.shape[rspec[2 + j]] for j in range(k)]
+  out_sizes = [out_shape[ospec[2 + j]] for j in range(k)]
+  in_roles = [lhs.roles[lspec[2 + j]] for j in range(k)]
+  if lhs.roles[lspec[0]] != 'b' and lhs.shape[lspec[0]] != 1:
+    raise InfwidthError('a convolution over an input whose batch axis is not its batch '
+                        'dimension; put the batch axis in the batch position of '
+                        'dimension_numbers.')
+  uid = next(_uid)
+  out_spatial_roles = [f'conv{uid}.{j}' for j in range(k)]
+  roles = [None] * len(out_shape)
+  roles[ospec[0]] = 'b' if lhs.roles[lspec[0]] == 'b' else None
+  roles[ospec[1]] = 'c'
+  for j in range(k):
+    roles[ospec[2 + j]] = out_spatial_roles[j]
+  roles = tuple(roles)
+  out_order = sorted(range(k), key=lambda j: ospec[2 + j])  # canonical output order
+  spatial = tuple(out_spatial_roles[j] for j in out_order)
+
+  if isinstance(lhs, A.Wide):
+    if lhs.roles[lspec[1]] != 'c' or lhs.hidden:
+      raise InfwidthError('a convolution must contract the channel axis of a wide value.')
+    in_order = [lhs.spatial.index(r) for r in in_roles]  # conv dim j → canonical index
+    width = lhs.shape[lspec[1]]
+    inputs = lhs
+  else:
+    v = jnp.asarray(lhs.value)
+    perm = [lspec[0]] + [lspec[2 + j] for j in range(k)] + [lspec[1]]
+    inputs = jnp.transpose(v, perm)  # (B, *S in conv order, C)
+    in_order = list(range(k))
+    width = 1
+
+  def transform(block, lead):
+    # block: (*lead, *S_a, *S_b) in the input's canonical order → conv order.
+    perm = list(range(lead)) + [lead + i for i in in_order] + [lead + k + i for i in in_order]
+    block = jnp.transpose(block, perm)
+    for j in range(k):
+      block = _window_axes(block, (lead + j, lead + k + j), windows[j], window_strides[j],
+                           rhs_dilation[j], padding[j], lhs_dilation[j], out_sizes[j])
+    perm = list(range(lead)) + [lead + j for j in out_order] + [lead + k + j for j in out_order]
+    return jnp.transpose(block, perm)
+
+  key = ('conv-source', id(rhs.leaf), id(lhs), rhs.axes, rhs.scale, tuple(window_strides),
+         tuple(map(tuple, padding)), tuple(lhs_dilation), tuple(rhs_dilation), tuple(lspec),
+         tuple(rspec), tuple(ospec))
+  src = ctx.moments.sources.get(key)
+  if src is None:
+    if isinstance(lhs, A.Wide):
+      src = A.LinearSource(rhs, inputs, spatial, width=width, transform=transform)
+    else:
+      src = _DetConvSource(rhs, inputs, spatial, k, transform)
+    ctx.moments.sources[key] = src
+    ctx.moments.keep_alive.append(lhs)
+  return A.Wide(out_shape, roles, (A.Term(Chain(), A.combo_of(src, spatial)),))
+
+
+class _DetConvSource(A.LinearSource):
+  """A convolution of the deterministic input: its moment is the Gram matrix of
+  the input over channels at every pair of positions, then the window sums."""
+
+  def __init__(self, param, x, spatial, k, transform):
+    super().__init__(param, x, spatial, width=1, transform=transform)
+    self.k = k
+
+
+def det_conv_moment(m: A.Moments, xa, xb, k) -> A.PairStats:
+  """Σ_c x_{s,c} x'_{s',c} for `(B, *S, C)` inputs: full `(N1, N2, *S, *S)` blocks."""
+  la, lb = 'abcdefgh'[:k], 'ijklmnop'[:k]
+  cross = jnp.einsum(f'x{la}q,y{lb}q->xy{la}{lb}', m.rows(xa), m.cols(xb))
+  if m.x1_is_x2 and xa is xb:
+    d = A.batch_diagonal(cross)
+    return A.PairStats(cross, d, d)
+  d1 = jnp.einsum(f'x{la}q,x{lb}q->x{la}{lb}', m.rows(xa), m.rows(xb))
+  d2 = jnp.einsum(f'x{la}q,x{lb}q->x{la}{lb}', m.cols(xa), m.cols(xb))
+  return A.PairStats(cross, d1, d2)
+
+
+# ----------------------------------------------------------------------------
+# Pooling and sums over spatial axes: linear maps of each copy.
+
+
+def _mapped(ctx, operand: A.Wide, ops, out_shape, out_roles):
+  """A wide value mapped along spatial axes by `ops[role]` ('sum' or a window)."""
+  if operand.hidden:
+    raise InfwidthError('pooling after flattening spatial axes into the channel axis.')
+  in_spatial = operand.spatial
+  out_spatial = tuple(r for r in out_roles if r not in ('b', 'c', None))
+
+  def apply(block, start):
+    # Maps axes [start, start + len(in_spatial)) from the base layout to the
+    # mapped one; processed from the last so positions stay valid.
+    for i in reversed(range(len(in_spatial))):
+      op = ops.get(in_spatial[i])
+      ax = start + i
+      if op is None:
+        continue
+      if op == 'sum':
+        block = jnp.sum(block, axis=ax)
+      else:
+        block = _window_axes(block, (ax,), *op)
+    return block
+
+  src = A.MappedSource(operand, apply, out_spatial)
+  return A.Wide(tuple(out_shape), tuple(out_roles), (A.Term(Chain(), A.combo_of(src, out_spatial)),))
+
+
+def spatial_sum(ctx, operand: A.Wide, axes):
+  """`reduce_sum` over spatial axes of a wide value (global sum/average pooling)."""
+  ops = {operand.roles[a]: 'sum' for a in axes}
+  out_roles = tuple(r for i, r in enumerate(operand.roles) if i not in axes)
+  return _mapped(ctx, operand, ops, ctx.eqn.outvars[0].aval.shape, out_roles)
+
+
+def _pool(ctx, operand, window_dimensions, window_strides, padding, base_dilation,
+          window_dilation):
+  if isinstance(operand, A.ParamRef):
+    raise ctx.unsupported('pooling of a parameter')
+  out_shape = tuple(ctx.eqn.outvars[0].aval.shape)
+  uid = next(_uid)
+  ops, roles = {}, list(operand.roles)
+  for ax, r in enumerate(operand.roles):
+    trivial = (window_dimensions[ax] == 1 and window_strides[ax] == 1 and
+               tuple(padding[ax]) == (0, 0) and base_dilation[ax] == 1)
+    if trivial:
+      continue
+    if r in ('b', 'c') or r is None:
+      raise ctx.unsupported(f'pooling along the {"batch" if r == "b" else "channel"} axis')
+    ops[r] = (window_dimensions[ax], window_strides[ax], window_dilation[ax], tuple(padding[ax]),
+              base_dilation[ax], out_shape[ax])
+    roles[ax] = f'pool{uid}.{ax}'
+  # New roles for pooled axes: rename in the op table (it is keyed by input role).
+  return _mapped(ctx, operand, ops, out_shape, tuple(roles))
+
+
+@register(P.reduce_window_sum_p)
+def reduce_window_sum_rule(ctx, operand, *, window_dimensions, window_strides, padding,
+                           base_dilation, window_dilation, **_):
+  return _pool(ctx, operand, window_dimensions, window_strides, padding, base_dilation,
+               window_dilation)
+
+
+@register(P.reduce_window_p)
+def reduce_window_rule(ctx, operand, init, *, jaxpr, consts=(), window_dimensions,
+                       window_strides, padding, base_dilation, window_dilation, **_):
+  body = jaxpr.jaxpr if hasattr(jaxpr, 'jaxpr') else jaxpr
+  if [e.primitive for e in body.eqns] != [P.add_p]:
+    raise ctx.unsupported('a reduce_window whose body is not an addition (e.g. max pooling, '
+                          'which has no closed-form kernel)')
+  if not isinstance(init, Det) or np.any(np.asarray(init.value) != 0):
+    raise ctx.unsupported('a window sum with a nonzero initial value')
+  return _pool(ctx, operand, window_dimensions, window_strides, padding, base_dilation,
+               window_dilation)
+
+
+from infwidth.rules.values import Det  # noqa: E402
