@@ -1,3 +1,3 @@
 """Registers the built-in kernel rules (imported by `infwidth.kernelize`)."""
 
-from infwidth.rules import conv, elementwise, linear, reductions, structural  # noqa: F401
+from infwidth.rules import conv, elementwise, linear, reductions, spatial, structural  # noqa: F401

@@ -25,7 +25,7 @@ def reduce_sum_rule(ctx, operand, *, axes, **_):
   big = [a for a in axes if operand.shape[a] != 1]
   kinds = [operand.roles[a] for a in big]
   if kinds and all(k not in ('b', 'c', None) for k in kinds):
-    from infwidth.rules.conv import spatial_sum
+    from infwidth.rules.spatial import spatial_sum
     return spatial_sum(ctx, operand, axes)
   if kinds != ['c'] or operand.hidden:
     raise ctx.unsupported(f'a sum over axes with roles {kinds} of a wide value '

@@ -1,0 +1,302 @@
+"""Linear maps of wide values along spatial axes: pooling, spatial sums,
+slicing, padding, reversal and concatenation (DESIGN §2, kind 3).
+
+Each is a matrix `P` per spatial axis (or a weight vector, for a sum that
+removes the axis), applied to both copies of the axis in every moment block:
+`K ↦ P K Pᵀ`. Maps compose: a map of a mapped value is one map of the
+original value, so `jnp.pad(x, mode='wrap')` (slices, then concatenation)
+becomes one matrix per axis.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import jax.numpy as jnp
+import numpy as np
+from jax.extend.core import primitives as P
+
+from infwidth import algebra as A
+from infwidth.errors import InfwidthError
+from infwidth.rules.chain import Chain
+from infwidth.rules.registry import register
+from infwidth.rules.values import Det
+
+_uid = itertools.count()
+
+
+def mapped_parts(w: A.Wide):
+  """`(base, ops)` with `w = ops(base)`; `ops` maps base roles to ('mat', P, out_role)
+  or ('vec', weights). A value that is not a map of another is its own base."""
+  if (isinstance(w, A.Wide) and w.offset is None and len(w.terms) == 1 and not w.hidden):
+    t = w.terms[0]
+    c = t.combo
+    if (t.is_gaussian and len(c.sources) == 1 and isinstance(c.sources[0], A.MappedSource)
+        and isinstance(c.coefs[0], float) and c.coefs[0] == 1.0 and A._is_zero(c.mean)):
+      src = c.sources[0]
+      return src.base, dict(src.ops)
+  return w, {}
+
+
+def _apply_ops(ops, in_spatial):
+  def apply(block, start):
+    for i in reversed(range(len(in_spatial))):
+      op = ops.get(in_spatial[i])
+      if op is None:
+        continue
+      mat = jnp.asarray(op[1], block.dtype)
+      ax = start + i
+      if op[0] == 'vec':
+        # A weighted sum: the axis is removed, the others keep their order.
+        block = jnp.tensordot(block, mat, axes=([ax], [0]))
+      else:
+        block = jnp.moveaxis(jnp.tensordot(block, mat, axes=([ax], [1])), -1, ax)
+    return block
+  return apply
+
+
+def make_mapped(ctx, base: A.Wide, ops, out_shape, out_roles) -> A.Wide:
+  """The wide value `ops(base)` with axis roles `out_roles`."""
+  if base.hidden:
+    raise InfwidthError('a spatial map after flattening spatial axes into the channel axis.')
+  in_spatial = base.spatial
+  out_spatial = []
+  for r in in_spatial:
+    op = ops.get(r)
+    if op is None:
+      out_spatial.append(r)
+    elif op[0] == 'mat':
+      out_spatial.append(op[2])
+  visible = tuple(r for r in out_roles if r not in ('b', 'c', None))
+  if tuple(out_spatial) != visible:
+    raise InfwidthError(f'internal: mapped spatial roles {out_spatial} vs value roles {visible}')
+  src = A.MappedSource(base, _apply_ops(ops, in_spatial), tuple(out_spatial))
+  src.ops = dict(ops)
+  return A.Wide(tuple(out_shape), tuple(out_roles), (A.Term(Chain(), A.combo_of(src, visible)),))
+
+
+def _compose(ops, role_in_value, new):
+  """Adds `new` (('mat', P) or ('vec', w)) on the value axis with role `role_in_value`."""
+  ops = dict(ops)
+  for br, op in ops.items():
+    if op[0] == 'mat' and op[2] == role_in_value:
+      if new[0] == 'vec':
+        ops[br] = ('vec', new[1] @ op[1])
+      else:
+        ops[br] = ('mat', new[1] @ op[1], new[2])
+      return ops
+  ops[role_in_value] = new
+  return ops
+
+
+def map_axes(ctx, w: A.Wide, per_axis, out_shape):
+  """Applies per-value-axis maps {axis: ('mat', P) | ('vec', w)} to a wide value."""
+  base, ops = mapped_parts(w)
+  uid = next(_uid)
+  roles = list(w.roles)
+  for ax, (kind, m) in per_axis.items():
+    r = w.roles[ax]
+    if r in ('b', 'c') or (r is None and w.shape[ax] != 1):
+      raise InfwidthError(f'internal: spatial map on a {r!r} axis')
+    if kind == 'vec':
+      ops = _compose(ops, r, ('vec', m))
+      roles[ax] = 'drop'
+    else:
+      new_role = f'map{uid}.{ax}'
+      ops = _compose(ops, r, ('mat', m, new_role))
+      roles[ax] = new_role
+  out_roles = tuple(r for r in roles if r != 'drop')
+  return make_mapped(ctx, base, ops, out_shape, out_roles)
+
+
+# ----------------------------------------------------------------------------
+# Matrices.
+
+
+def window_matrix(size_in, size_out, window, stride, dilation, pad, base_dilation=1):
+  """P[o, i] = 1 where input i is in window o (NT/XLA reduce_window semantics)."""
+  p = np.zeros((size_out, size_in))
+  for o in range(size_out):
+    for t in range(window):
+      pos = o * stride + t * dilation - pad[0]
+      if pos % base_dilation == 0 and 0 <= pos // base_dilation < size_in:
+        p[o, pos // base_dilation] += 1.
+  return p
+
+
+def select_matrix(size_in, indices):
+  p = np.zeros((len(indices), size_in))
+  for o, i in enumerate(indices):
+    if i is not None and 0 <= i < size_in:
+      p[o, i] = 1.
+  return p
+
+
+# ----------------------------------------------------------------------------
+# Rules.
+
+
+def _check_wide(ctx, operand, what):
+  if isinstance(operand, A.ParamRef):
+    raise ctx.unsupported(f'{what} of a parameter')
+  return operand
+
+
+def _pool(ctx, operand, window_dimensions, window_strides, padding, base_dilation,
+          window_dilation):
+  _check_wide(ctx, operand, 'pooling')
+  out_shape = tuple(ctx.eqn.outvars[0].aval.shape)
+  per_axis = {}
+  for ax, r in enumerate(operand.roles):
+    trivial = (window_dimensions[ax] == 1 and window_strides[ax] == 1 and
+               tuple(padding[ax]) == (0, 0) and base_dilation[ax] == 1)
+    if trivial:
+      continue
+    if r in ('b', 'c') or r is None:
+      raise ctx.unsupported(f'pooling along the {"batch" if r == "b" else "channel"} axis')
+    per_axis[ax] = ('mat', window_matrix(operand.shape[ax], out_shape[ax], window_dimensions[ax],
+                                         window_strides[ax], window_dilation[ax],
+                                         tuple(padding[ax]), base_dilation[ax]))
+  return map_axes(ctx, operand, per_axis, out_shape)
+
+
+@register(P.reduce_window_sum_p)
+def reduce_window_sum_rule(ctx, operand, *, window_dimensions, window_strides, padding,
+                           base_dilation, window_dilation, **_):
+  return _pool(ctx, operand, window_dimensions, window_strides, padding, base_dilation,
+               window_dilation)
+
+
+@register(P.reduce_window_p)
+def reduce_window_rule(ctx, operand, init, *, jaxpr, consts=(), window_dimensions,
+                       window_strides, padding, base_dilation, window_dilation, **_):
+  body = jaxpr.jaxpr if hasattr(jaxpr, 'jaxpr') else jaxpr
+  if [e.primitive for e in body.eqns] != [P.add_p]:
+    raise ctx.unsupported('a reduce_window whose body is not an addition (e.g. max pooling, '
+                          'which has no closed-form kernel)')
+  if not isinstance(init, Det) or np.any(np.asarray(init.value) != 0):
+    raise ctx.unsupported('a window sum with a nonzero initial value')
+  return _pool(ctx, operand, window_dimensions, window_strides, padding, base_dilation,
+               window_dilation)
+
+
+def spatial_sum(ctx, operand: A.Wide, axes):
+  """`reduce_sum` over spatial axes (global sum/average pooling)."""
+  out_shape = tuple(ctx.eqn.outvars[0].aval.shape)
+  per_axis = {a: ('vec', np.ones(operand.shape[a])) for a in axes if operand.shape[a] != 1}
+  if len(per_axis) != len(axes):
+    # Size-1 axes summed away: drop them from the roles too.
+    per_axis.update({a: ('vec', np.ones(1)) for a in axes if a not in per_axis})
+  return map_axes(ctx, operand, per_axis, out_shape)
+
+
+@register(P.slice_p)
+def slice_rule(ctx, operand, *, start_indices, limit_indices, strides=None, **_):
+  _check_wide(ctx, operand, 'slicing')
+  out_shape = tuple(ctx.eqn.outvars[0].aval.shape)
+  strides = strides or (1,) * len(out_shape)
+  per_axis = {}
+  for ax, r in enumerate(operand.roles):
+    if (start_indices[ax], limit_indices[ax], strides[ax]) == (0, operand.shape[ax], 1):
+      continue
+    if r == 'c':
+      continue  # a subset of i.i.d. channels: the same kernel per channel
+    if r == 'b' or r is None:
+      raise ctx.unsupported('slicing the batch axis of a wide value')
+    idx = list(range(start_indices[ax], limit_indices[ax], strides[ax]))
+    per_axis[ax] = ('mat', select_matrix(operand.shape[ax], idx))
+  if not per_axis:
+    return A.Wide(out_shape, operand.roles, operand.terms, operand.offset, operand.hidden)
+  return map_axes(ctx, operand, per_axis, out_shape)
+
+
+@register(P.dynamic_slice_p)
+def dynamic_slice_rule(ctx, operand, *starts, slice_sizes, **_):
+  try:
+    starts = [int(np.asarray(s.value)) for s in starts]
+  except Exception:
+    raise ctx.unsupported('a slice of a wide value at positions known only at run time') from None
+  starts = [min(max(s, 0), n - k) for s, n, k in zip(starts, operand.shape, slice_sizes)]
+  return slice_rule(ctx, operand, start_indices=starts,
+                    limit_indices=[s + k for s, k in zip(starts, slice_sizes)])
+
+
+@register(P.rev_p)
+def rev_rule(ctx, operand, *, dimensions, **_):
+  _check_wide(ctx, operand, 'reversal')
+  per_axis = {}
+  for ax in dimensions:
+    r = operand.roles[ax]
+    if r == 'c':
+      continue  # permuting i.i.d. channels changes nothing
+    if r == 'b' or r is None:
+      raise ctx.unsupported('reversing the batch axis of a wide value')
+    n = operand.shape[ax]
+    per_axis[ax] = ('mat', select_matrix(n, list(range(n - 1, -1, -1))))
+  if not per_axis:
+    return operand
+  return map_axes(ctx, operand, per_axis, operand.shape)
+
+
+@register(P.pad_p)
+def pad_rule(ctx, operand, padding_value, *, padding_config, **_):
+  _check_wide(ctx, operand, 'padding')
+  if not isinstance(padding_value, Det) or np.any(np.asarray(padding_value.value) != 0):
+    raise ctx.unsupported('padding a wide value with a nonzero or random value')
+  out_shape = tuple(ctx.eqn.outvars[0].aval.shape)
+  per_axis = {}
+  for ax, (lo, hi, interior) in enumerate(padding_config):
+    if (lo, hi, interior) == (0, 0, 0):
+      continue
+    r = operand.roles[ax]
+    if r in ('b', 'c') or r is None:
+      raise ctx.unsupported('padding the batch or channel axis of a wide value')
+    idx = [None] * out_shape[ax]
+    for i in range(operand.shape[ax]):
+      o = lo + i * (interior + 1)
+      if 0 <= o < out_shape[ax]:
+        idx[o] = i
+    per_axis[ax] = ('mat', select_matrix(operand.shape[ax], idx))
+  return map_axes(ctx, operand, per_axis, out_shape)
+
+
+@register(P.concatenate_p)
+def concatenate_rule(ctx, *operands, dimension, **_):
+  out_shape = tuple(ctx.eqn.outvars[0].aval.shape)
+  wides = [o for o in operands if isinstance(o, A.Wide)]
+  if len(wides) != len(operands):
+    raise ctx.unsupported('concatenating a wide value with deterministic values or parameters')
+  r = wides[0].roles[dimension]
+  if r in ('b', 'c') or r is None:
+    raise ctx.unsupported('concatenation along the batch or channel axis of wide values')
+  # All pieces must be maps of one value: then the result is one map of it.
+  parts = [mapped_parts(w) for w in wides]
+  base = parts[0][0]
+  if any(b is not base for b, _ in parts):
+    raise ctx.unsupported('concatenation of different wide values along a spatial axis')
+  blocks, others = [], None
+  for w, (_, ops) in zip(wides, parts):
+    role = w.roles[dimension]
+    entry = next(((br, op) for br, op in ops.items() if op[0] == 'mat' and op[2] == role), None)
+    if entry is None:
+      br, mat = role, np.eye(w.shape[dimension])
+      rest = ops
+    else:
+      br, mat = entry[0], entry[1][1]
+      rest = {k: v for k, v in ops.items() if k != br}
+    rest_key = {k: (v[0], np.asarray(v[1]).tobytes(), v[2] if len(v) > 2 else None)
+                for k, v in rest.items()}
+    if others is None:
+      others, base_role = rest_key, br
+      base_rest = rest
+    elif rest_key != others or br != base_role:
+      raise ctx.unsupported('concatenation of pieces mapped differently along other axes')
+    blocks.append(mat)
+  uid = next(_uid)
+  new_role = f'cat{uid}'
+  ops = dict(base_rest)
+  ops[base_role] = ('mat', np.concatenate(blocks, axis=0), new_role)
+  roles = list(wides[0].roles)
+  roles[dimension] = new_role
+  # Other mapped axes keep the roles the pieces gave them.
+  return make_mapped(ctx, base, ops, out_shape, tuple(roles))
