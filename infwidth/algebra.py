@@ -139,6 +139,23 @@ class MappedSource(Source):
     self.param = ParamRef(_MAPPED_LEAF, (), ())
     self.random = True
     self.gaussian = all(t.is_gaussian for t in base.terms) and base.offset is None
+    self.ops = {}
+
+  @property
+  def selection(self) -> bool:
+    """Every output position copies at most one input position (slice, pad,
+    reversal, wrap): the map then commutes with taking spatial diagonals."""
+    for op in self.ops.values():
+      if op[0] != 'mat':
+        return False
+      m = np.asarray(op[1])
+      if np.any((m != 0) & (m != 1)) or np.any((m != 0).sum(axis=1) > 1):
+        return False
+    return True
+
+  def same_map(self, other: 'MappedSource') -> bool:
+    keys = lambda ops: {k: (v[0], np.asarray(v[1]).tobytes()) for k, v in ops.items()}
+    return self.base is other.base and keys(self.ops) == keys(other.ops)
 
 
 _MAPPED_LEAF = ParamLeaf(-2, '<spatial map>', (), 0.0, 1.0, 0.0)
@@ -393,6 +410,10 @@ class PairStats:
 ZERO = PairStats(0.0, 0.0, 0.0)
 
 
+class NeedFullSpatial(Exception):
+  """Raised in spatially diagonal mode by a map that mixes positions (pooling)."""
+
+
 class Moments:
   """Covariances and NTKs between values at two batches, memoised per call.
 
@@ -401,10 +422,15 @@ class Moments:
     n2: size of the second batch (columns).
     x1_is_x2: the two batches are the same inputs (joint batch = rows).
     dtype: working float dtype.
+    diag: track only equal spatial positions (DESIGN §5): blocks are
+      `(N1, N2, *S)` and `(N, *S)` instead of `(N1, N2, *S, *S)`. Exact
+      whenever no operation mixes positions (pooling, spatial sums); those
+      raise `NeedFullSpatial`.
   """
 
-  def __init__(self, n1: int, n2: int, x1_is_x2: bool, dtype):
+  def __init__(self, n1: int, n2: int, x1_is_x2: bool, dtype, diag: bool = False):
     self.n1, self.n2, self.x1_is_x2, self.dtype = n1, n2, x1_is_x2, dtype
+    self.diag = diag
     self._cache: Dict[Any, Any] = {}
     self.sources: Dict[Any, Any] = {}  # interning of linear sources by use
     self.keep_alive = []  # values whose ids key `sources`
@@ -428,31 +454,31 @@ class Moments:
     return jnp.concatenate([jnp.broadcast_to(rows, (self.n1,) + rows.shape[1:]),
                             jnp.broadcast_to(cols, (self.n2,) + cols.shape[1:])])
 
-  @staticmethod
-  def as_side(arr, side: str, na: int, nb: int):
+  def as_side(self, arr, side: str, na: int, nb: int):
     """Places a `(B, *S)` array for pairing: side 'a' → `(B, 1, *S, *1)`, 'b' → `(1, B, *1, *S)`.
 
-    `na`/`nb` are the numbers of spatial axes of the two paired values.
+    `na`/`nb` are the numbers of spatial axes of the two paired values. In
+    diagonal mode both sides share the spatial axes: `(B, 1, *S)`, `(1, B, *S)`.
     """
     if isinstance(arr, float):
       return arr
+    if self.diag:
+      return arr[:, None] if side == 'a' else arr[None]
     if side == 'a':
       return arr.reshape((arr.shape[0], 1) + arr.shape[1:] + (1,) * nb)
     return arr.reshape((1, arr.shape[0]) + (1,) * na + arr.shape[1:])
 
-  @staticmethod
-  def as_diag_side(arr, side: str, na: int, nb: int):
+  def as_diag_side(self, arr, side: str, na: int, nb: int):
     """Same-input pairing: side 'a' → `(B, *S, *1)`, 'b' → `(B, *1, *S)`."""
-    if isinstance(arr, float):
+    if isinstance(arr, float) or self.diag:
       return arr
     if side == 'a':
       return arr.reshape(arr.shape + (1,) * nb)
     return arr.reshape((arr.shape[0],) + (1,) * na + arr.shape[1:])
 
-  @staticmethod
-  def spatial_diagonal(block, k: int):
+  def spatial_diagonal(self, block, k: int):
     """`(B, *S, *S)` → `(B, *S)`: entries at equal positions."""
-    if isinstance(block, float) or k == 0:
+    if isinstance(block, float) or k == 0 or self.diag:
       return block
     letters = 'abcdefghij'[:k]
     return jnp.einsum(f'z{letters}{letters}->z{letters}', block)
@@ -476,7 +502,12 @@ class Moments:
       return PairStats(k.nngp, k.cov1, k.cov1 if k.cov2 is None else k.cov2)
     if isinstance(a, MappedSource):
       st = self.wide_pair(a.base, b.base)
-      mapped = lambda x, lead: b.apply(a.apply(x, lead), lead + len(a.spatial))
+      if self.diag:
+        if not (a.selection and b.selection and a.same_map(b)):
+          raise NeedFullSpatial()
+        mapped = lambda x, lead: a.apply(x, lead)
+      else:
+        mapped = lambda x, lead: b.apply(a.apply(x, lead), lead + len(a.spatial))
       return PairStats(*(mapped(x, lead) if not isinstance(x, float) else x
                          for x, lead in ((st.cross, 2), (st.diag1, 1), (st.diag2, 1))))
     if isinstance(a, ParamSource) and isinstance(b, ParamSource):
@@ -500,7 +531,7 @@ class Moments:
     if isinstance(ya, Wide) and isinstance(yb, Wide):
       st = self.wide_pair(ya, yb)
       if a.traced:
-        st = PairStats(*(_trace_spatial(x, lead, ya.spatial, yb.spatial, a.traced)
+        st = PairStats(*(_trace_spatial(x, lead, ya.spatial, yb.spatial, a.traced, self.diag)
                          for x, lead in ((st.cross, 2), (st.diag1, 1), (st.diag2, 1))))
       out = _scale_stats(st, float(a.width))
     elif hasattr(a, 'k') and hasattr(b, 'k'):  # a convolution of the input
@@ -513,7 +544,7 @@ class Moments:
           f'parameter {a.leaf.name!r} contracts both an input axis and a wide axis; '
           'weight tying between an embedding and a readout needs wide_axes=.')
     if a.transform is not None:
-      out = PairStats(*(a.transform(x, lead) if not isinstance(x, float) else x
+      out = PairStats(*(a.transform(x, lead, self.diag) if not isinstance(x, float) else x
                         for x, lead in ((out.cross, 2), (out.diag1, 1), (out.diag2, 1))))
     self._cache[key] = out
     return out
@@ -521,14 +552,15 @@ class Moments:
   def _det_contraction(self, xa, ka, xb, kb) -> PairStats:
     """`(B, *Sa, *C)` · `(B, *Sb, *C)` summed over the contracted axes C."""
     nc = xa.ndim - 1 - ka
-    la, lb = 'abcdefgh'[:ka], 'ijklmnop'[:kb]
+    la, lb = 'abcdefgh'[:ka], ('abcdefgh'[:kb] if self.diag else 'ijklmnop'[:kb])
     lc = 'qrstuvw'[:nc]
-    cross = jnp.einsum(f'x{la}{lc},y{lb}{lc}->xy{la}{lb}', self.rows(xa), self.cols(xb))
+    out = la if self.diag else la + lb
+    cross = jnp.einsum(f'x{la}{lc},y{lb}{lc}->xy{out}', self.rows(xa), self.cols(xb))
     if self.x1_is_x2 and xa is xb:
       return PairStats(cross, batch_diagonal(cross), batch_diagonal(cross))
-    d1 = jnp.einsum(f'x{la}{lc},x{lb}{lc}->x{la}{lb}', self.rows(xa), self.rows(xb))
+    d1 = jnp.einsum(f'x{la}{lc},x{lb}{lc}->x{out}', self.rows(xa), self.rows(xb))
     d2 = d1 if self.x1_is_x2 else jnp.einsum(
-        f'x{la}{lc},x{lb}{lc}->x{la}{lb}', self.cols(xa), self.cols(xb))
+        f'x{la}{lc},x{lb}{lc}->x{out}', self.cols(xa), self.cols(xb))
     return PairStats(cross, d1, d2)
 
   def source_ntk(self, a: Source, b: Source):
@@ -544,7 +576,12 @@ class Moments:
       out = 0.0 if a.kernel.ntk is None else a.kernel.ntk
     elif isinstance(a, MappedSource):
       t = self.wide_ntk(a.base, b.base)
-      out = t if isinstance(t, float) else b.apply(a.apply(t, 2), 2 + len(a.spatial))
+      if isinstance(t, float):
+        out = t
+      elif self.diag:
+        out = a.apply(t, 2)
+      else:
+        out = b.apply(a.apply(t, 2), 2 + len(a.spatial))
     elif isinstance(a, ParamSource):
       out = c * leaf.ntk_weight
     else:
@@ -553,9 +590,9 @@ class Moments:
       if isinstance(a.inputs, Wide) and leaf.var > 0:
         t = self.wide_ntk(a.inputs, b.inputs)
         if a.traced and not isinstance(t, float):
-          t = _trace_spatial(t, 2, a.inputs.spatial, b.inputs.spatial, a.traced)
+          t = _trace_spatial(t, 2, a.inputs.spatial, b.inputs.spatial, a.traced, self.diag)
         if a.transform is not None and not isinstance(t, float):
-          t = a.transform(t, 2)
+          t = a.transform(t, 2, self.diag)
         out = _add(out, _mul(c * leaf.var * a.width, t))
     self._cache[key] = out
     return out
@@ -616,13 +653,13 @@ class Moments:
     if sa_sp == a_sp and sb_sp == b_sp:
       return st
     return PairStats(self._embed_cross(st.cross, sa_sp, sb_sp, a_sp, b_sp),
-                     _embed_block(st.diag1, 1, sa_sp, sb_sp, a_sp, b_sp),
-                     _embed_block(st.diag2, 1, sa_sp, sb_sp, a_sp, b_sp))
+                     _embed_block(st.diag1, 1, sa_sp, sb_sp, a_sp, b_sp, self.diag),
+                     _embed_block(st.diag2, 1, sa_sp, sb_sp, a_sp, b_sp, self.diag))
 
   def _embed_cross(self, arr, sa_sp, sb_sp, a_sp, b_sp):
     if sa_sp == a_sp and sb_sp == b_sp:
       return arr
-    return _embed_block(arr, 2, sa_sp, sb_sp, a_sp, b_sp)
+    return _embed_block(arr, 2, sa_sp, sb_sp, a_sp, b_sp, self.diag)
 
   # -- terms and wide values ------------------------------------------------
 
@@ -724,14 +761,14 @@ class Moments:
     stats, ntk = ZERO, 0.0
     for ta, tb in itertools.product(a.terms, b.terms):
       c, n = self.term_pair(ta, tb, sa, sb, 'cross')
-      c = _embed_block(c, 2, ta.combo.spatial, tb.combo.spatial, sa, sb)
+      c = _embed_block(c, 2, ta.combo.spatial, tb.combo.spatial, sa, sb, self.diag)
       d1, _ = self.term_pair(ta, tb, sa, sb, 'diag1')
       d2 = d1 if self.x1_is_x2 else self.term_pair(ta, tb, sa, sb, 'diag2')[0]
-      d1 = _embed_block(d1, 1, ta.combo.spatial, tb.combo.spatial, sa, sb)
-      d2 = _embed_block(d2, 1, ta.combo.spatial, tb.combo.spatial, sa, sb)
+      d1 = _embed_block(d1, 1, ta.combo.spatial, tb.combo.spatial, sa, sb, self.diag)
+      d2 = _embed_block(d2, 1, ta.combo.spatial, tb.combo.spatial, sa, sb, self.diag)
       stats = stats + PairStats(c, d1, d2)
       if n is not None:
-        ntk = _add(ntk, _embed_block(n, 2, ta.combo.spatial, tb.combo.spatial, sa, sb))
+        ntk = _add(ntk, _embed_block(n, 2, ta.combo.spatial, tb.combo.spatial, sa, sb, self.diag))
     # Deterministic parts: E[(o + t)(o' + t')] picks up o·E[t'] + E[t]·o' + o·o'.
     if a.offset is not None or b.offset is not None:
       ma_r, mb_c = self.wide_first_moment(a, 'rows'), self.wide_first_moment(b, 'cols')
@@ -762,8 +799,12 @@ class Moments:
     self._cache[('widentk', id(a), id(b))] = ntk
 
 
-def _trace_spatial(block, lead, sa, sb, traced):
-  """Sums a `(*lead, *sa, *sb)` block over equal positions of the `traced` roles."""
+def _trace_spatial(block, lead, sa, sb, traced, diag=False):
+  """Sums a `(*lead, *sa, *sb)` block over equal positions of the `traced` roles
+  (a `(*lead, *sa)` block in diagonal mode)."""
+  if diag:
+    axes = tuple(lead + sa.index(r) for r in traced)
+    return jnp.sum(block, axis=axes)
   letters = iter('abcdefghijklmnopqrstuvw')
   lead_l = ''.join(next(letters) for _ in range(lead))
   la = {r: next(letters) for r in sa}
@@ -859,10 +900,20 @@ def _arg_derivative(chain: Chain, i: int):
   return d
 
 
-def _embed_block(arr, nb: int, sa_sp, sb_sp, a_sp, b_sp):
-  """Embeds a `(*batch[nb], *sa_sp, *sb_sp)` block into `(*batch, *a_sp, *b_sp)` layout."""
+def _embed_block(arr, nb: int, sa_sp, sb_sp, a_sp, b_sp, diag=False):
+  """Embeds a `(*batch[nb], *sa_sp, *sb_sp)` block into `(*batch, *a_sp, *b_sp)` layout
+  (one copy of the spatial axes in diagonal mode)."""
   if isinstance(arr, float) or (tuple(sa_sp) == tuple(a_sp) and tuple(sb_sp) == tuple(b_sp)):
     return arr
+  if diag:
+    if tuple(a_sp) != tuple(b_sp):
+      raise NeedFullSpatial()
+    src = tuple(r for r in sa_sp) if len(sa_sp) >= len(sb_sp) else tuple(sb_sp)
+    lead = arr.shape[:nb]
+    perm = list(range(nb)) + [nb + src.index(r) for r in a_sp if r in src]
+    arr = jnp.transpose(arr, perm)
+    it = iter(arr.shape[nb:])
+    return arr.reshape(tuple(lead) + tuple(next(it) if r in src else 1 for r in a_sp))
   lead = arr.shape[:nb]
   ka = len(sa_sp)
   # Split into the two spatial halves and align each.

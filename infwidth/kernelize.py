@@ -20,6 +20,9 @@ from infwidth.rules.values import Det
 #: Relative sampling error of an estimated variance above which kernelize warns.
 SAMPLING_ERROR_WARN = 0.05
 _GETS = ('nngp', 'ntk')
+#: Track only equal spatial positions where the output allows (DESIGN §5).
+#: Setting it to False tracks full spatial blocks: same values, more cost.
+DIAGONAL_SPATIAL = True
 
 
 class ParamStats(NamedTuple):
@@ -213,13 +216,29 @@ def _analytic(apply_fn, shapes, treedef, leaves_info, x1, x2, x1_is_x2, apply_kw
     xj = x1 if x1_is_x2 else jnp.concatenate([x1, jnp.asarray(x2, dtype)])
     n1 = x1.shape[0]
     n2 = n1 if x1_is_x2 else x2.shape[0]
-    moments = A.Moments(n1, n2, x1_is_x2, dtype)
+    moments = A.Moments(n1, n2, x1_is_x2, dtype, diag=DIAGONAL_SPATIAL and xj.ndim > 2)
     x_val = Det(xj, ('b',) + tuple(f'x{i}' for i in range(1, xj.ndim)))
   closed, out_shapes = jax.make_jaxpr(lambda p, x: apply_fn(p, x, **apply_kwargs),
                                       return_shape=True)(shapes, xj)
   param_vals = [A.ParamRef(l, l.shape, tuple(range(len(l.shape)))) for l in leaves_info]
   args = param_vals + [x_val]
+  # The requirements decision (DESIGN §5): track only equal spatial positions
+  # unless an operation mixes positions or the output keeps spatial axes;
+  # those abandon the diagonal attempt (nothing of it is left in the trace
+  # that is used) and the full blocks are tracked.
+  if moments.diag:
+    try:
+      outs = interpret(closed.jaxpr, closed.consts, args, moments)
+      if any(isinstance(o, A.Wide) and o.spatial for o in outs):
+        raise A.NeedFullSpatial()
+      return _kernels(outs, out_shapes, moments, n1, n2, x1_is_x2, dtype)
+    except A.NeedFullSpatial:
+      moments = A.Moments(n1, n2, x1_is_x2, dtype, diag=False)
   outs = interpret(closed.jaxpr, closed.consts, args, moments)
+  return _kernels(outs, out_shapes, moments, n1, n2, x1_is_x2, dtype)
+
+
+def _kernels(outs, out_shapes, moments, n1, n2, x1_is_x2, dtype):
   kernels = [_output_kernel(out, moments, n1, n2, x1_is_x2, dtype) for out in outs]
   return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shapes), kernels)
 

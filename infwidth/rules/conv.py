@@ -90,14 +90,21 @@ def conv_rule(ctx, lhs, rhs, *, window_strides, padding, lhs_dilation, rhs_dilat
     in_order = list(range(k))
     width = 1
 
-  def transform(block, lead):
-    # block: (*lead, *S_a, *S_b) in the input's canonical order → conv order.
-    perm = list(range(lead)) + [lead + i for i in in_order] + [lead + k + i for i in in_order]
+  def transform(block, lead, diag=False):
+    # block: (*lead, *S_a, *S_b) in the input's canonical order → conv order;
+    # in diagonal mode (*lead, *S): the joint window along one copy.
+    sides = 1 if diag else 2
+    perm = list(range(lead))
+    for side in range(sides):
+      perm += [lead + side * k + i for i in in_order]
     block = jnp.transpose(block, perm)
     for j in range(k):
-      block = _window_axes(block, (lead + j, lead + k + j), windows[j], window_strides[j],
-                           rhs_dilation[j], padding[j], lhs_dilation[j], out_sizes[j])
-    perm = list(range(lead)) + [lead + j for j in out_order] + [lead + k + j for j in out_order]
+      axes = tuple(lead + side * k + j for side in range(sides))
+      block = _window_axes(block, axes, windows[j], window_strides[j], rhs_dilation[j],
+                           padding[j], lhs_dilation[j], out_sizes[j])
+    perm = list(range(lead))
+    for side in range(sides):
+      perm += [lead + side * k + j for j in out_order]
     return jnp.transpose(block, perm)
 
   key = ('conv-source', id(rhs.leaf), id(lhs), rhs.axes, rhs.scale, tuple(window_strides),
@@ -125,11 +132,12 @@ class _DetConvSource(A.LinearSource):
 
 def det_conv_moment(m: A.Moments, xa, xb, k) -> A.PairStats:
   """Σ_c x_{s,c} x'_{s',c} for `(B, *S, C)` inputs: full `(N1, N2, *S, *S)` blocks."""
-  la, lb = 'abcdefgh'[:k], 'ijklmnop'[:k]
-  cross = jnp.einsum(f'x{la}q,y{lb}q->xy{la}{lb}', m.rows(xa), m.cols(xb))
+  la, lb = 'abcdefgh'[:k], ('abcdefgh'[:k] if m.diag else 'ijklmnop'[:k])
+  out = la if m.diag else la + lb
+  cross = jnp.einsum(f'x{la}q,y{lb}q->xy{out}', m.rows(xa), m.cols(xb))
   if m.x1_is_x2 and xa is xb:
     d = A.batch_diagonal(cross)
     return A.PairStats(cross, d, d)
-  d1 = jnp.einsum(f'x{la}q,x{lb}q->x{la}{lb}', m.rows(xa), m.rows(xb))
-  d2 = jnp.einsum(f'x{la}q,x{lb}q->x{la}{lb}', m.cols(xa), m.cols(xb))
+  d1 = jnp.einsum(f'x{la}q,x{lb}q->x{out}', m.rows(xa), m.rows(xb))
+  d2 = jnp.einsum(f'x{la}q,x{lb}q->x{out}', m.cols(xa), m.cols(xb))
   return A.PairStats(cross, d1, d2)
