@@ -1,0 +1,611 @@
+"""An NT-compatible layer library whose kernels are derived, not hand-written.
+
+Each layer returns `(init_fn, apply_fn, kernel_fn)` as in `neural_tangents.stax`:
+
+* `init_fn(key, input_shape) -> (output_shape, params)` draws NT's parameters
+  (same shapes, same distributions);
+* `apply_fn(params, x, **kwargs)` is the finite network, written in plain JAX;
+* `kernel_fn(x1, x2=None, get=None, **kwargs)` is `infwidth.kernelize` of
+  `apply_fn`. The parameters are `jax.ShapeDtypeStruct`s at the shapes
+  `init_fn` would draw for `x1` and their exact moments (`ParamStats`) come
+  from `W_std`, `b_std` and the parameterization. No layer has a kernel rule of
+  its own.
+
+Parameterizations. Under `parameterization='ntk'` weights and biases are
+`N(0, 1)` and scaled in `apply_fn` by `W_std / sqrt(fan_in)` and `b_std`.
+Under `'standard'` they are `N(0, W_std^2 / (fan_in / s[0]))` and
+`N(0, b_std^2)`, the weights have `s[1] * out_dim` output channels and the
+product is scaled by `1 / sqrt(s[0])`, as in NT. NT's standard NTK is the NTK of
+exactly this finite network (it grows with the width `out_dim`), so kernelize
+reproduces it with unit learning-rate multipliers (`ntk_weights` all 1) at the
+widths `init_fn` draws; the NNGP does not depend on the widths.
+
+Differences from Neural Tangents:
+
+* The kernel of a whole `serial` network is kernelize of the composed
+  `apply_fn`, traced once, so correlations between branches are exact. NT
+  treats the inputs of `FanInSum` as independent: for
+  `serial(FanOut(2), parallel(Identity(), Identity()), FanInSum())` NT gives
+  `2K` while the network computes `x + x`, whose kernel is `4K` (returned
+  here). Branches that pass through fresh centred weights (residual blocks)
+  are uncorrelated and agree with NT.
+* `Elementwise(fn, nngp_fn, d_nngp_fn)` and `ElementwiseNumerical(fn, deg)`
+  derive the kernel from `fn` itself (closed forms where recognised,
+  infwidth's Gauss-Hermite quadrature otherwise); `nngp_fn`, `d_nngp_fn`,
+  `deg` and `df` are accepted for compatibility and unused.
+* `kernel_fn` accepts arrays or an `infwidth.Kernel` (without spatial axes) in
+  place of `x1`; masking and `diagonal_batch`/`diagonal_spatial` options are
+  not supported.
+* Layers whose finite network uses an operation kernelize cannot interpret
+  raise `infwidth.InfwidthError` from `kernel_fn` naming it (for example
+  `FanInConcat` along the channel axis, or `CIRCULAR` padding when
+  wrap-around padding has no rule).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import string
+from typing import Any, Callable, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from infwidth.errors import InfwidthError, UnsupportedPrimitiveError
+from infwidth.kernel import Kernel
+from infwidth.kernelize import ParamStats, kernelize
+
+__all__ = [
+    'Layer', 'serial', 'parallel', 'FanOut', 'FanInSum', 'FanInConcat', 'Identity',
+    'Dense', 'Conv', 'ConvTranspose', 'AvgPool', 'SumPool', 'GlobalAvgPool',
+    'GlobalSumPool', 'Flatten', 'LayerNorm', 'Relu', 'LeakyRelu', 'ABRelu', 'Abs',
+    'Sign', 'Erf', 'Gelu', 'Sin', 'Cos', 'Exp', 'Gaussian', 'Rbf', 'Sigmoid_like',
+    'Elementwise', 'ElementwiseNumerical',
+]
+
+Shape = Tuple[int, ...]
+StatsFn = Callable[[Any], Any]
+_PADDINGS = ('VALID', 'SAME', 'CIRCULAR')
+
+
+class Layer(tuple):
+  """`(init_fn, apply_fn, kernel_fn)`; also carries `stats_fn(params) -> param_stats`."""
+
+  stats_fn: StatsFn
+
+  def __new__(cls, init_fn: Callable, apply_fn: Callable, stats_fn: StatsFn):
+    self = super().__new__(cls, (init_fn, apply_fn, _kernel_fn(init_fn, apply_fn, stats_fn)))
+    self.stats_fn = stats_fn
+    return self
+
+  @property
+  def init_fn(self) -> Callable:
+    return self[0]
+
+  @property
+  def apply_fn(self) -> Callable:
+    return self[1]
+
+  @property
+  def kernel_fn(self) -> Callable:
+    return self[2]
+
+
+def _stats_of(layer) -> StatsFn:
+  if isinstance(layer, Layer):
+    return layer.stats_fn
+  raise InfwidthError(
+      'infwidth.stax combinators need infwidth.stax layers (they know their '
+      f'parameter distributions); got {type(layer).__name__}. Wrap a custom '
+      '(init_fn, apply_fn) pair with infwidth.kernelize directly.')
+
+
+def _input_shape(x1) -> Tuple[Shape, Any]:
+  if isinstance(x1, Kernel):
+    if not x1.shape1:
+      raise InfwidthError('a Kernel in place of x1 needs shape1 (the shape of the '
+                          'previous layer output).')
+    return (int(jnp.shape(x1.nngp)[0]),) + tuple(x1.shape1[1:]), jnp.result_type(x1.nngp)
+  if not hasattr(x1, 'shape'):
+    raise InfwidthError(f'x1 must be an array or an infwidth.Kernel; got {type(x1).__name__}.')
+  dtype = x1.dtype if jnp.issubdtype(x1.dtype, jnp.floating) else jnp.float32
+  return tuple(x1.shape), dtype
+
+
+def _kernel_fn(init_fn: Callable, apply_fn: Callable, stats_fn: StatsFn) -> Callable:
+  """kernelize of `apply_fn` at the parameter shapes `init_fn` draws for `x1`."""
+
+  @functools.lru_cache(maxsize=32)
+  def build(input_shape: Shape, dtype) -> Callable:
+    _, shapes = jax.eval_shape(lambda k: init_fn(k, input_shape), jax.random.PRNGKey(0))
+    params = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), shapes)
+    return kernelize(apply_fn, params, param_stats=stats_fn(params))
+
+  def kernel_fn(x1, x2=None, get=None, **kwargs):
+    """NNGP/NTK of the infinite-width network: `(N1, N2)` per output channel,
+    `(N1, N2, H, H', W, W')` for spatial outputs, a namedtuple for a tuple
+    `get`, or a `Kernel` for `get=None`."""
+    input_shape, dtype = _input_shape(x1)
+    try:
+      return build(input_shape, jnp.dtype(dtype))(x1, x2, get, **kwargs)
+    except UnsupportedPrimitiveError as e:
+      raise InfwidthError(
+          f'infwidth.stax: kernelize has no infinite-width rule for `{e.primitive}`, '
+          'which this network\'s apply_fn uses, so its kernel is not available '
+          '(no approximation is substituted). For example FanInConcat along the '
+          'channel axis needs `concatenate` of wide values.\n' + str(e)) from e
+
+  return kernel_fn
+
+
+# Combinators.
+
+
+def serial(*layers) -> Layer:
+  """Layers applied one after another (NT's `stax.serial`)."""
+  init_fns, apply_fns = [l[0] for l in layers], [l[1] for l in layers]
+  stats_fns = [_stats_of(l) for l in layers]
+
+  def init_fn(key, input_shape):
+    params = []
+    for f in init_fns:
+      key, sub = jax.random.split(key)
+      input_shape, p = f(sub, input_shape)
+      params.append(p)
+    return input_shape, params
+
+  def apply_fn(params, x, **kwargs):
+    for f, p in zip(apply_fns, params):
+      x = f(p, x, **kwargs)
+    return x
+
+  def stats_fn(params):
+    return [s(p) for s, p in zip(stats_fns, params)]
+
+  return Layer(init_fn, apply_fn, stats_fn)
+
+
+def parallel(*layers) -> Layer:
+  """Layer i applied to input i of a list (NT's `stax.parallel`)."""
+  init_fns, apply_fns = [l[0] for l in layers], [l[1] for l in layers]
+  stats_fns = [_stats_of(l) for l in layers]
+
+  def init_fn(key, input_shape):
+    keys = jax.random.split(key, len(layers))
+    outs = [f(k, s) for f, k, s in zip(init_fns, keys, input_shape)]
+    return type(input_shape)(o[0] for o in outs), [o[1] for o in outs]
+
+  def apply_fn(params, xs, **kwargs):
+    return type(xs)(f(p, x, **kwargs) for f, p, x in zip(apply_fns, params, xs))
+
+  def stats_fn(params):
+    return [s(p) for s, p in zip(stats_fns, params)]
+
+  return Layer(init_fn, apply_fn, stats_fn)
+
+
+def _no_params(fn: Callable, shape_fn: Callable) -> Layer:
+  return Layer(lambda key, s: (shape_fn(s), ()), lambda p, x, **kw: fn(x), lambda p: ())
+
+
+def Identity() -> Layer:
+  """The identity."""
+  return _no_params(lambda x: x, lambda s: s)
+
+
+def FanOut(num: int) -> Layer:
+  """`num` copies of the input (a list)."""
+  return _no_params(lambda x: [x] * num, lambda s: [s] * num)
+
+
+def FanInSum() -> Layer:
+  """The sum of a list of inputs."""
+  return _no_params(lambda xs: functools.reduce(lambda a, b: a + b, xs), lambda s: s[0])
+
+
+def FanInConcat(axis: int = -1) -> Layer:
+  """Concatenation of a list of inputs along `axis`. Along the channel axis its
+  kernel_fn needs concatenation of wide values, which kernelize does not
+  interpret: kernel_fn raises `InfwidthError`."""
+
+  def shape_fn(shapes):
+    a = axis % len(shapes[0])
+    return tuple(shapes[0][:a]) + (sum(s[a] for s in shapes),) + tuple(shapes[0][a + 1:])
+
+  def fn(xs):
+    return jnp.concatenate(xs, axis)
+
+  return _no_params(fn, shape_fn)
+
+
+# Dense and convolutions.
+
+
+def _channel_bias(b, ndim: int, channel_axis: int):
+  """NT's bias `(1, …, C, …, 1)` as a `(C, 1, …)` array broadcasting against the
+  output (the same values; kernelize reads a per-channel vector)."""
+  v = b.reshape(-1)
+  return v.reshape((v.shape[0],) + (1,) * (ndim - 1 - channel_axis % ndim))
+
+
+def _check_parameterization(parameterization: str) -> str:
+  p = parameterization.lower()
+  if p not in ('ntk', 'standard'):
+    raise ValueError(f'Parameterization not supported: {parameterization}')
+  return p
+
+
+def Dense(out_dim: int, W_std: float = 1., b_std: Optional[float] = None,
+          batch_axis: int = 0, channel_axis: int = -1, parameterization: str = 'ntk',
+          s: Tuple[int, int] = (1, 1)) -> Layer:
+  """Fully connected layer on `channel_axis`: `W` is `(C_in, out_dim)` (`s[1] * out_dim`
+  under standard parameterization), `b` broadcasts along the other axes."""
+  parameterization = _check_parameterization(parameterization)
+  width = out_dim if parameterization == 'ntk' else out_dim * s[1]
+
+  def init_fn(key, input_shape):
+    ca = channel_axis % len(input_shape)
+    output_shape = tuple(input_shape[:ca]) + (width,) + tuple(input_shape[ca + 1:])
+    k1, k2 = jax.random.split(key)
+    W = jax.random.normal(k1, (input_shape[ca], width))
+    b = None
+    if b_std is not None:
+      b_shape = [1] * len(input_shape)
+      b_shape[ca] = width
+      b = jax.random.normal(k2, b_shape)
+    if parameterization == 'standard':
+      W = W * (W_std / (input_shape[ca] / s[0])**0.5)
+      b = None if b is None else b * b_std
+    return output_shape, (W, b)
+
+  def apply_fn(params, x, **kwargs):
+    W, b = params
+    ca = channel_axis % x.ndim
+    prod = jnp.moveaxis(jnp.tensordot(x, W, (ca, 0)), -1, ca)
+    if parameterization == 'ntk':
+      out = (W_std / x.shape[ca]**0.5) * prod
+      return out if b is None else out + b_std * _channel_bias(b, x.ndim, ca)
+    out = prod / s[0]**0.5
+    return out if b is None else out + _channel_bias(b, x.ndim, ca)
+
+  def stats_fn(params):
+    W, b = params
+    if parameterization == 'ntk':
+      return ParamStats(0., 1.), None if b is None else ParamStats(0., 1.)
+    w_var = W_std**2 / (W.shape[0] / s[0])
+    return ParamStats(0., w_var), None if b is None else ParamStats(0., b_std**2)
+
+  return Layer(init_fn, apply_fn, stats_fn)
+
+
+def _dimension_numbers(n: int) -> Tuple[str, str, str]:
+  """NT's default: channels last, `('NAB…C', 'AB…IO', 'NAB…C')`."""
+  spatial = ''.join(c for c in string.ascii_uppercase if c not in 'NCIO')[:n]
+  lhs = 'N' + spatial + 'C'
+  return lhs, spatial + 'IO', lhs
+
+
+def _check_padding(padding: str) -> str:
+  p = padding.upper()
+  if p not in _PADDINGS:
+    raise ValueError(f'padding={padding!r}: must be one of {_PADDINGS}.')
+  return p
+
+
+def _same_pad_circular(x, filter_shape, strides, spatial_axes):
+  """Wrap-around padding that makes a VALID convolution the periodic SAME one (NT)."""
+  sizes = tuple(x.shape[a] for a in spatial_axes)
+  axis_pads = lax.padtype_to_pads(sizes, tuple(filter_shape), tuple(strides), 'SAME')
+  pads = [(0, 0)] * x.ndim
+  for a, p in zip(spatial_axes, axis_pads):
+    pads[a] = tuple(p)
+  return jnp.pad(x, pads, mode='wrap')
+
+
+def _circular_crop_transpose(x, spatial_axes, out_shape):
+  """NT's periodic SAME transpose convolution: crops the VALID output to the SAME
+  shape, each entry summing all entries that wrap onto it."""
+  window = tuple(int(np.ceil(x.shape[i] / out_shape[i])) // 2 * 2 + 1 if i in spatial_axes
+                 else 1 for i in range(x.ndim))
+  dilation = tuple(out_shape[i] if i in spatial_axes else 1 for i in range(x.ndim))
+  x = lax.reduce_window(x, np.zeros((), x.dtype), lax.add, window, (1,) * x.ndim, 'SAME',
+                        window_dilation=dilation)
+  idx = []
+  for i in range(x.ndim):
+    lo = (x.shape[i] - out_shape[i]) // 2
+    idx.append(slice(lo, lo + out_shape[i]) if i in spatial_axes else slice(None))
+  return x[tuple(idx)]
+
+
+def _conv_layer(out_chan: int, filter_shape: Sequence[int], strides, padding: str,
+                W_std: float, b_std: Optional[float], dimension_numbers,
+                parameterization: str, s: Tuple[int, int], transpose: bool) -> Layer:
+  parameterization = _check_parameterization(parameterization)
+  padding = _check_padding(padding)
+  filter_shape = tuple(filter_shape)
+  n = len(filter_shape)
+  if dimension_numbers is None:
+    dimension_numbers = _dimension_numbers(n)
+  lhs_spec, rhs_spec, out_spec = dimension_numbers
+  strides = tuple(strides or (1,) * n)
+  width = out_chan if parameterization == 'ntk' else out_chan * s[1]
+  init_padding = 'SAME' if padding == 'CIRCULAR' else padding
+  apply_padding = 'VALID' if padding == 'CIRCULAR' else padding
+
+  def conv(x, W, pad):
+    if transpose:
+      return lax.conv_transpose(x, W, strides, pad, dimension_numbers=dimension_numbers)
+    return lax.conv_general_dilated(x, W, strides, pad, dimension_numbers=dimension_numbers)
+
+  def fan_in(input_shape):
+    return input_shape[lhs_spec.index('C')] * int(np.prod(filter_shape))
+
+  def init_fn(key, input_shape):
+    filt = iter(filter_shape)
+    w_shape = tuple(width if c == 'O' else input_shape[lhs_spec.index('C')] if c == 'I'
+                    else next(filt) for c in rhs_spec)
+    shape_in = tuple(1 if d in (-1, None) else d for d in input_shape)
+    out = jax.eval_shape(lambda x, w: conv(x, w, init_padding),
+                         jax.ShapeDtypeStruct(shape_in, jnp.float32),
+                         jax.ShapeDtypeStruct(w_shape, jnp.float32)).shape
+    output_shape = tuple(input_shape[lhs_spec.index('N')] if c == 'N' else out[out_spec.index(c)]
+                         for c in out_spec)
+    k1, k2 = jax.random.split(key)
+    W = jax.random.normal(k1, w_shape)
+    b = None
+    if b_std is not None:
+      b = jax.random.normal(k2, tuple(width if c == 'C' else 1 for c in out_spec))
+    if parameterization == 'standard':
+      W = W * (W_std / (fan_in(input_shape) / s[0])**0.5)
+      b = None if b is None else b * b_std
+    return output_shape, (W, b)
+
+  def apply_fn(params, x, **kwargs):
+    W, b = params
+    if parameterization == 'ntk':
+      norm, b_scale = W_std / fan_in(x.shape)**0.5, b_std
+    else:
+      norm, b_scale = 1. / s[0]**0.5, 1.
+    if padding == 'CIRCULAR' and not transpose:
+      spatial = tuple(lhs_spec.index(c) for c in rhs_spec if c not in 'IO')
+      x = _same_pad_circular(x, filter_shape, strides, spatial)
+    out = norm * conv(x, W, apply_padding)
+    if padding == 'CIRCULAR' and transpose:
+      same_shape = jax.eval_shape(lambda x, w: conv(x, w, 'SAME'), x, W).shape
+      spatial = tuple(out_spec.index(c) for c in rhs_spec if c not in 'IO')
+      out = _circular_crop_transpose(out, spatial, same_shape)
+    return out if b is None else out + b_scale * _channel_bias(b, out.ndim, out_spec.index('C'))
+
+  def stats_fn(params):
+    W, b = params
+    if parameterization == 'ntk':
+      return ParamStats(0., 1.), None if b is None else ParamStats(0., 1.)
+    fan = W.size // W.shape[rhs_spec.index('O')]
+    return (ParamStats(0., W_std**2 / (fan / s[0])),
+            None if b is None else ParamStats(0., b_std**2))
+
+  return Layer(init_fn, apply_fn, stats_fn)
+
+
+def Conv(out_chan: int, filter_shape: Sequence[int], strides: Optional[Sequence[int]] = None,
+         padding: str = 'VALID', W_std: float = 1.0, b_std: Optional[float] = None,
+         dimension_numbers: Optional[Tuple[str, str, str]] = None,
+         parameterization: str = 'ntk', s: Tuple[int, int] = (1, 1)) -> Layer:
+  """Convolution (1-, 2- or 3-D; NHWC/HWIO by default); padding 'VALID', 'SAME' or
+  'CIRCULAR' (periodic)."""
+  return _conv_layer(out_chan, filter_shape, strides, padding, W_std, b_std,
+                     dimension_numbers, parameterization, s, transpose=False)
+
+
+def ConvTranspose(out_chan: int, filter_shape: Sequence[int],
+                  strides: Optional[Sequence[int]] = None, padding: str = 'VALID',
+                  W_std: float = 1.0, b_std: Optional[float] = None,
+                  dimension_numbers: Optional[Tuple[str, str, str]] = None,
+                  parameterization: str = 'ntk', s: Tuple[int, int] = (1, 1)) -> Layer:
+  """Transpose convolution (`lax.conv_transpose`), arguments as for `Conv`."""
+  return _conv_layer(out_chan, filter_shape, strides, padding, W_std, b_std,
+                     dimension_numbers, parameterization, s, transpose=True)
+
+
+# Pooling, flattening, normalisation.
+
+
+def _pool_dims(ndim: int, window_shape, strides, batch_axis, channel_axis):
+  non_spatial = sorted((batch_axis % ndim, channel_axis % ndim))
+  dims, strd = list(window_shape), list(strides)
+  for a in non_spatial:
+    dims.insert(a, 1)
+    strd.insert(a, 1)
+  return tuple(dims), tuple(strd), non_spatial
+
+
+def _pool(average: bool, window_shape, strides, padding, normalize_edges, batch_axis,
+          channel_axis) -> Layer:
+  window_shape = tuple(window_shape)
+  strides = tuple(strides or (1,) * len(window_shape))
+  padding = _check_padding(padding)
+
+  def init_fn(key, input_shape):
+    dims, strd, _ = _pool_dims(len(input_shape), window_shape, strides, batch_axis,
+                               channel_axis)
+    pad = 'SAME' if padding == 'CIRCULAR' else padding
+    pads = lax.padtype_to_pads(input_shape, dims, strd, pad)
+    ones = (1,) * len(dims)
+    return lax.reduce_window_shape_tuple(input_shape, dims, strd, pads, ones, ones), ()
+
+  def apply_fn(params, x, **kwargs):
+    dims, strd, non_spatial = _pool_dims(x.ndim, window_shape, strides, batch_axis,
+                                         channel_axis)
+    pad = padding
+    if padding == 'CIRCULAR':
+      spatial = tuple(i for i in range(x.ndim) if i not in non_spatial)
+      x = _same_pad_circular(x, window_shape, strides, spatial)
+      pad = 'VALID'
+    out = lax.reduce_window(x, 0., lax.add, dims, strd, pad)
+    if not average:
+      return out
+    if normalize_edges and pad == 'SAME':
+      # Unpadded entries per window: a constant over batch and channels.
+      ones = tuple(1 if i in non_spatial else d for i, d in enumerate(x.shape))
+      counts = lax.reduce_window(np.ones(ones, np.float64), 0., lax.add, dims, strd, pad)
+      return out / jnp.asarray(counts, out.dtype)
+    return out / np.prod(window_shape)
+
+  return Layer(init_fn, apply_fn, lambda p: ())
+
+
+def AvgPool(window_shape: Sequence[int], strides: Optional[Sequence[int]] = None,
+            padding: str = 'VALID', normalize_edges: bool = False, batch_axis: int = 0,
+            channel_axis: int = -1) -> Layer:
+  """Average pooling; `normalize_edges=True` divides by the number of unpadded entries."""
+  return _pool(True, window_shape, strides, padding, normalize_edges, batch_axis,
+               channel_axis)
+
+
+def SumPool(window_shape: Sequence[int], strides: Optional[Sequence[int]] = None,
+            padding: str = 'VALID', batch_axis: int = 0, channel_axis: int = -1) -> Layer:
+  """Sum pooling."""
+  return _pool(False, window_shape, strides, padding, False, batch_axis, channel_axis)
+
+
+def _global_pool(average: bool, batch_axis: int, channel_axis: int) -> Layer:
+  def spatial(ndim):
+    keep = (batch_axis % ndim, channel_axis % ndim)
+    return tuple(i for i in range(ndim) if i not in keep)
+
+  def init_fn(key, input_shape):
+    sp = spatial(len(input_shape))
+    return tuple(d for i, d in enumerate(input_shape) if i not in sp), ()
+
+  def apply_fn(params, x, **kwargs):
+    return x.mean(spatial(x.ndim)) if average else x.sum(spatial(x.ndim))
+
+  return Layer(init_fn, apply_fn, lambda p: ())
+
+
+def GlobalAvgPool(batch_axis: int = 0, channel_axis: int = -1) -> Layer:
+  """Mean over all spatial axes."""
+  return _global_pool(True, batch_axis, channel_axis)
+
+
+def GlobalSumPool(batch_axis: int = 0, channel_axis: int = -1) -> Layer:
+  """Sum over all spatial axes."""
+  return _global_pool(False, batch_axis, channel_axis)
+
+
+def Flatten(batch_axis: int = 0, batch_axis_out: int = 0) -> Layer:
+  """All non-batch axes flattened into one: `(N, H, W, C) -> (N, HWC)`."""
+
+  def out_shape(shape):
+    n = shape[batch_axis]
+    rest = int(np.prod([d for i, d in enumerate(shape) if i != batch_axis % len(shape)]))
+    return (n, rest) if batch_axis_out in (0, -2) else (rest, n)
+
+  def apply_fn(params, x, **kwargs):
+    x = jnp.moveaxis(x, batch_axis, -batch_axis_out)
+    return x.reshape(out_shape(x.shape if batch_axis_out in (0, -2) else
+                               jnp.moveaxis(x, -batch_axis_out, batch_axis).shape))
+
+  return Layer(lambda key, s: (out_shape(s), ()), apply_fn, lambda p: ())
+
+
+def LayerNorm(axis=-1, eps: float = 1e-12, batch_axis: int = 0,
+              channel_axis: int = -1) -> Layer:
+  """`(x - mean) / sqrt(eps + var)` over `axis` (which must include the channel axis)."""
+
+  def apply_fn(params, x, **kwargs):
+    ax = (axis,) if isinstance(axis, int) else tuple(axis)
+    ax = tuple(a % x.ndim for a in ax)
+    mean = x.mean(ax, keepdims=True)
+    var = ((x - mean)**2).mean(ax, keepdims=True)
+    return (x - mean) / jnp.sqrt(eps + var)
+
+  return Layer(lambda key, s: (s, ()), apply_fn, lambda p: ())
+
+
+# Nonlinearities.
+
+
+def Elementwise(fn: Optional[Callable] = None, nngp_fn: Optional[Callable] = None,
+                d_nngp_fn: Optional[Callable] = None) -> Layer:
+  """`fn` applied elementwise; the kernel is derived from `fn` (`nngp_fn` and
+  `d_nngp_fn` are accepted for NT compatibility and unused)."""
+  if fn is None:
+    raise InfwidthError('Elementwise needs fn: infwidth derives the kernel from the '
+                        'function itself and cannot use nngp_fn alone.')
+  return _no_params(fn, lambda s: s)
+
+
+def ElementwiseNumerical(fn: Callable, deg: int, df: Optional[Callable] = None) -> Layer:
+  """`fn` applied elementwise, kernel by quadrature (`deg` and `df` unused: infwidth
+  uses its own quadrature and autodiff)."""
+  return _no_params(fn, lambda s: s)
+
+
+def ABRelu(a: float, b: float, do_stabilize: bool = False) -> Layer:
+  """`a * min(x, 0) + b * max(x, 0)`."""
+  return _no_params(lambda x: a * jnp.minimum(x, 0) + b * jnp.maximum(x, 0), lambda s: s)
+
+
+def Relu(do_stabilize: bool = False) -> Layer:
+  """`max(x, 0)`."""
+  return _no_params(lambda x: jnp.maximum(x, 0), lambda s: s)
+
+
+def LeakyRelu(alpha: float, do_stabilize: bool = False) -> Layer:
+  """`x` for `x >= 0`, `alpha * x` otherwise."""
+  return ABRelu(alpha, 1, do_stabilize)
+
+
+def Abs(do_stabilize: bool = False) -> Layer:
+  """`|x|`."""
+  return _no_params(jnp.abs, lambda s: s)
+
+
+def Sign() -> Layer:
+  """`sign(x)` (its NTK contribution is 0, as in NT)."""
+  return _no_params(jnp.sign, lambda s: s)
+
+
+def Erf(a: float = 1., b: float = 1., c: float = 0.) -> Layer:
+  """`a * erf(b * x) + c`."""
+  return _no_params(lambda x: a * jax.scipy.special.erf(b * x) + c, lambda s: s)
+
+
+def Sigmoid_like() -> Layer:
+  """The erf approximation of the logistic sigmoid used by NT."""
+  return Erf(a=0.5, b=1 / 2.4020563531719796, c=0.5)
+
+
+def Gelu(approximate: bool = False) -> Layer:
+  """`jax.nn.gelu(x, approximate)`."""
+  return _no_params(lambda x: jax.nn.gelu(x, approximate=approximate), lambda s: s)
+
+
+def Sin(a: float = 1., b: float = 1., c: float = 0.) -> Layer:
+  """`a * sin(b * x + c)`."""
+  return _no_params(lambda x: a * jnp.sin(b * x + c), lambda s: s)
+
+
+def Cos(a: float = 1., b: float = 1., c: float = 0.) -> Layer:
+  """`a * cos(b * x + c)`."""
+  return Sin(a=a, b=b, c=c + math.pi / 2)
+
+
+def Rbf(gamma: float = 1.0) -> Layer:
+  """`sqrt(2) * sin(sqrt(2 gamma) x + pi / 4)` (random Fourier features of an RBF kernel)."""
+  return _no_params(lambda x: math.sqrt(2) * jnp.sin(math.sqrt(2 * gamma) * x + math.pi / 4),
+                    lambda s: s)
+
+
+def Exp(a: float = 1, b: float = 1) -> Layer:
+  """`a * exp(b * x)`."""
+  return _no_params(lambda x: a * jnp.exp(b * x), lambda s: s)
+
+
+def Gaussian(a: float = 1, b: float = -1) -> Layer:
+  """`a * exp(b * x^2)`."""
+  return _no_params(lambda x: a * jnp.exp(b * x**2), lambda s: s)
