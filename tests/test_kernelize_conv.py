@@ -58,7 +58,7 @@ def conv(p, h, *, sw=SW, sb=SB, strides=None, padding='SAME', dn=NHWC, **kw):
   # Filter layout from the dimension numbers: fan_in = in channels × filter size.
   out_ax = dn[1].index('O')
   fan_in = math.prod(w.shape) // w.shape[out_ax]
-  y = sw / np.sqrt(fan_in) * lax.conv_general_dilated(
+  y = float(sw / np.sqrt(fan_in)) * lax.conv_general_dilated(
       h, w, strides or (1,) * k, padding, dimension_numbers=dn, **kw)
   if len(p) > 1:
     c_ax = dn[2].index('C')
@@ -68,7 +68,7 @@ def conv(p, h, *, sw=SW, sb=SB, strides=None, padding='SAME', dn=NHWC, **kw):
 
 def dense(p, h, sw=RW, sb=RB):
   w = p[0]
-  y = sw / np.sqrt(w.shape[0]) * (h @ w)
+  y = float(sw / np.sqrt(w.shape[0])) * (h @ w)
   return y + sb * p[1] if len(p) > 1 else y
 
 
@@ -218,12 +218,18 @@ BUG_SIZE1_FLATTEN = ('a spatial axis of size 1 (strided/VALID conv output) break
 BUG_RESIDUAL = ('adding the outputs of two different convolutions (h + conv(relu(h))) '
                 'raises TypeError from a transpose permutation')
 _XFAIL = {'myrtle5': BUG_SIZE1_SUM, 'strided': BUG_SIZE1_FLATTEN, 'wrn_block': BUG_RESIDUAL}
+_SLOW = {'erf_gelu'}   # exact GELU by quadrature: ~30 s
+
+
+def _marked(name, xfail, slow):
+  marks = [pytest.mark.slow] if name in slow else []
+  if name in xfail:
+    marks.append(pytest.mark.xfail(strict=True, reason=xfail[name]))
+  return pytest.param(name, marks=marks)
 
 
 def _nt_param(name):
-  if name in _XFAIL:
-    return pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=_XFAIL[name]))
-  return name
+  return _marked(name, _XFAIL, _SLOW)
 
 
 @pytest.mark.parametrize('name', [_nt_param(n) for n in sorted(NT_NETS)])
@@ -237,3 +243,321 @@ def test_matches_neural_tangents(name, nt_ref):
       want = nt_ref[f'{name}/{g}_{tag}']
       np.testing.assert_allclose(getattr(k, g), want, rtol=RTOL_NT, atol=0,
                                  err_msg=f'{name} {g} ({tag})')
+
+
+# ----------------------------------------------------------------------------
+# Monte Carlo of finite CNNs.
+
+WIDTH = 256        # hidden channels
+C_OUT = 512        # logits: their NNGP is averaged within each draw (the readout noise)
+C_NTK = 2          # logits whose empirical NTK is averaged (it concentrates)
+N_MC = 32
+K_SE = 4.0         # ≤ 16 correlated entries at 4 SE: a false alarm is < 1e-3 per check
+C_WIDTH = 2.0      # finite-width bias ≤ c·L/n·max|K| (Hanin & Nica 2020), as for MLPs
+
+
+def monte_carlo(apply_fn, shapes, x, n_samples=N_MC, seed=0, ntk=True):
+  """Per-draw NNGP f fᵀ/C over the last (channel) axis, and empirical NTK."""
+  ntk_fn = empirical_ntk_fn(lambda p, x: apply_fn(p, x)[..., :C_NTK])
+
+  @jax.jit
+  def one(p):
+    f = apply_fn(p, x)
+    c = 'abcdefgh'[:f.ndim - 2]
+    C = 'ijklmnop'[:f.ndim - 2]
+    nngp = jnp.einsum(f'x{c}z,y{C}z->xy' + ''.join(a + b for a, b in zip(c, C)), f, f)
+    return nngp / f.shape[-1], (ntk_fn(x, None, p) if ntk else nngp)
+
+  nngp, ntks = [], []
+  for i in range(n_samples):
+    k = one(draw(shapes, 1000 * seed + i + 1))
+    nngp.append(k[0])
+    ntks.append(k[1])
+  return np.stack(nngp), np.stack(ntks)
+
+
+def check_against_mc(analytic, draws, n_hidden, width=WIDTH, k_se=K_SE, c_width=C_WIDTH,
+                     per_entry=True):
+  """|mean(draws) - analytic| ≤ k·SE + c·L/n·max|analytic|, entrywise.
+
+  Non-vacuity: the tolerance is below 15% of each diagonal entry
+  (`per_entry`), or of their mean (spatial kernels, whose border pixels
+  have small variances next to the global width term).
+  """
+  draws = np.asarray(draws, np.float64)
+  analytic = np.asarray(analytic, np.float64)
+  assert draws.shape[1:] == analytic.shape, (draws.shape, analytic.shape)
+  mean = draws.mean(0)
+  se = draws.std(0, ddof=1) / np.sqrt(draws.shape[0])
+  scale = np.abs(analytic).max()
+  tol = k_se * se + c_width * n_hidden / width * scale
+  err = np.abs(mean - analytic)
+  assert np.all(err <= tol), (
+      f'max err/tol = {np.max(err / tol):.3f}; err {err.max():.3g}, se {se.max():.3g}, '
+      f'scale {scale:.3g}')
+  # Non-vacuous: the tolerance would catch a kernel 15% off on the diagonal.
+  n = analytic.shape[0]
+  diag = analytic[np.arange(n), np.arange(n)]
+  tol_diag = tol[np.arange(n), np.arange(n)]
+  if per_entry:
+    assert np.all(tol_diag < 0.15 * np.abs(diag)), np.max(tol_diag / np.abs(diag))
+  else:
+    assert tol_diag.mean() < 0.15 * np.abs(diag).mean()
+
+
+NCHW = ('NCHW', 'OIHW', 'NCHW')
+NDHWC = ('NDHWC', 'DHWIO', 'NDHWC')
+
+
+def _nchw_net(p, x):           # x: (N, 3, 5, 5)
+  h = relu(conv(p['c1'], x, dn=NCHW))
+  h = relu(conv(p['c2'], h, dn=NCHW, padding='VALID'))
+  return dense(p['d'], h.mean(axis=(2, 3)))
+
+
+def _conv3d_net(p, x):         # x: (N, 4, 4, 4, 2)
+  h = relu(conv(p['c1'], x, dn=NDHWC))
+  h = relu(conv(p['c2'], h, dn=NDHWC, strides=(2, 2, 2), padding='VALID'))
+  return dense(p['d'], gap(h))
+
+
+def _lhs_dilation_net(p, x):   # transposed convolution: 4x4 -> 7x7
+  h = relu(conv(p['c1'], x, padding=((1, 1), (1, 1)), lhs_dilation=(2, 2)))
+  h = relu(conv(p['c2'], h))
+  return dense(p['d'], gap(h))
+
+
+def _rhs_dilation_net(p, x):
+  h = relu(conv(p['c1'], x, rhs_dilation=(2, 2)))
+  h = relu(conv(p['c2'], h, padding='VALID', rhs_dilation=(1, 2)))
+  return dense(p['d'], flatten(h))
+
+
+def _strided_same_net(p, x):   # 6x6, stride 2 SAME: padding (0, 1), asymmetric
+  h = relu(conv(p['c1'], x, strides=(2, 2)))
+  h = relu(conv(p['c2'], h))
+  return dense(p['d'], flatten(h))
+
+
+def _explicit_padding_net(p, x):
+  h = relu(conv(p['c1'], x, padding=((2, 0), (0, 1))))
+  h = relu(conv(p['c2'], h, padding=((0, 1), (1, 0))))
+  return dense(p['d'], gap(h))
+
+
+def _avg_pool_padding_net(p, x):   # flax-style window sum with zero padding
+  h = relu(conv(p['c1'], x))
+  h = lax.reduce_window(h, 0., lax.add, (1, 3, 3, 1), (1, 2, 2, 1),
+                        ((0, 0), (1, 1), (1, 1), (0, 0))) / 9.
+  h = relu(conv(p['c2'], h))
+  return dense(p['d'], flatten(h))
+
+
+def _residual_net(p, x):
+  h = conv(p['c0'], x)
+  h = h + conv(p['c1'], relu(h))       # a fresh filter: no cross term
+  h = relu(h) + 0.5 * h                # correlated summands
+  return dense(p['d'], gap(h))
+
+
+W, O = WIDTH, C_OUT
+MC_NETS = {
+    'nchw': (_nchw_net, dict(c1=((W, 3, 3, 3), (W,)), c2=((W, W, 2, 2), (W,)), d=dw(W, O)),
+             (3, 5, 5), 2),
+    'conv3d': (_conv3d_net, dict(c1=cw((3, 3, 3), 2, W), c2=cw((2, 2, 2), W, W), d=dw(W, O)),
+               (4, 4, 4, 2), 2),
+    'lhs_dilation': (_lhs_dilation_net, dict(c1=cw((3, 3), 3, W), c2=cw((3, 3), W, W),
+                                             d=dw(W, O)), (4, 4, 3), 2),
+    'rhs_dilation': (_rhs_dilation_net, dict(c1=cw((3, 3), 3, W), c2=cw((2, 2), W, W),
+                                             d=dw(3 * 2 * W, O)), (4, 4, 3), 2),
+    'strided_same': (_strided_same_net, dict(c1=cw((3, 3), 3, W), c2=cw((2, 2), W, W),
+                                             d=dw(9 * W, O)), (6, 6, 3), 2),
+    'explicit_padding': (_explicit_padding_net, dict(c1=cw((3, 3), 3, W), c2=cw((2, 2), W, W),
+                                                     d=dw(W, O)), (4, 4, 3), 2),
+    'avg_pool_padding': (_avg_pool_padding_net, dict(c1=cw((3, 3), 3, W), c2=cw((2, 2), W, W),
+                                                     d=dw(9 * W, O)), (5, 5, 3), 2),
+    'residual': (_residual_net, dict(c0=cw((3, 3), 3, W), c1=cw((3, 3), W, W), d=dw(W, O)),
+                 (4, 4, 3), 2),
+}
+_MC_XFAIL = {'residual': BUG_RESIDUAL}
+_MC_SLOW = {'conv3d', 'avg_pool_padding'}   # 15-30 s each; padded pooling is also
+                                             # checked against NT in the default run
+
+
+def _mc_param(name):
+  return _marked(name, _MC_XFAIL, _MC_SLOW)
+
+
+def _x(shape, n=3, seed=5):
+  return 0.9 * jax.random.normal(jax.random.PRNGKey(seed), (n,) + shape)
+
+
+@pytest.mark.parametrize('name', [_mc_param(n) for n in sorted(MC_NETS)])
+def test_matches_monte_carlo(name):
+  f, shapes, in_shape, n_hidden = MC_NETS[name]
+  x = _x(in_shape)
+  k = iw.kernelize(f, draw(shapes, 0), param_stats=unit_stats(shapes))(x, None, ('nngp', 'ntk'))
+  nngp, ntk = monte_carlo(f, shapes, x)
+  check_against_mc(k.nngp, nngp, n_hidden)
+  check_against_mc(k.ntk, ntk, n_hidden)
+
+
+# ----------------------------------------------------------------------------
+# Spatial outputs: a fully convolutional network, kernel (N1, N2, H, H', W, W').
+
+
+def _fully_conv(p, x):
+  h = relu(conv(p['c1'], x))
+  return conv(p['c2'], h, padding=((1, 0), (0, 1)))
+
+
+FC_SHAPES = dict(c1=cw((3, 3), 3, WIDTH), c2=cw((2, 2), WIDTH, C_OUT))
+
+
+def _flat_spatial(k):
+  """(N1, N2, H, H', W, W') → (N1·H·W, N2·H'·W')."""
+  n1, n2, h, h2, w, w2 = k.shape
+  return np.asarray(k).transpose(0, 2, 4, 1, 3, 5).reshape(n1 * h * w, n2 * h2 * w2)
+
+
+def test_spatial_output_kernel_is_psd_per_input():
+  x = _x((4, 4, 3), n=3)
+  k = iw.kernelize(_fully_conv, draw(FC_SHAPES, 0), param_stats=unit_stats(FC_SHAPES))(
+      x, None, ('nngp', 'ntk'))
+  for g in ('nngp', 'ntk'):
+    kg = np.asarray(getattr(k, g))
+    assert kg.shape == (3, 3, 4, 4, 4, 4)
+    for i in range(3):
+      block = _flat_spatial(kg[i:i + 1, i:i + 1])
+      np.testing.assert_allclose(block, block.T, rtol=0, atol=1e-13 * np.abs(block).max())
+      assert np.linalg.eigvalsh(block).min() > -1e-12 * np.abs(block).max()
+    full = _flat_spatial(kg)
+    np.testing.assert_allclose(full, full.T, rtol=0, atol=1e-13 * np.abs(full).max())
+    assert np.linalg.eigvalsh(full).min() > -1e-12 * np.abs(full).max()
+    # Not trivially diagonal: neighbouring pixels are correlated through the filters.
+    assert np.abs(kg[0, 0, 0, 1, 0, 0]) > 0.05 * kg[0, 0, 0, 0, 0, 0]
+
+
+@pytest.mark.slow
+def test_spatial_output_kernel_matches_monte_carlo():
+  x = _x((4, 4, 3), n=2)
+  k = iw.kernelize(_fully_conv, draw(FC_SHAPES, 0), param_stats=unit_stats(FC_SHAPES))(
+      x, None, ('nngp', 'ntk'))
+  nngp, ntk = monte_carlo(_fully_conv, FC_SHAPES, x)
+  assert ntk.shape[1:] == k.ntk.shape
+  for a, d in ((k.nngp, nngp), (k.ntk, ntk)):
+    check_against_mc(_flat_spatial(a), np.stack([_flat_spatial(e) for e in d]), 1,
+                     per_entry=False)
+
+
+# ----------------------------------------------------------------------------
+# Flax linen against the same network in plain JAX with copied parameters.
+
+
+def test_flax_linen_cnn_equals_plain_jax():
+  nn = pytest.importorskip('flax.linen')
+
+  class CNN(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x = nn.relu(nn.Conv(16, (3, 3), padding='SAME')(x))
+      x = nn.avg_pool(x, (2, 2), strides=(2, 2))
+      x = nn.relu(nn.Conv(16, (2, 2), padding='SAME')(x))
+      return nn.Dense(3)(x.mean(axis=(1, 2)))
+
+  x = _x((6, 6, 3), n=3)
+  model = CNN()
+  variables = model.init(jax.random.PRNGKey(0), x)
+  # Nonzero biases, so that they enter the kernel.
+  variables = jax.tree.map(lambda a: a + 0.1 * jax.random.normal(jax.random.PRNGKey(1), a.shape),
+                           variables)
+  pp = variables['params']
+  plain = {'c1': (pp['Conv_0']['kernel'], pp['Conv_0']['bias']),
+           'c2': (pp['Conv_1']['kernel'], pp['Conv_1']['bias']),
+           'd': (pp['Dense_0']['kernel'], pp['Dense_0']['bias'])}
+
+  def plain_fn(p, x):
+    c = lambda q, h: lax.conv_general_dilated(h, q[0], (1, 1), 'SAME',
+                                              dimension_numbers=NHWC) + q[1]
+    h = relu(c(p['c1'], x))
+    h = lax.reduce_window(h, 0., lax.add, (1, 2, 2, 1), (1, 2, 2, 1), 'VALID') / 4.
+    h = relu(c(p['c2'], h))
+    return h.mean(axis=(1, 2)) @ p['d'][0] + p['d'][1]
+
+  np.testing.assert_allclose(model.apply(variables, x), plain_fn(plain, x), rtol=1e-12)
+  with warnings.catch_warnings():
+    warnings.simplefilter('ignore')   # small-sample moment estimates, the same on both sides
+    kf = iw.kernelize(model.apply, variables)(x, None, ('nngp', 'ntk'))
+    kp = iw.kernelize(plain_fn, plain)(x, None, ('nngp', 'ntk'))
+  for g in ('nngp', 'ntk'):
+    np.testing.assert_allclose(getattr(kf, g), getattr(kp, g), rtol=1e-10, atol=0)
+  assert np.abs(np.asarray(kp.nngp)).min() > 0
+
+
+# ----------------------------------------------------------------------------
+# Symmetry, PSD, jit, float32.
+
+_POOL_NET, _POOL_SHAPES = NT_NETS['avgpool_valid']
+
+
+def _pool_kernel_fn(dtype=np.float64):
+  return iw.kernelize(_POOL_NET, draw(_POOL_SHAPES, 0, dtype), param_stats=unit_stats(_POOL_SHAPES))
+
+
+def test_kernel_symmetric_psd_and_jit():
+  x = _x((6, 6, 3), n=4)
+  kernel_fn = _pool_kernel_fn()
+  k = kernel_fn(x, None, ('nngp', 'ntk'))
+  kj = jax.jit(kernel_fn, static_argnames='get')(x, None, ('nngp', 'ntk'))
+  k12 = kernel_fn(x, x[1:3], ('nngp', 'ntk'))
+  for g in ('nngp', 'ntk'):
+    a = np.asarray(getattr(k, g))
+    np.testing.assert_allclose(a, a.T, rtol=0, atol=1e-14 * np.abs(a).max())
+    assert np.linalg.eigvalsh(a).min() > -1e-12 * np.abs(a).max()
+    assert np.linalg.eigvalsh(a).max() > 0
+    np.testing.assert_allclose(getattr(kj, g), a, rtol=1e-12, atol=0)
+    # The cross kernel with x2 is the corresponding block of the x1 = x2 kernel.
+    np.testing.assert_allclose(getattr(k12, g), a[:, 1:3], rtol=1e-12, atol=0)
+
+
+def test_float32_close_to_float64():
+  x = _x((6, 6, 3), n=4)
+  k64 = _pool_kernel_fn()(x, None, ('nngp', 'ntk'))
+  k32 = _pool_kernel_fn(np.float32)(x.astype(np.float32), None, ('nngp', 'ntk'))
+  for g in ('nngp', 'ntk'):
+    a32 = getattr(k32, g)
+    assert a32.dtype == np.float32
+    # float32 rounding (eps 6e-8) through three layers and arccos: measured ~1e-6.
+    np.testing.assert_allclose(a32, getattr(k64, g), rtol=2e-5,
+                               atol=2e-5 * np.abs(getattr(k64, g)).max())
+
+
+# ----------------------------------------------------------------------------
+# Errors.
+
+
+def test_max_pool_is_unsupported_and_named():
+  def f(p, x):
+    h = relu(conv(p['c1'], x))
+    h = lax.reduce_window(h, -jnp.inf, lax.max, (1, 2, 2, 1), (1, 2, 2, 1), 'VALID')
+    return dense(p['d'], flatten(h))
+
+  shapes = dict(c1=cw((3, 3), 3, 4), d=dw(16, 1))
+  kernel_fn = iw.kernelize(f, draw(shapes, 0), param_stats=unit_stats(shapes))
+  with pytest.raises(iw.UnsupportedPrimitiveError, match='reduce_window_max') as e:
+    kernel_fn(_x((4, 4, 3), n=2), None, 'nngp')
+  assert 'reduce_window_max' in str(e.value.primitive)
+
+
+def test_grouped_convolution_raises_clear_error():
+  def f(p, x):
+    h = relu(conv(p['c1'], x))
+    h = lax.conv_general_dilated(h, p['c2'][0], (1, 1), 'SAME', dimension_numbers=NHWC,
+                                 feature_group_count=2)
+    return dense(p['d'], gap(h))
+
+  shapes = dict(c1=cw((3, 3), 3, 4), c2=((3, 3, 2, 4),), d=dw(4, 1))
+  kernel_fn = iw.kernelize(f, draw(shapes, 0), param_stats=unit_stats(shapes))
+  with pytest.raises(iw.InfwidthError, match='feature_group_count') as e:
+    kernel_fn(_x((4, 4, 3), n=2), None, 'nngp')
+  assert 'conv_general_dilated' in str(e.value)
