@@ -497,17 +497,20 @@ def GlobalSumPool(batch_axis: int = 0, channel_axis: int = -1) -> Layer:
 
 
 def Flatten(batch_axis: int = 0, batch_axis_out: int = 0) -> Layer:
-  """All non-batch axes flattened into one: `(N, H, W, C) -> (N, HWC)`."""
+  """All non-batch axes flattened into one: `(N, H, W, C) -> (N, HWC)` (or `(HWC, N)`
+  with `batch_axis_out=1`)."""
+  if batch_axis_out not in (0, 1, -1, -2):
+    raise ValueError(f'`batch_axis_out` must be 0 or 1, got {batch_axis_out}.')
+  batch_out = 0 if batch_axis_out in (0, -2) else 1
 
   def out_shape(shape):
-    n = shape[batch_axis]
-    rest = int(np.prod([d for i, d in enumerate(shape) if i != batch_axis % len(shape)]))
-    return (n, rest) if batch_axis_out in (0, -2) else (rest, n)
+    ba = batch_axis % len(shape)
+    rest = int(np.prod([d for i, d in enumerate(shape) if i != ba]))
+    return (shape[ba], rest) if batch_out == 0 else (rest, shape[ba])
 
   def apply_fn(params, x, **kwargs):
-    x = jnp.moveaxis(x, batch_axis, -batch_axis_out)
-    return x.reshape(out_shape(x.shape if batch_axis_out in (0, -2) else
-                               jnp.moveaxis(x, -batch_axis_out, batch_axis).shape))
+    shape = out_shape(x.shape)
+    return jnp.moveaxis(x, batch_axis, -batch_out).reshape(shape)
 
   return Layer(lambda key, s: (out_shape(s), ()), apply_fn, lambda p: ())
 
