@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from infwidth.rules import gaussian
 from infwidth.rules.chain import Chain
 
 _DEGREE = 48
@@ -64,24 +65,9 @@ def expect_single_fn(f, f_args, mean, var, degree=_DEGREE):
 
 def expect_pair(f: Chain, f_args, g: Chain, g_args, mean1, mean2, var1, var2, cov, *, ntk=True):
   """`(E[f g], E[f' g'] or None)`: closed forms where recognised, else quadrature."""
-  try:
-    from infwidth.rules import gaussian
-  except ImportError:
-    gaussian = None
-  if gaussian is not None:
-    return gaussian.expect_pair(f, f_args, g, g_args, mean1, mean2, var1, var2, cov, ntk=ntk)
-  val = expect_pair_fn(f, f_args, g, g_args, mean1, mean2, var1, var2, cov)
-  if not ntk:
-    return val, None
-  return val, expect_pair_fn(f.derivative(), f_args, g.derivative(), g_args,
-                             mean1, mean2, var1, var2, cov)
+  return gaussian.expect_pair(f, f_args, g, g_args, mean1, mean2, var1, var2, cov, ntk=ntk)
 
 
 def expect_single(f: Chain, f_args, mean, var):
-  try:
-    from infwidth.rules import gaussian
-  except ImportError:
-    gaussian = None
-  if gaussian is not None:
-    return gaussian.expect_single(f, f_args, mean, var)
-  return expect_single_fn(f, f_args, mean, var)
+  """`E[f(u)]` for `u ~ N(mean, var)`."""
+  return gaussian.expect_single(f, f_args, mean, var)
