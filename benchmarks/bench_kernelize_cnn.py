@@ -18,9 +18,10 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import time
 
 import numpy as np
+
+from timing import reference_env, time_kernel_fn
 
 W_STD, B_STD, WIDTH = 1.4, 0.1, 64
 CASES = {'flatten': (32, 64), 'gap': (8, 16)}  # image size, N
@@ -77,26 +78,9 @@ def infwidth_kernel_fn(readout, depth, channels):
 
 
 def time_infwidth(readout, x, depth, reps):
-  import jax
   kernel_fn = infwidth_kernel_fn(readout, depth, x.shape[-1])
-  t = time.perf_counter()
-  kernel_fn.lower(x, x, ('nngp', 'ntk')).compile()
-  compile_time = time.perf_counter() - t
-  k = kernel_fn(x, x, ('nngp', 'ntk'))
-  jax.block_until_ready(k)
-  times = []
-  for _ in range(reps):
-    t = time.perf_counter()
-    k = kernel_fn(x, x, ('nngp', 'ntk'))
-    jax.block_until_ready(k)
-    times.append(time.perf_counter() - t)
-  return compile_time, min(times), np.stack([np.asarray(k.nngp), np.asarray(k.ntk)])
-
-
-def _reference_env():
-  env = {k: v for k, v in os.environ.items() if not k.startswith(('PYTHON', 'VIRTUAL_ENV'))}
-  env['JAX_PLATFORMS'] = 'cpu'
-  return env
+  compile_time, best, _, k = time_kernel_fn(kernel_fn, x, reps)
+  return compile_time, best, np.stack([np.asarray(k.nngp), np.asarray(k.ntk)])
 
 
 def main():
@@ -127,7 +111,7 @@ def main():
         f.write(NT_SCRIPT)
       out = subprocess.run([args.nt_python, f'{tmp}/nt.py', readout, str(args.depth),
                             str(args.reps), f'{tmp}/x.npy', f'{tmp}/k.npy'],
-                           capture_output=True, text=True, cwd=tmp, env=_reference_env())
+                           capture_output=True, text=True, cwd=tmp, env=reference_env())
       if out.returncode:
         print(out.stderr[-2000:])
         continue

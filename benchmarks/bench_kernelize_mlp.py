@@ -14,9 +14,10 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 
 import numpy as np
+
+from timing import reference_env, time_kernel_fn
 
 WIDTHS = (512, 512, 512)
 W_STD, B_STD = 1.5, 0.05
@@ -64,27 +65,9 @@ def time_infwidth(x):
                    jax.ShapeDtypeStruct((fan_out,), jnp.float32)))
     stats.append((iw.ParamStats(0., 1.), iw.ParamStats(0., 1.)))
   kernel_fn = jax.jit(iw.kernelize(mlp, params, param_stats=stats), static_argnames='get')
-  x = jnp.asarray(x)
-  t = time.perf_counter()
-  kernel_fn.lower(x, x, ('nngp', 'ntk')).compile()
-  compile_time = time.perf_counter() - t
-  k = kernel_fn(x, x, ('nngp', 'ntk'))
-  jax.block_until_ready(k)
-  times = []
-  for _ in range(REPEATS):
-    t = time.perf_counter()
-    k = kernel_fn(x, x, ('nngp', 'ntk'))
-    jax.block_until_ready(k)
-    times.append(time.perf_counter() - t)
-  return compile_time, min(times), float(np.median(times)), np.stack(
+  compile_time, best, times, k = time_kernel_fn(kernel_fn, jnp.asarray(x), REPEATS)
+  return compile_time, best, float(np.median(times)), np.stack(
       [np.asarray(k.nngp[:64, :64]), np.asarray(k.ntk[:64, :64])])
-
-
-def _reference_env():
-  """The environment for the reference interpreter: none of this one's paths."""
-  env = {k: v for k, v in os.environ.items() if not k.startswith(('PYTHON', 'VIRTUAL_ENV'))}
-  env['JAX_PLATFORMS'] = 'cpu'
-  return env
 
 
 def main():
@@ -110,7 +93,7 @@ def main():
       f.write(NT_SCRIPT)
     out = subprocess.run([args.nt_python, script, str(args.n), str(args.d), str(REPEATS),
                           f'{tmp}/x.npy', f'{tmp}/k.npy'], capture_output=True, text=True,
-                         cwd=tmp, env=_reference_env())
+                         cwd=tmp, env=reference_env())
     if out.returncode:
       print(out.stderr[-2000:])
       return
