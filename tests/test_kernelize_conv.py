@@ -561,3 +561,50 @@ def test_grouped_convolution_raises_clear_error():
   with pytest.raises(iw.InfwidthError, match='feature_group_count') as e:
     kernel_fn(_x((4, 4, 3), n=2), None, 'nngp')
   assert 'conv_general_dilated' in str(e.value)
+
+
+# ----------------------------------------------------------------------------
+# Dimension numbers only relabel axes: the kernel (in NT's (N1, N2, H, H', W, W')
+# layout for spatial outputs) is the same for every layout.
+
+_LAYOUTS = {
+    'nhwc': (NHWC, NHWC),
+    'nchw': (('NCHW', 'OIHW', 'NCHW'), ('NCHW', 'OIHW', 'NCHW')),
+    'mixed': (('NCHW', 'OHWI', 'NHWC'), ('NHWC', 'IHWO', 'NWHC')),
+}
+
+
+def _layout_net(layout, readout):
+  dn1, dn2 = _LAYOUTS[layout]
+
+  def f(p, x):
+    if dn1[0] == 'NCHW':
+      x = jnp.transpose(x, (0, 3, 1, 2))
+    h = relu(conv(p['c1'], x, dn=dn1, strides=(1, 2)))
+    h = conv(p['c2'], h, dn=dn2, padding=((1, 0), (0, 1)))
+    # Back to NHWC so that Flatten orders the pixels the same way.
+    h = jnp.transpose(h, [dn2[2].index(c) for c in 'NHWC'])
+    return dense(p['d'], flatten(h)) if readout else h
+
+  def filt(dn, kh, kw, i, o):
+    return tuple({'H': kh, 'W': kw, 'I': i, 'O': o}[c] for c in dn[1])
+
+  shapes = dict(c1=(filt(dn1, 3, 3, 3, 4), (4,)), c2=(filt(dn2, 2, 2, 4, 5), (5,)),
+                d=((4 * 3 * 5, 1), (1,)))
+  return f, shapes
+
+
+@pytest.mark.parametrize('readout', [False, True])
+def test_dimension_numbers_do_not_change_the_kernel(readout):
+  x = _x((4, 5, 3), n=2)
+  ks = {}
+  for layout in _LAYOUTS:
+    f, shapes = _layout_net(layout, readout)
+    ks[layout] = iw.kernelize(f, draw(shapes, 0), param_stats=unit_stats(shapes))(
+        x, x[:1], ('nngp', 'ntk'))
+  want_shape = (2, 1) if readout else (2, 1, 4, 4, 3, 3)
+  for layout, k in ks.items():
+    for g in ('nngp', 'ntk'):
+      assert getattr(k, g).shape == want_shape, (layout, g)
+      np.testing.assert_allclose(getattr(k, g), getattr(ks['nhwc'], g), rtol=1e-12, atol=0,
+                                 err_msg=f'{layout} {g}')
