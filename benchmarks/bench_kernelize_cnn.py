@@ -99,7 +99,7 @@ def main():
     per_entry = best / (n * n) * 1e3
     print(f'[{readout}] N={n}, {size}x{size}x3, depth {args.depth}: infwidth {best:.3f} s '
           f'({per_entry:.3f} ms per entry), trace+compile {compile_time:.1f} s')
-    for depth in (args.depth // 3, 2 * args.depth // 3):
+    for depth in sorted({max(1, args.depth // 3), max(1, 2 * args.depth // 3)}):
       ct, _, _ = time_infwidth(readout, jnp.asarray(x[:4]), depth, 1)
       print(f'  trace+compile at depth {depth}: {ct:.1f} s')
     if not os.path.exists(args.nt_python):
