@@ -240,3 +240,32 @@ def test_errors():
     stax.Conv(3, (3, 3), padding='REFLECT')
   with pytest.raises(ValueError, match='Parameterization'):
     stax.Dense(3, parameterization='mup')
+
+
+def test_float32():
+  (_, _, kernel_fn), (x1, x2) = _layer('dense_relu_standard')
+  k = kernel_fn(x1.astype(np.float32), x2.astype(np.float32), ('nngp', 'ntk'))
+  for g in ('nngp', 'ntk'):
+    assert getattr(k, g).dtype == np.float32
+    assert _rel_err(getattr(k, g), _NT[f'dense_relu_standard/{g}']) < 1e-5
+
+
+def test_flatten_without_readout_raises():
+  """NT's kernel of a Flatten output averages over pixels; kernelize supports Flatten
+  only as the input of a Dense readout and says so otherwise."""
+  _, _, kernel_fn = stax.serial(stax.Conv(1, (3, 3), padding='SAME'), stax.Relu(),
+                                stax.Flatten())
+  x1, _ = INPUTS['img']()
+  with pytest.raises(iw.InfwidthError, match='reshape'):
+    kernel_fn(x1, None, 'nngp')
+
+
+@pytest.mark.xfail(raises=iw.InfwidthError, strict=False,
+                   reason='kernelize: a Kernel input with one channel (shape1 (N, 1)) is not '
+                          'read as a wide channel axis')
+def test_kernel_composition_after_scalar_output():
+  net1 = stax.serial(stax.Dense(8, 1.4, 0.2), stax.Relu(), stax.Dense(1))
+  net2 = stax.serial(stax.Dense(8, 1.1, 0.3), stax.Relu(), stax.Dense(1))
+  x1, x2 = INPUTS['vec']()
+  composed = net2[2](net1[2](x1, x2), get='nngp')
+  np.testing.assert_allclose(composed, stax.serial(net1, net2)[2](x1, x2, 'nngp'), rtol=1e-10)
