@@ -33,13 +33,16 @@ Differences from Neural Tangents:
   derive the kernel from `fn` itself (closed forms where recognised,
   infwidth's Gauss-Hermite quadrature otherwise); `nngp_fn`, `d_nngp_fn`,
   `deg` and `df` are accepted for compatibility and unused.
+* `Gelu(approximate=True)` gets the kernel of the tanh approximation itself;
+  NT returns the exact-GELU kernel for both settings (they differ by ~1e-4).
 * `kernel_fn` accepts arrays or an `infwidth.Kernel` (without spatial axes) in
-  place of `x1`; masking and `diagonal_batch`/`diagonal_spatial` options are
-  not supported.
+  place of `x1`; masking, `diagonal_batch`/`diagonal_spatial`, and a list of
+  inputs (a network that starts with `parallel`) are not supported.
 * Layers whose finite network uses an operation kernelize cannot interpret
-  raise `infwidth.InfwidthError` from `kernel_fn` naming it (for example
-  `FanInConcat` along the channel axis, or `CIRCULAR` padding when
-  wrap-around padding has no rule).
+  make `kernel_fn` raise `infwidth.InfwidthError` naming the operation; no
+  approximate kernel is substituted. Currently: `FanInConcat` along the
+  channel axis (`concatenate` of wide values) and `Flatten` that is not
+  followed by a `Dense` readout (NT returns the pixel-averaged kernel there).
 """
 
 from __future__ import annotations
