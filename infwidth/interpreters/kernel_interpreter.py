@@ -21,6 +21,7 @@ from infwidth import algebra as A
 from infwidth.errors import UnsupportedPrimitiveError
 from infwidth.interpreters.compat import CALL_PRIMITIVES, subjaxpr_of
 from infwidth.rules import registry
+from infwidth.rules.reductions import ChannelSum, channel_sum_rule
 from infwidth.rules.structural import det_roles
 from infwidth.rules.values import Det
 
@@ -81,6 +82,8 @@ def interpret(jaxpr, consts: Sequence[Any], args: Sequence[Any], moments: A.Mome
                        callers + (eqn,))
     elif all(isinstance(v, Det) for v in invals):
       outs = _fold(eqn, invals)
+    elif any(isinstance(v, ChannelSum) for v in invals):
+      outs = [channel_sum_rule(RuleContext(eqn, moments, callers), *invals, **eqn.params)]
     else:
       rule = registry.KERNEL_RULES.get(eqn.primitive)
       if rule is None:
@@ -95,7 +98,13 @@ def interpret(jaxpr, consts: Sequence[Any], args: Sequence[Any], moments: A.Mome
 
 def _fold(eqn, invals):
   """Constant folding: evaluates an equation whose inputs are all deterministic."""
-  outs = eqn.primitive.bind(*(d.value for d in invals), **eqn.params)
+  values = [d.value for d in invals]
+  if any(isinstance(v, jax.core.Tracer) for v in values):
+    outs = eqn.primitive.bind(*values, **eqn.params)
+  else:
+    # Constants stay concrete under an enclosing jit, so rules can read them.
+    with jax.ensure_compile_time_eval():
+      outs = eqn.primitive.bind(*values, **eqn.params)
   if not eqn.primitive.multiple_results:
     outs = [outs]
   roles = det_roles(eqn, invals, outs)

@@ -1,14 +1,20 @@
 """Reductions of wide values (DESIGN §2, "Reductions over a wide axis").
 
-A sum over the `n` i.i.d. channels is `n·E[v] + O(√n)` fluctuations: the
-deterministic part is kept (so `jnp.mean` over features, as in LayerNorm and
-RMSNorm, gives the exact per-input statistic); what the fluctuation would
-contribute vanishes after the network's own `1/n`.
+A sum over the `n` i.i.d. channels is `n·E[v] + O(√n)` fluctuations. After
+the network's own `1/n` (`jnp.mean` over features, as in LayerNorm and
+RMSNorm) only the deterministic per-input statistic `E[v]` remains; so the sum
+is held as a `ChannelSum` until it is divided by its width. Any other use of it
+(a `1/√n` scaling, where the fluctuation would survive) is reported, never
+silently dropped.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
+import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.extend.core import primitives as P
 
 from infwidth import algebra as A
@@ -37,4 +43,54 @@ def reduce_sum_rule(ctx, operand, *, axes, **_):
   out_shape = tuple(ctx.eqn.outvars[0].aval.shape)
   canonical = operand.canonical_shape(out_shape[out_roles.index('b')] if 'b' in out_roles else 1)
   first = jnp.broadcast_to(jnp.asarray(first, m.dtype), canonical)
-  return Det(canonical_to_value(n * first, out_roles, out_shape), out_roles)
+  return ChannelSum(Det(canonical_to_value(n * first, out_roles, out_shape), out_roles), n)
+
+
+@dataclasses.dataclass(frozen=True)
+class ChannelSum:
+  """`Σ_i v_i` over a wide axis of width `n`: `n·E[v]` (in `total`) plus
+  fluctuations of order √n that only a division by `n` makes negligible."""
+  total: Det
+  n: int
+
+  @property
+  def shape(self):
+    return self.total.shape
+
+
+def channel_sum_rule(ctx, *invals, **params):
+  """Operations on a `ChannelSum`: structural ones carry it, dividing by the
+  width (or multiplying by its inverse) gives the mean `E[v]`."""
+  prim = ctx.eqn.primitive
+  sums = [v for v in invals if isinstance(v, ChannelSum)]
+  if len(sums) == 1 and prim in _CARRY:
+    (s,) = sums
+    folded = _fold_det(ctx, [s.total if v is s else v for v in invals])
+    return ChannelSum(folded, s.n)
+  if len(sums) == 1 and len(invals) == 2 and prim in (P.div_p, P.mul_p):
+    s, other = (invals[0], invals[1]) if invals[0] is sums[0] else (invals[1], invals[0])
+    c = _concrete_scalar(other)
+    if c is not None:
+      factor = c if prim is P.mul_p else (1.0 / c if invals[0] is s else None)
+      if factor is not None and abs(factor * s.n - 1.0) < 1e-6:
+        return _fold_det(ctx, [s.total if v is s else v for v in invals])
+  raise ctx.unsupported(
+      'a sum over a wide (channel) axis that is not divided by the width; only means '
+      'over wide axes (jnp.mean, as in LayerNorm) have a deterministic limit, and a '
+      '1/sqrt(width)-scaled sum is not supported yet')
+
+
+def _concrete_scalar(v):
+  if isinstance(v, Det) and np.size(v.value) == 1 and not isinstance(v.value, jax.core.Tracer):
+    return float(np.asarray(v.value).reshape(()))
+  return None
+
+
+def _fold_det(ctx, invals):
+  from infwidth.interpreters.kernel_interpreter import _fold
+  (out,) = _fold(ctx.eqn, invals)
+  return out
+
+
+_CARRY = (P.broadcast_in_dim_p, P.reshape_p, P.convert_element_type_p, P.squeeze_p,
+          P.expand_dims_p if hasattr(P, 'expand_dims_p') else P.squeeze_p, P.copy_p)
