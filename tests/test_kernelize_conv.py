@@ -361,6 +361,12 @@ def _residual_net(p, x):
   return dense(p['d'], gap(h))
 
 
+def _correlated_sum_net(p, x):
+  h = conv(p['c0'], x)
+  h = relu(conv(p['c1'], relu(h) + 0.5 * h))   # correlated summands of one conv output
+  return dense(p['d'], gap(h))
+
+
 W, O = WIDTH, C_OUT
 MC_NETS = {
     'nchw': (_nchw_net, dict(c1=((W, 3, 3, 3), (W,)), c2=((W, W, 2, 2), (W,)), d=dw(W, O)),
@@ -377,6 +383,8 @@ MC_NETS = {
                                                      d=dw(W, O)), (4, 4, 3), 2),
     'avg_pool_padding': (_avg_pool_padding_net, dict(c1=cw((3, 3), 3, W), c2=cw((2, 2), W, W),
                                                      d=dw(9 * W, O)), (5, 5, 3), 2),
+    'correlated_sum': (_correlated_sum_net, dict(c0=cw((3, 3), 3, W), c1=cw((3, 3), W, W),
+                                                 d=dw(W, O)), (4, 4, 3), 2),
     'residual': (_residual_net, dict(c0=cw((3, 3), 3, W), c1=cw((3, 3), W, W), d=dw(W, O)),
                  (4, 4, 3), 2),
 }
