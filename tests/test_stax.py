@@ -25,7 +25,10 @@ _NOT_NT = {
     'fan_in_concat',  # kernelize has no rule for concatenating wide values.
     'wide_resnet',  # slow in float64; test_wide_resnet below.
 }
-_MATCHING = [n for n in ARCHITECTURES if n not in _NOT_NT]
+# Compile-heavy cases whose options other default cases cover (run with -m slow).
+_SLOW = {'readme_cnn_gap', 'avgpool_circular', 'conv_transpose_same'}
+_MATCHING = [pytest.param(n, marks=pytest.mark.slow) if n in _SLOW else n
+             for n in ARCHITECTURES if n not in _NOT_NT]
 
 
 def _layer(name):
