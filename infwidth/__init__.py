@@ -1,9 +1,16 @@
 """infwidth: infinite-width NNGP and NTK kernels of any JAX function."""
 
-from infwidth.kernel import Kernel
+from infwidth import predict, stax
 from infwidth.batching import batch
-from infwidth import predict
+from infwidth.empirical import (NtkImplementation, empirical_kernel_fn, empirical_nngp_fn,
+                                empirical_ntk_fn, linearize, monte_carlo_kernel_fn,
+                                taylor_expand)
 from infwidth.errors import InfwidthError, UnsupportedPrimitiveError
+from infwidth.kernel import Kernel
 from infwidth.kernelize import ParamStats, kernelize
-from infwidth.empirical import empirical_ntk_fn, empirical_nngp_fn, empirical_kernel_fn, monte_carlo_kernel_fn, linearize, taylor_expand, NtkImplementation
-from infwidth import stax
+
+__all__ = [
+    'InfwidthError', 'Kernel', 'NtkImplementation', 'ParamStats', 'UnsupportedPrimitiveError',
+    'batch', 'empirical_kernel_fn', 'empirical_nngp_fn', 'empirical_ntk_fn', 'kernelize',
+    'linearize', 'monte_carlo_kernel_fn', 'predict', 'stax', 'taylor_expand',
+]

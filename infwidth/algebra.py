@@ -381,7 +381,12 @@ def align(arr, src: Sequence[str], dst: Sequence[str]):
   arr = jnp.asarray(arr)
   missing = [r for r in src if r not in dst]
   if missing:
-    raise InfwidthError(f'internal: spatial axes {missing} dropped without a reduction')
+    # Axes of size one may disappear (a squeeze or reshape); others may not.
+    drop = [1 + src.index(r) for r in missing]
+    if any(arr.shape[i] != 1 for i in drop):
+      raise InfwidthError(f'internal: spatial axes {missing} dropped without a reduction')
+    arr = jnp.squeeze(arr, axis=tuple(drop))
+    src = [r for r in src if r not in missing]
   perm = [0] + [1 + src.index(r) for r in dst if r in src]
   arr = jnp.transpose(arr, perm)
   shape = [arr.shape[0]]
@@ -905,6 +910,19 @@ def _embed_block(arr, nb: int, sa_sp, sb_sp, a_sp, b_sp, diag=False):
   (one copy of the spatial axes in diagonal mode)."""
   if isinstance(arr, float) or (tuple(sa_sp) == tuple(a_sp) and tuple(sb_sp) == tuple(b_sp)):
     return arr
+  # Source axes of size one that the destination no longer has (squeezed by a
+  # reshape) are dropped first.
+  sides = [(sa_sp, a_sp)] if diag else [(sa_sp, a_sp), (sb_sp, b_sp)]
+  drop, offset = [], nb
+  for src_sp, dst_sp in sides:
+    drop += [offset + i for i, r in enumerate(src_sp) if r not in dst_sp]
+    offset += len(src_sp)
+  if drop:
+    arr = jnp.squeeze(arr, axis=tuple(drop))
+    sa_sp = tuple(r for r in sa_sp if r in a_sp)
+    sb_sp = tuple(r for r in sb_sp if r in (a_sp if diag else b_sp))
+    if tuple(sa_sp) == tuple(a_sp) and tuple(sb_sp) == tuple(b_sp):
+      return arr
   if diag:
     if tuple(a_sp) != tuple(b_sp):
       raise NeedFullSpatial()

@@ -212,13 +212,7 @@ def nt_ref():
 
 
 # Library bugs (the tests assert NT's numbers):
-BUG_SIZE1_SUM = ('reduce_sum over spatial axes that all have size 1 (global pooling of a '
-                 '1x1 feature map) raises UnsupportedPrimitiveError')
-BUG_SIZE1_FLATTEN = ('a spatial axis of size 1 (strided/VALID conv output) breaks the '
-                     'Flatten readout: TypeError from a transpose permutation')
-BUG_RESIDUAL = ('adding the outputs of two different convolutions (h + conv(relu(h))) '
-                'raises TypeError from a transpose permutation')
-_XFAIL = {'myrtle5': BUG_SIZE1_SUM, 'strided': BUG_SIZE1_FLATTEN, 'wrn_block': BUG_RESIDUAL}
+_XFAIL = {}
 _SLOW = {'erf_gelu'}   # exact GELU by quadrature: ~30 s
 
 
@@ -388,7 +382,7 @@ MC_NETS = {
     'residual': (_residual_net, dict(c0=cw((3, 3), 3, W), c1=cw((3, 3), W, W), d=dw(W, O)),
                  (4, 4, 3), 2),
 }
-_MC_XFAIL = {'residual': BUG_RESIDUAL}
+_MC_XFAIL = {}
 _MC_SLOW = {'conv3d', 'avg_pool_padding'}   # 15-30 s each; padded pooling is also
                                              # checked against NT in the default run
 
@@ -640,7 +634,7 @@ def _pool_h(kind):
 
 @pytest.mark.parametrize('kind', [
     'sum_keepdims',
-    pytest.param('window', marks=pytest.mark.xfail(strict=True, reason=BUG_SIZE1_FLATTEN))])
+    'window'])
 def test_pooling_a_whole_axis_three_ways(kind):
   x = _x((4, 5, 3), n=2)
   shapes = dict(c1=cw((3, 3), 3, 4), d=dw(5 * 4, 1))

@@ -205,8 +205,6 @@ def test_monte_carlo_cnn():
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(raises=TypeError, strict=False,
-                   reason='kernelize: conv(x, W1) + conv(conv(x, W1), W2) fails in _embed_block')
 def test_wide_resnet():
   """NT README's WideResnet(block_size=4, k=1) on 32x32x3 inputs, jitted."""
   (_, _, kernel_fn), (x1, x2) = _layer('wide_resnet')
@@ -218,8 +216,6 @@ def test_wide_resnet():
   assert np.all(np.isfinite(kk)) and np.linalg.eigvalsh(np.asarray(kk)).min() > 0
 
 
-@pytest.mark.xfail(raises=TypeError, strict=False,
-                   reason='kernelize: conv(x, W1) + conv(conv(x, W1), W2) fails in _embed_block')
 def test_small_residual_cnn_matches_independent_branches():
   """One WideResnet block: the shortcut is uncorrelated with the fresh-weight main
   branch, so the kernel is the sum of the two branches' kernels (as in NT)."""
@@ -263,9 +259,6 @@ def test_flatten_without_readout_raises():
     kernel_fn(x1, None, 'nngp')
 
 
-@pytest.mark.xfail(raises=iw.InfwidthError, strict=False,
-                   reason='kernelize: a Kernel input with one channel (shape1 (N, 1)) is not '
-                          'read as a wide channel axis')
 def test_kernel_composition_after_scalar_output():
   net1 = stax.serial(stax.Dense(8, 1.4, 0.2), stax.Relu(), stax.Dense(1))
   net2 = stax.serial(stax.Dense(8, 1.1, 0.3), stax.Relu(), stax.Dense(1))

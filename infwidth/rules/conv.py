@@ -14,7 +14,6 @@ the input, as the padding is), applied one spatial dimension at a time
 
 from __future__ import annotations
 
-import itertools
 
 import jax.numpy as jnp
 import numpy as np
@@ -26,7 +25,11 @@ from infwidth.errors import InfwidthError
 from infwidth.rules.chain import Chain
 from infwidth.rules.registry import register
 
-_uid = itertools.count()
+
+
+def grid_role(role, size_in: int, size_out: int) -> str:
+  """The role of a spatial axis mapped from `role` (size_in) to size_out."""
+  return role if size_in == size_out else f'{role}/{size_out}'
 
 
 def _window_axes(x, axes, window, stride, dilation, pad, base_dilation, out_size):
@@ -66,8 +69,11 @@ def conv_rule(ctx, lhs, rhs, *, window_strides, padding, lhs_dilation, rhs_dilat
     raise InfwidthError('a convolution over an input whose batch axis is not its batch '
                         'dimension; put the batch axis in the batch position of '
                         'dimension_numbers.')
-  uid = next(_uid)
-  out_spatial_roles = [f'conv{uid}.{j}' for j in range(k)]
+  # Spatial roles name grids, not operations: an output axis of the same size
+  # as its input keeps the input's role, another gets `role/size`, so the
+  # branches of a residual block line up position by position.
+  out_spatial_roles = [grid_role(in_roles[j], lhs.shape[lspec[2 + j]], out_sizes[j])
+                       for j in range(k)]
   roles = [None] * len(out_shape)
   roles[ospec[0]] = 'b' if lhs.roles[lspec[0]] == 'b' else None
   roles[ospec[1]] = 'c'

@@ -54,7 +54,7 @@ def dot_general_rule(ctx, lhs, rhs, *, dimension_numbers, **_):
   if cached is not None:
     return A.Wide(out_shape, roles, (A.Term(Chain(), A.combo_of(cached, spatial)),))
   if isinstance(x, A.Wide):
-    xc_big = [i for i in xc if x.shape[i] != 1]
+    xc_big = [i for i in xc if x.shape[i] != 1 or x.roles[i] == 'c']
     if [x.roles[i] for i in xc_big] != ['c']:
       raise InfwidthError(
           f'a weight contracts axes {[x.roles[i] for i in xc_big]} of a wide value; '

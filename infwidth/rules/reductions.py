@@ -30,7 +30,8 @@ def reduce_sum_rule(ctx, operand, *, axes, **_):
     raise ctx.unsupported('a sum over the entries of a parameter')
   big = [a for a in axes if operand.shape[a] != 1]
   kinds = [operand.roles[a] for a in big]
-  if kinds and all(k not in ('b', 'c', None) for k in kinds):
+  spatial_kinds = [operand.roles[a] for a in axes if operand.roles[a] is not None]
+  if spatial_kinds and all(k not in ('b', 'c') for k in spatial_kinds):
     from infwidth.rules.spatial import spatial_sum
     return spatial_sum(ctx, operand, axes)
   if kinds != ['c'] or operand.hidden:

@@ -10,7 +10,6 @@ becomes one matrix per axis.
 
 from __future__ import annotations
 
-import itertools
 
 import jax.numpy as jnp
 import numpy as np
@@ -19,10 +18,10 @@ from jax.extend.core import primitives as P
 from infwidth import algebra as A
 from infwidth.errors import InfwidthError
 from infwidth.rules.chain import Chain
+from infwidth.rules.conv import grid_role
 from infwidth.rules.registry import register
 from infwidth.rules.values import Det
 
-_uid = itertools.count()
 
 
 def mapped_parts(w: A.Wide):
@@ -92,7 +91,6 @@ def _compose(ops, role_in_value, new):
 def map_axes(ctx, w: A.Wide, per_axis, out_shape):
   """Applies per-value-axis maps {axis: ('mat', P) | ('vec', w)} to a wide value."""
   base, ops = mapped_parts(w)
-  uid = next(_uid)
   roles = list(w.roles)
   for ax, (kind, m) in per_axis.items():
     r = w.roles[ax]
@@ -102,7 +100,7 @@ def map_axes(ctx, w: A.Wide, per_axis, out_shape):
       ops = _compose(ops, r, ('vec', m))
       roles[ax] = 'drop'
     else:
-      new_role = f'map{uid}.{ax}'
+      new_role = grid_role(r, w.shape[ax], out_shape[ax])
       ops = _compose(ops, r, ('mat', m, new_role))
       roles[ax] = new_role
   out_roles = tuple(r for r in roles if r != 'drop')
@@ -292,8 +290,7 @@ def concatenate_rule(ctx, *operands, dimension, **_):
     elif rest_key != others or br != base_role:
       raise ctx.unsupported('concatenation of pieces mapped differently along other axes')
     blocks.append(mat)
-  uid = next(_uid)
-  new_role = f'cat{uid}'
+  new_role = grid_role(base_role, base.shape[base.roles.index(base_role)] if base_role in base.roles else -1, out_shape[dimension])
   ops = dict(base_rest)
   ops[base_role] = ('mat', np.concatenate(blocks, axis=0), new_role)
   roles = list(wides[0].roles)

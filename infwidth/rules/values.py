@@ -102,7 +102,7 @@ def canonical_to_value(arr, roles: Sequence[Any], shape: Sequence[int]):
 def param_to_wide(p: A.ParamRef) -> A.Wide:
   """A parameter used elementwise: a Gaussian source along its only non-trivial axis."""
   from_leaf = [i for i, a in enumerate(p.axes) if a is not None]
-  big = [i for i in from_leaf if p.shape[i] != 1] or from_leaf
+  big = [i for i in from_leaf if p.shape[i] != 1] or from_leaf[-1:]
   if len(big) > 1:
     raise InfwidthError(
         f'parameter {p.leaf.name!r} of shape {p.leaf.shape} is used elementwise with '
