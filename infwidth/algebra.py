@@ -187,7 +187,7 @@ class KernelSource(Source):
   `ntk` its NTK, as computed for an earlier function.
   """
 
-  def __init__(self, kernel, n_params: int):
+  def __init__(self, kernel):
     super().__init__()
     self.kernel = kernel
     self.leaf = ParamLeaf(-1, '<input kernel>', (), 0.0, 1.0, 1.0)

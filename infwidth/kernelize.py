@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from infwidth import algebra as A
+from infwidth.rules.chain import Chain
 from infwidth.rules import builtin as _builtin_rules  # noqa: F401  (registers the rules)
 from infwidth.errors import InfwidthError, UnsupportedPrimitiveError
 from infwidth.interpreters.kernel_interpreter import interpret
@@ -257,14 +258,9 @@ def _kernel_input(k: Kernel):
   shape = (n_joint,) + tuple(k.shape1[1:]) if k.shape1 else (n_joint, 1)
   if len(shape) != 2:
     raise InfwidthError(f'a Kernel in place of x1 must describe (N, C) outputs; got {k.shape1}.')
-  src = A.KernelSource(k, 0)
-  x_val = A.Wide(shape, ('b', 'c'), (A.Term(_identity_chain(), A.combo_of(src, ())),))
+  src = A.KernelSource(k)
+  x_val = A.Wide(shape, ('b', 'c'), (A.Term(Chain(), A.combo_of(src, ())),))
   return A.Moments(n1, n2, k.x1_is_x2, dtype), jax.ShapeDtypeStruct(shape, dtype), x_val
-
-
-def _identity_chain():
-  from infwidth.rules.chain import Chain
-  return Chain()
 
 
 def _output_kernel(out, moments: A.Moments, n1, n2, x1_is_x2, dtype) -> Kernel:
