@@ -72,8 +72,8 @@ def conv_rule(ctx, lhs, rhs, *, window_strides, padding, lhs_dilation, rhs_dilat
   # Spatial roles name grids, not operations: an output axis of the same size
   # as its input keeps the input's role, another gets `role/size`, so the
   # branches of a residual block line up position by position.
-  out_spatial_roles = [grid_role(in_roles[j], lhs.shape[lspec[2 + j]], out_sizes[j])
-                       for j in range(k)]
+  out_spatial_roles = [grid_role(in_roles[j] if in_roles[j] is not None else f'conv-dim{j}',
+                                 lhs.shape[lspec[2 + j]], out_sizes[j]) for j in range(k)]
   roles = [None] * len(out_shape)
   roles[ospec[0]] = 'b' if lhs.roles[lspec[0]] == 'b' else None
   roles[ospec[1]] = 'c'

@@ -27,30 +27,16 @@ import numpy as np
 from jax.extend import core as jex
 from jax.extend.core import primitives as _p
 
+from infwidth.interpreters.compat import CALL_PRIMITIVES, subjaxpr_of
 from infwidth.rules import closed_forms as cf
 from infwidth.rules import quadrature as quad
 from infwidth.rules.chain import Chain, Node, Ref, U, arg, const, node
 
 __all__ = ['expect_pair', 'expect_single', 'chain_from_fn']
 
-_JIT_P = getattr(_p, 'jit_p', None) or getattr(_p, 'pjit_p')
-_CUSTOM_VJP_P = getattr(_p, 'custom_vjp_call_p', None) or getattr(_p, 'custom_vjp_call_jaxpr_p')
-_CALLS = tuple(p for p in (_JIT_P, _p.closed_call_p, _p.call_p, _p.remat_p,
-                           _p.custom_jvp_call_p, _CUSTOM_VJP_P) if p is not None)
-
 
 # ----------------------------------------------------------------------------
 # Chains from Python functions.
-
-def _subjaxpr(eqn):
-  for name in ('jaxpr', 'call_jaxpr', 'fun_jaxpr'):
-    sub = eqn.params.get(name)
-    if sub is not None:
-      if isinstance(sub, jex.ClosedJaxpr):
-        return sub.jaxpr, list(sub.consts)
-      return sub, []
-  raise ValueError(f'no sub-jaxpr in the parameters of {eqn.primitive}')
-
 
 def chain_from_fn(fn: Callable, n_args: int = 0, dtype=None) -> Chain:
   """The `Chain` of a scalar function φ(u, *args) (`n_args` arguments), by tracing.
@@ -87,8 +73,8 @@ def chain_from_fn(fn: Callable, n_args: int = 0, dtype=None) -> Chain:
       env[v] = r
     for eqn in jaxpr.eqns:
       ins = [read(v) for v in eqn.invars]
-      if eqn.primitive in _CALLS:
-        sub, sub_consts = _subjaxpr(eqn)
+      if eqn.primitive in CALL_PRIMITIVES:
+        sub, sub_consts = subjaxpr_of(eqn)
         n_skip = len(sub.invars) - len(ins)
         if n_skip:
           raise ValueError(f'chain_from_fn: cannot inline {eqn.primitive}')

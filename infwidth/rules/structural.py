@@ -94,6 +94,12 @@ def det_roles(eqn, invals, outs):
                                    P.reduce_and_p, P.reduce_or_p):
     axes = set(params['axes'])
     return [tuple(r for i, r in enumerate(invals[0].roles) if i not in axes)]
+  if prim in (P.pad_p, P.slice_p, P.concatenate_p, P.rev_p, P.dynamic_slice_p):
+    # Axes keep their identity when their size changes (padding, slicing);
+    # the batch axis only while it is whole.
+    v = invals[0]
+    return [tuple(None if (r == 'b' and v.shape[i] != out_shapes[0][i]) else r
+                  for i, r in enumerate(v.roles))]
   result = []
   for shape in out_shapes:
     same = [d for d in dets if len(d.shape) == len(shape)]
