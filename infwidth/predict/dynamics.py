@@ -32,6 +32,17 @@ from infwidth.predict import solvers
 ArrayOrScalar = Union[None, int, float, jax.Array, np.ndarray]
 
 
+
+def _checked_targets(k_train_train, y_train, trace_axes):
+  """`y_train` as an array and its canonical trace axes, after checking that
+  the kernel and targets agree in shape and are finite."""
+  y_train = jnp.asarray(y_train)
+  trace_axes = _axes.canonicalize_axis(trace_axes, y_train.ndim)
+  _axes.check_kernel_targets(k_train_train, y_train, trace_axes)
+  checks.check_finite(k_train_train, '`k_train_train`')
+  checks.check_finite(y_train, '`y_train`')
+  return y_train, trace_axes
+
 def solve_along(solver: solvers.Solver, train_shape: Tuple[int, ...],
                 b: jax.Array, b_axes: Tuple[int, ...]) -> jax.Array:
   """`K⁻¹ b` where the `b_axes` of `b` are outside the kernel (NT's cho_solve).
@@ -177,11 +188,7 @@ def gradient_descent_mse(
     returning `fx_train_t`, `fx_test_t` or both (`fx_*_0=None` skips that
     set), with leading axes `t.shape` for finite `t`.
   """
-  y_train = jnp.asarray(y_train)
-  trace_axes = _axes.canonicalize_axis(trace_axes, y_train.ndim)
-  _axes.check_kernel_targets(k_train_train, y_train, trace_axes)
-  checks.check_finite(k_train_train, '`k_train_train`')
-  checks.check_finite(y_train, '`y_train`')
+  y_train, trace_axes = _checked_targets(k_train_train, y_train, trace_axes)
   _, odd, _, _ = _axes.get_axes(k_train_train.ndim)
   trace_axes = tuple(-y_train.ndim + a for a in trace_axes)
   last_t_axes = tuple(range(-len(trace_axes), 0))
@@ -306,11 +313,7 @@ def gradient_descent(
     k_test_train=None)`; `t` must be finite and non-decreasing (`t=None`,
     infinite time, raises: use `gradient_descent_mse` for MSE).
   """
-  y_train = jnp.asarray(y_train)
-  trace_axes = _axes.canonicalize_axis(trace_axes, y_train.ndim)
-  _axes.check_kernel_targets(k_train_train, y_train, trace_axes)
-  checks.check_finite(k_train_train, '`k_train_train`')
-  checks.check_finite(y_train, '`y_train`')
+  y_train, trace_axes = _checked_targets(k_train_train, y_train, trace_axes)
   _, odd, _, _ = _axes.get_axes(k_train_train.ndim)
   non_t_axes = tuple(a for a in range(y_train.ndim) if a not in trace_axes)
   last_t_axes = tuple(range(-len(trace_axes), 0))
