@@ -32,7 +32,6 @@ from infwidth.predict import solvers
 ArrayOrScalar = Union[None, int, float, jax.Array, np.ndarray]
 
 
-
 def _checked_targets(k_train_train, y_train, trace_axes):
   """`y_train` as an array and its canonical trace axes, after checking that
   the kernel and targets agree in shape and are finite."""
@@ -42,6 +41,7 @@ def _checked_targets(k_train_train, y_train, trace_axes):
   checks.check_finite(k_train_train, '`k_train_train`')
   checks.check_finite(y_train, '`y_train`')
   return y_train, trace_axes
+
 
 def solve_along(solver: solvers.Solver, train_shape: Tuple[int, ...],
                 b: jax.Array, b_axes: Tuple[int, ...]) -> jax.Array:
