@@ -93,5 +93,4 @@ def _fold_det(ctx, invals):
   return out
 
 
-_CARRY = (P.broadcast_in_dim_p, P.reshape_p, P.convert_element_type_p, P.squeeze_p,
-          P.expand_dims_p if hasattr(P, 'expand_dims_p') else P.squeeze_p, P.copy_p)
+_CARRY = (P.broadcast_in_dim_p, P.reshape_p, P.convert_element_type_p, P.squeeze_p, P.copy_p)
