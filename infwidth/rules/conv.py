@@ -34,6 +34,17 @@ def grid_role(role, size_in: int, size_out: int) -> str:
 
 def _window_axes(x, axes, window, stride, dilation, pad, base_dilation, out_size):
   """`Σ_t x[o·s + t·d - p]` along each axis in `axes` jointly (same o, t on all)."""
+  if len(axes) == 1 and base_dilation == 1 and min(pad) >= 0:
+    # One copy (pixel-diagonal blocks): a plain window sum. One reduce_window
+    # instead of a pad, `window` slices and adds: XLA:CPU fuses chains of
+    # slices of padded values across layers and recomputes them, which made
+    # deep networks' run time grow quadratically with depth.
+    ax = axes[0]
+    dims, strides, dil, pads = [1] * x.ndim, [1] * x.ndim, [1] * x.ndim, [(0, 0)] * x.ndim
+    dims[ax], strides[ax], dil[ax], pads[ax] = window, stride, dilation, tuple(pad)
+    out = lax.reduce_window(x, jnp.zeros((), x.dtype), lax.add, dims, strides, pads,
+                            window_dilation=dil)
+    return out if out.shape[ax] == out_size else lax.slice_in_dim(out, 0, out_size, axis=ax)
   cfg = [(0, 0, 0)] * x.ndim
   for ax in axes:
     cfg[ax] = (pad[0], pad[1], base_dilation - 1)
