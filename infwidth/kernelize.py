@@ -15,6 +15,7 @@ from infwidth.rules.chain import Chain
 from infwidth.rules import builtin as _builtin_rules  # noqa: F401  (registers the rules)
 from infwidth.errors import InfwidthError, UnsupportedPrimitiveError
 from infwidth.interpreters.kernel_interpreter import interpret
+from infwidth.interpreters.loop_rolling import eval_rolled
 from infwidth.kernel import Kernel
 from infwidth.rules.values import Det
 
@@ -209,16 +210,34 @@ def kernelize(apply_fn: Callable, params: Any, *, param_stats: Any = None,
 def _analytic(apply_fn, shapes, treedef, leaves_info, x1, x2, x1_is_x2, apply_kwargs) -> Kernel:
   if isinstance(x1, Kernel):
     moments, xj, x_val = _kernel_input(x1)
-    n1, n2, dtype = moments.n1, moments.n2, moments.dtype
-  else:
-    x1 = jnp.asarray(x1)
-    dtype = x1.dtype if jnp.issubdtype(x1.dtype, jnp.floating) else jnp.float32
-    x1 = x1.astype(dtype)
-    xj = x1 if x1_is_x2 else jnp.concatenate([x1, jnp.asarray(x2, dtype)])
-    n1 = x1.shape[0]
-    n2 = n1 if x1_is_x2 else x2.shape[0]
+    return _interpret(apply_fn, shapes, leaves_info, moments, xj, x_val, apply_kwargs)
+  x1 = jnp.asarray(x1)
+  dtype = x1.dtype if jnp.issubdtype(x1.dtype, jnp.floating) else jnp.float32
+  x1 = x1.astype(dtype)
+  xj = x1 if x1_is_x2 else jnp.concatenate([x1, jnp.asarray(x2, dtype)])
+  n1 = x1.shape[0]
+  n2 = n1 if x1_is_x2 else x2.shape[0]
+  out_tree = []
+
+  def kernels_of(xj):
     moments = A.Moments(n1, n2, x1_is_x2, dtype, diag=DIAGONAL_SPATIAL and xj.ndim > 2)
     x_val = Det(xj, ('b',) + tuple(f'x{i}' for i in range(1, xj.ndim)))
+    k = _interpret(apply_fn, shapes, leaves_info, moments, xj, x_val, apply_kwargs)
+    leaves, tree = jax.tree_util.tree_flatten(k)
+    out_tree.append(tree)
+    return leaves
+
+  # The kernel computation is traced once, then evaluated with its repeated
+  # blocks (one per layer of a deep network) as scans: XLA:CPU compiles a
+  # long unrolled program slowly and recomputes across its layers.
+  closed = jax.make_jaxpr(kernels_of)(xj)
+  leaves = eval_rolled(closed, xj)
+  return jax.tree_util.tree_unflatten(out_tree[0], leaves)
+
+
+def _interpret(apply_fn, shapes, leaves_info, moments, xj, x_val, apply_kwargs) -> Kernel:
+  """The kernels of `apply_fn`'s outputs for the joint batch `xj` (abstract value `x_val`)."""
+  n1, n2, x1_is_x2, dtype = moments.n1, moments.n2, moments.x1_is_x2, moments.dtype
   closed, out_shapes = jax.make_jaxpr(lambda p, x: apply_fn(p, x, **apply_kwargs),
                                       return_shape=True)(shapes, xj)
   param_vals = [A.ParamRef(l, l.shape, tuple(range(len(l.shape)))) for l in leaves_info]

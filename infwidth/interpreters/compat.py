@@ -36,3 +36,19 @@ def subjaxpr_of(eqn):
       return sub.jaxpr, list(sub.consts)
     return sub, []
   raise KeyError(f'no sub-jaxpr found in the parameters of {eqn.primitive}')
+
+
+def bind_equation(eqn, invals) -> list:
+  """Applies `eqn`'s primitive to `invals`, as `jax.core.eval_jaxpr` does; a list of outputs.
+
+  `get_bind_params` returns `params` in current JAX and returned
+  `(subfuns, params)` in older releases.
+  """
+  bound = eqn.primitive.get_bind_params(eqn.params)
+  if isinstance(bound, tuple) and len(bound) == 2 and isinstance(bound[1], dict):
+    subfuns, params = bound
+  else:
+    subfuns, params = (), bound
+  with eqn.ctx.manager:
+    out = eqn.primitive.bind(*subfuns, *invals, **params)
+  return list(out) if eqn.primitive.multiple_results else [out]
