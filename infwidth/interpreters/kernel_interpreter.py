@@ -18,6 +18,7 @@ from jax.extend.core.primitives import broadcast_in_dim_p
 from jax.extend.core import Literal
 
 from infwidth import algebra as A
+from infwidth import moments as M
 from infwidth.errors import UnsupportedPrimitiveError
 from infwidth.interpreters.compat import CALL_PRIMITIVES, subjaxpr_of
 from infwidth.rules import registry
@@ -29,7 +30,7 @@ from infwidth.rules.values import Det
 class RuleContext:
   """What a rule may know besides its inputs: the equation and the moment engine."""
 
-  def __init__(self, eqn, moments: A.Moments, callers=()):
+  def __init__(self, eqn, moments: M.Moments, callers=()):
     self.eqn = eqn
     self.moments = moments
     self.callers = callers  # enclosing call equations, innermost last
@@ -61,7 +62,7 @@ def _det_literal(v) -> Det:
   return Det(val, (None,) * val.ndim)
 
 
-def interpret(jaxpr, consts: Sequence[Any], args: Sequence[Any], moments: A.Moments,
+def interpret(jaxpr, consts: Sequence[Any], args: Sequence[Any], moments: M.Moments,
               callers=()) -> List[Any]:
   """Evaluates `jaxpr` on abstract values; returns the abstract outputs."""
   env = {}

@@ -1,0 +1,541 @@
+"""The moment engine: second moments and NTKs of the values of `infwidth.algebra`.
+
+`Moments` computes, for two batches of inputs, the per-channel covariances
+(`PairStats`: cross and same-input blocks) and NTKs of sources, Gaussian
+combinations, terms and wide values, memoised per call (DESIGN §2, §5).
+Elementwise chains go to `infwidth.rules.gaussian_engine`.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, Dict, Optional
+
+import jax
+import jax.numpy as jnp
+
+from infwidth.algebra import (ZERO, Combo, KernelSource, LinearSource, MappedSource,
+                              NeedFullSpatial, PairStats, ParamSource, Source, Term, Wide,
+                              _add, _is_zero, _mul, align, batch_diagonal)
+from infwidth.errors import InfwidthError
+from infwidth.rules.chain import Chain
+
+
+class Moments:
+  """Covariances and NTKs between values at two batches, memoised per call.
+
+  Args:
+    n1: size of the first batch (rows).
+    n2: size of the second batch (columns).
+    x1_is_x2: the two batches are the same inputs (joint batch = rows).
+    dtype: working float dtype.
+    diag: track only equal spatial positions (DESIGN §5): blocks are
+      `(N1, N2, *S)` and `(N, *S)` instead of `(N1, N2, *S, *S)`. Exact
+      whenever no operation mixes positions (pooling, spatial sums); those
+      raise `NeedFullSpatial`.
+  """
+
+  def __init__(self, n1: int, n2: int, x1_is_x2: bool, dtype, diag: bool = False):
+    self.n1, self.n2, self.x1_is_x2, self.dtype = n1, n2, x1_is_x2, dtype
+    self.diag = diag
+    self._cache: Dict[Any, Any] = {}
+    self.sources: Dict[Any, Any] = {}  # interning of linear sources by use
+    self.keep_alive = []  # values whose ids key `sources`
+
+  # -- layout plumbing ------------------------------------------------------
+
+  def rows(self, arr):
+    if isinstance(arr, float) or arr.shape[0] == 1:
+      return arr
+    return arr[:self.n1]
+
+  def cols(self, arr):
+    if isinstance(arr, float) or arr.shape[0] == 1 or self.x1_is_x2:
+      return arr
+    return arr[self.n1:]
+
+  def joint(self, rows, cols):
+    """Per-input statistics over the joint batch from the two halves."""
+    if self.x1_is_x2 or isinstance(rows, float):
+      return rows
+    return jnp.concatenate([jnp.broadcast_to(rows, (self.n1,) + rows.shape[1:]),
+                            jnp.broadcast_to(cols, (self.n2,) + cols.shape[1:])])
+
+  def as_side(self, arr, side: str, na: int, nb: int):
+    """Places a `(B, *S)` array for pairing: side 'a' → `(B, 1, *S, *1)`, 'b' → `(1, B, *1, *S)`.
+
+    `na`/`nb` are the numbers of spatial axes of the two paired values. In
+    diagonal mode both sides share the spatial axes: `(B, 1, *S)`, `(1, B, *S)`.
+    """
+    if isinstance(arr, float):
+      return arr
+    if self.diag:
+      return arr[:, None] if side == 'a' else arr[None]
+    if side == 'a':
+      return arr.reshape((arr.shape[0], 1) + arr.shape[1:] + (1,) * nb)
+    return arr.reshape((1, arr.shape[0]) + (1,) * na + arr.shape[1:])
+
+  def as_diag_side(self, arr, side: str, na: int, nb: int):
+    """Same-input pairing: side 'a' → `(B, *S, *1)`, 'b' → `(B, *1, *S)`."""
+    if isinstance(arr, float) or self.diag:
+      return arr
+    if side == 'a':
+      return arr.reshape(arr.shape + (1,) * nb)
+    return arr.reshape((arr.shape[0],) + (1,) * na + arr.shape[1:])
+
+  def spatial_diagonal(self, block, k: int):
+    """`(B, *S, *S)` → `(B, *S)`: entries at equal positions."""
+    if isinstance(block, float) or k == 0 or self.diag:
+      return block
+    letters = 'abcdefghij'[:k]
+    return jnp.einsum(f'z{letters}{letters}->z{letters}', block)
+
+  # -- sources --------------------------------------------------------------
+
+  def source_pair(self, a: Source, b: Source) -> Optional[PairStats]:
+    """Covariance of two sources, None where it is structurally zero."""
+    if a.leaf is not b.leaf:
+      return None
+    key = ('src', a.uid, b.uid)
+    if key not in self._cache:
+      self._cache[key] = self._source_pair(a, b)
+    return self._cache[key]
+
+  def _source_pair(self, a: Source, b: Source) -> PairStats:
+    leaf = a.leaf
+    c = a.param.scale * b.param.scale
+    if isinstance(a, KernelSource):
+      k = a.kernel
+      return PairStats(k.nngp, k.cov1, k.cov1 if k.cov2 is None else k.cov2)
+    if isinstance(a, MappedSource):
+      st = self.wide_pair(a.base, b.base)
+      if self.diag:
+        if not (a.selection and b.selection and a.same_map(b)):
+          raise NeedFullSpatial()
+        mapped = lambda x, lead: a.apply(x, lead)
+      else:
+        mapped = lambda x, lead: b.apply(a.apply(x, lead), lead + len(a.spatial))
+      return PairStats(*(mapped(x, lead) if not isinstance(x, float) else x
+                         for x, lead in ((st.cross, 2), (st.diag1, 1), (st.diag2, 1))))
+    if isinstance(a, ParamSource) and isinstance(b, ParamSource):
+      v = c * leaf.var
+      return PairStats(v, v, v)
+    if isinstance(a, LinearSource) and isinstance(b, LinearSource):
+      return _scale_stats(self.input_moment(a, b), c * leaf.var)
+    raise InfwidthError(
+        f'parameter {leaf.name!r} is used both as a weight and elementwise; '
+        'pass wide_axes= or restructure the model.')
+
+  def input_moment(self, a: 'LinearSource', b: 'LinearSource') -> PairStats:
+    """`Σ_contracted y_a y_b'`: `width · E[y_a y_b']` (wide) or a finite sum over x."""
+    key = ('inmom', a.uid, b.uid)
+    if key in self._cache:
+      return self._cache[key]
+    ya, yb = a.inputs, b.inputs
+    if (a.transform is None) != (b.transform is None) or a.traced != b.traced:
+      raise InfwidthError(f'parameter {a.leaf.name!r} is used in two different kinds of '
+                          'linear map; weight sharing needs the same map.')
+    if isinstance(ya, Wide) and isinstance(yb, Wide):
+      st = self.wide_pair(ya, yb)
+      if a.traced:
+        st = PairStats(*(_trace_spatial(x, lead, ya.spatial, yb.spatial, a.traced, self.diag)
+                         for x, lead in ((st.cross, 2), (st.diag1, 1), (st.diag2, 1))))
+      out = _scale_stats(st, float(a.width))
+    elif hasattr(a, 'k') and hasattr(b, 'k'):  # a convolution of the input
+      from infwidth.rules.conv import det_conv_moment
+      out = det_conv_moment(self, ya, yb, a.k)
+    elif not isinstance(ya, Wide) and not isinstance(yb, Wide):
+      out = self._det_contraction(ya, len(a.spatial), yb, len(b.spatial))
+    else:
+      raise InfwidthError(
+          f'parameter {a.leaf.name!r} contracts both an input axis and a wide axis; '
+          'weight tying between an embedding and a readout needs wide_axes=.')
+    if a.transform is not None:
+      out = PairStats(*(a.transform(x, lead, self.diag) if not isinstance(x, float) else x
+                        for x, lead in ((out.cross, 2), (out.diag1, 1), (out.diag2, 1))))
+    self._cache[key] = out
+    return out
+
+  def _det_contraction(self, xa, ka, xb, kb) -> PairStats:
+    """`(B, *Sa, *C)` · `(B, *Sb, *C)` summed over the contracted axes C."""
+    nc = xa.ndim - 1 - ka
+    la, lb = 'abcdefgh'[:ka], ('abcdefgh'[:kb] if self.diag else 'ijklmnop'[:kb])
+    lc = 'qrstuvw'[:nc]
+    out = la if self.diag else la + lb
+    cross = jnp.einsum(f'x{la}{lc},y{lb}{lc}->xy{out}', self.rows(xa), self.cols(xb))
+    if self.x1_is_x2 and xa is xb:
+      return PairStats(cross, batch_diagonal(cross), batch_diagonal(cross))
+    d1 = jnp.einsum(f'x{la}{lc},x{lb}{lc}->x{out}', self.rows(xa), self.rows(xb))
+    d2 = d1 if self.x1_is_x2 else jnp.einsum(
+        f'x{la}{lc},x{lb}{lc}->x{out}', self.cols(xa), self.cols(xb))
+    return PairStats(cross, d1, d2)
+
+  def source_ntk(self, a: Source, b: Source):
+    """NTK between two sources (cross block), None where structurally zero."""
+    if a.leaf is not b.leaf:
+      return None
+    key = ('srcntk', a.uid, b.uid)
+    if key in self._cache:
+      return self._cache[key]
+    leaf = a.leaf
+    c = a.param.scale * b.param.scale
+    if isinstance(a, KernelSource):
+      out = 0.0 if a.kernel.ntk is None else a.kernel.ntk
+    elif isinstance(a, MappedSource):
+      t = self.wide_ntk(a.base, b.base)
+      if isinstance(t, float):
+        out = t
+      elif self.diag:
+        out = a.apply(t, 2)
+      else:
+        out = b.apply(a.apply(t, 2), 2 + len(a.spatial))
+    elif isinstance(a, ParamSource):
+      out = c * leaf.ntk_weight
+    else:
+      # DESIGN §2: Θ_z = c²·M·w (W's own gradient) + c²·n·v·Θ_y (through W).
+      out = _mul(c * leaf.ntk_weight, self.input_moment(a, b).cross)
+      if isinstance(a.inputs, Wide) and leaf.var > 0:
+        t = self.wide_ntk(a.inputs, b.inputs)
+        if a.traced and not isinstance(t, float):
+          t = _trace_spatial(t, 2, a.inputs.spatial, b.inputs.spatial, a.traced, self.diag)
+        if a.transform is not None and not isinstance(t, float):
+          t = a.transform(t, 2, self.diag)
+        out = _add(out, _mul(c * leaf.var * a.width, t))
+    self._cache[key] = out
+    return out
+
+  # -- combinations ---------------------------------------------------------
+
+  def combo_pair(self, a: Combo, b: Combo) -> PairStats:
+    """Centred covariance of two Gaussian combinations."""
+    key = ('combo', a.key(), b.key())
+    if key in self._cache:
+      return self._cache[key]
+    out = ZERO
+    for (sa, ca), (sb, cb) in itertools.product(zip(a.sources, a.coefs), zip(b.sources, b.coefs)):
+      st = self.source_pair(sa, sb)
+      if st is None:
+        continue
+      st = self._embed_pair(st, sa.spatial, sb.spatial, a.spatial, b.spatial)
+      out = out + self._weight_pair(st, ca, cb, len(a.spatial), len(b.spatial))
+    out = self._consistent(out, a is b or a.key() == b.key())
+    self._cache[key] = out
+    return out
+
+  def _consistent(self, st: PairStats, same: bool) -> PairStats:
+    """With x1 = x2, a value's per-input moments are the diagonal of its cross
+    block, bit for bit: then correlations on the diagonal are exactly 1, where
+    the arc-cosine kernels are most sensitive to rounding (an ulp of ρ near 1
+    moves J0 by ~√ulp)."""
+    if not (same and self.x1_is_x2) or isinstance(st.cross, float):
+      return st
+    d = batch_diagonal(st.cross)
+    return PairStats(st.cross, d, d)
+
+  def combo_ntk(self, a: Combo, b: Combo):
+    key = ('combontk', a.key(), b.key())
+    if key in self._cache:
+      return self._cache[key]
+    out = 0.0
+    ka, kb = len(a.spatial), len(b.spatial)
+    for (sa, ca), (sb, cb) in itertools.product(zip(a.sources, a.coefs), zip(b.sources, b.coefs)):
+      t = self.source_ntk(sa, sb)
+      if t is None:
+        continue
+      t = self._embed_cross(t, sa.spatial, sb.spatial, a.spatial, b.spatial)
+      out = _add(out, _mul(_mul(self.as_side(self.rows(ca), 'a', ka, kb) if not isinstance(ca, float) else ca,
+                                self.as_side(self.cols(cb), 'b', ka, kb) if not isinstance(cb, float) else cb), t))
+    self._cache[key] = out
+    return out
+
+  def _weight_pair(self, st: PairStats, ca, cb, ka, kb) -> PairStats:
+    side = lambda c, f, s: c if isinstance(c, float) else self.as_side(f(c), s, ka, kb)
+    dside = lambda c, f, s: c if isinstance(c, float) else self.as_diag_side(f(c), s, ka, kb)
+    cross = _mul(_mul(side(ca, self.rows, 'a'), side(cb, self.cols, 'b')), st.cross)
+    d1 = _mul(_mul(dside(ca, self.rows, 'a'), dside(cb, self.rows, 'b')), st.diag1)
+    d2 = _mul(_mul(dside(ca, self.cols, 'a'), dside(cb, self.cols, 'b')), st.diag2)
+    return PairStats(cross, d1, d2)
+
+  def _embed_pair(self, st, sa_sp, sb_sp, a_sp, b_sp) -> PairStats:
+    if sa_sp == a_sp and sb_sp == b_sp:
+      return st
+    return PairStats(self._embed_cross(st.cross, sa_sp, sb_sp, a_sp, b_sp),
+                     _embed_block(st.diag1, 1, sa_sp, sb_sp, a_sp, b_sp, self.diag),
+                     _embed_block(st.diag2, 1, sa_sp, sb_sp, a_sp, b_sp, self.diag))
+
+  def _embed_cross(self, arr, sa_sp, sb_sp, a_sp, b_sp):
+    if sa_sp == a_sp and sb_sp == b_sp:
+      return arr
+    return _embed_block(arr, 2, sa_sp, sb_sp, a_sp, b_sp, self.diag)
+
+  # -- terms and wide values ------------------------------------------------
+
+  def _var(self, combo: Combo, which: str):
+    st = self.combo_pair(combo, combo)
+    block = st.diag1 if which == 'rows' else st.diag2
+    return self.spatial_diagonal(block, len(combo.spatial))
+
+  def _mean(self, combo: Combo, which: str):
+    m = combo.mean
+    return m if isinstance(m, float) else (self.rows(m) if which == 'rows' else self.cols(m))
+
+  def _args(self, term: Term, which: str):
+    f = self.rows if which == 'rows' else self.cols
+    pa = tuple(f(p.mean) if not isinstance(p.mean, float) else p.mean for p in term.pargs)
+    return pa + tuple(f(d) for d in term.dargs)
+
+  def term_first_moment(self, term: Term, which: str):
+    """`E[term]` per input of one side, canonical layout `(B, *S)`."""
+    mean = self._mean(term.combo, which)
+    fac = 1.0
+    for p in term.factors:
+      fac = fac * p.mean
+    if term.chain.is_identity:
+      return _mul(fac, mean)
+    var = self._var(term.combo, which)
+    return _mul(fac, _engine().expect_single(term.chain, self._args(term, which), mean, var))
+
+  def wide_first_moment(self, w: Wide, which: str):
+    out = 0.0 if w.offset is None else (self.rows(w.offset) if which == 'rows' else self.cols(w.offset))
+    for t in w.terms:
+      out = _add(out, term_first_moment_aligned(self, t, which, w))
+    return out
+
+  def term_pair(self, ta: Term, tb: Term, sa, sb, mode: str):
+    """Second moment `E[ta tb]` (mode 'cross', 'diag1' or 'diag2') and, for 'cross', the NTK."""
+    ka, kb = len(sa), len(sb)
+    fac_m, fac_ntk = _factor_moments(ta.factors, tb.factors)
+    if fac_m == 0.0:
+      return 0.0, None
+    st = self.combo_pair(ta.combo, tb.combo)
+    cov = {'cross': st.cross, 'diag1': st.diag1, 'diag2': st.diag2}[mode]
+    wa, wb = ('rows', 'cols') if mode == 'cross' else (('rows', 'rows') if mode == 'diag1' else ('cols', 'cols'))
+    place = self.as_side if mode == 'cross' else self.as_diag_side
+    put = lambda arr, s, k1, k2: arr if isinstance(arr, float) else place(arr, s, k1, k2)
+    ma, mb = put(self._mean(ta.combo, wa), 'a', ka, kb), put(self._mean(tb.combo, wb), 'b', ka, kb)
+    va = put(self._var(ta.combo, wa), 'a', ka, kb)
+    vb = put(self._var(tb.combo, wb), 'b', ka, kb)
+    aa = tuple(put(x, 'a', ka, kb) for x in self._args(ta, wa))
+    ab = tuple(put(x, 'b', ka, kb) for x in self._args(tb, wb))
+    both_gauss = ta.chain.is_identity and tb.chain.is_identity
+    if both_gauss:
+      second = _add(cov, _mul(ma, mb))
+      dd = 1.0
+    else:
+      second, dd = _engine().expect_pair(ta.chain, aa, tb.chain, ab, ma, mb, va, vb, cov,
+                                               ntk=(mode == 'cross'))
+    value = _mul(fac_m, second)
+    if mode != 'cross':
+      return value, None
+    # NTK (gradient independence): Σ_{k,l} E[∂_kφ ∂_lψ] Θ(z_k, z'_l) over the
+    # chain inputs (u and deterministic-valued parameters), times the factor
+    # moments, plus each shared factor's own gradient E[φψ]·w.
+    ntk = _mul(fac_m, _mul(dd, self.combo_ntk(ta.combo, tb.combo)))
+    for i, pa in enumerate(ta.pargs):
+      for j, pb in enumerate(tb.pargs):
+        t = self.combo_ntk(pa, pb)
+        if _is_zero(t):
+          continue
+        e = _engine().expect_pair_fn(_arg_derivative(ta.chain, i), aa, _arg_derivative(tb.chain, j), ab,
+                                           ma, mb, va, vb, cov)
+        ntk = _add(ntk, _mul(fac_m, _mul(e, t)))
+    if ta.pargs or tb.pargs:
+      for i, pa in enumerate(ta.pargs):
+        if not _is_zero(self.combo_ntk(pa, tb.combo)):
+          raise InfwidthError('a parameter enters a nonlinearity both inside and outside '
+                              'its Gaussian argument; this is not supported yet.')
+    if fac_ntk:
+      ntk = _add(ntk, _mul(fac_ntk, second))
+    return value, ntk
+
+  def wide_pair(self, a: Wide, b: Wide) -> PairStats:
+    """Per-channel second moments `E[a_i(x) b_i(x')]` of two wide values."""
+    key = ('wide', id(a), id(b))
+    if key in self._cache:
+      return self._cache[key]
+    self._compute_wide(a, b)
+    return self._cache[key]
+
+  def wide_ntk(self, a: Wide, b: Wide):
+    key = ('widentk', id(a), id(b))
+    if key not in self._cache:
+      self._compute_wide(a, b)
+    return self._cache[key]
+
+  def _compute_wide(self, a: Wide, b: Wide):
+    sa, sb = a.spatial, b.spatial
+    ka, kb = len(sa), len(sb)
+    stats, ntk = ZERO, 0.0
+    for ta, tb in itertools.product(a.terms, b.terms):
+      c, n = self.term_pair(ta, tb, sa, sb, 'cross')
+      c = _embed_block(c, 2, ta.combo.spatial, tb.combo.spatial, sa, sb, self.diag)
+      d1, _ = self.term_pair(ta, tb, sa, sb, 'diag1')
+      d2 = d1 if self.x1_is_x2 else self.term_pair(ta, tb, sa, sb, 'diag2')[0]
+      d1 = _embed_block(d1, 1, ta.combo.spatial, tb.combo.spatial, sa, sb, self.diag)
+      d2 = _embed_block(d2, 1, ta.combo.spatial, tb.combo.spatial, sa, sb, self.diag)
+      stats = stats + PairStats(c, d1, d2)
+      if n is not None:
+        ntk = _add(ntk, _embed_block(n, 2, ta.combo.spatial, tb.combo.spatial, sa, sb, self.diag))
+    # Deterministic parts: E[(o + t)(o' + t')] picks up o·E[t'] + E[t]·o' + o·o'.
+    if a.offset is not None or b.offset is not None:
+      ma_r, mb_c = self.wide_first_moment(a, 'rows'), self.wide_first_moment(b, 'cols')
+      ta_r = _sub(ma_r, self.rows(a.offset) if a.offset is not None else 0.0)
+      tb_c = _sub(mb_c, self.cols(b.offset) if b.offset is not None else 0.0)
+      oa_r = self.rows(a.offset) if a.offset is not None else 0.0
+      ob_c = self.cols(b.offset) if b.offset is not None else 0.0
+      extra_cross = _sum3(_mul(self.as_side(oa_r, 'a', ka, kb) if not isinstance(oa_r, float) else oa_r,
+                               self.as_side(tb_c, 'b', ka, kb) if not isinstance(tb_c, float) else tb_c),
+                          _mul(self.as_side(ta_r, 'a', ka, kb) if not isinstance(ta_r, float) else ta_r,
+                               self.as_side(ob_c, 'b', ka, kb) if not isinstance(ob_c, float) else ob_c),
+                          _mul(self.as_side(oa_r, 'a', ka, kb) if not isinstance(oa_r, float) else oa_r,
+                               self.as_side(ob_c, 'b', ka, kb) if not isinstance(ob_c, float) else ob_c))
+      d = []
+      for which in ('rows', 'cols'):
+        f = self.rows if which == 'rows' else self.cols
+        ma = self.wide_first_moment(a, which)
+        mb = self.wide_first_moment(b, which)
+        oa = f(a.offset) if a.offset is not None else 0.0
+        ob = f(b.offset) if b.offset is not None else 0.0
+        pa_, pb_ = _sub(ma, oa), _sub(mb, ob)
+        put = lambda x, s: x if isinstance(x, float) else self.as_diag_side(x, s, ka, kb)
+        d.append(_sum3(_mul(put(oa, 'a'), put(pb_, 'b')), _mul(put(pa_, 'a'), put(ob, 'b')),
+                       _mul(put(oa, 'a'), put(ob, 'b'))))
+      stats = stats + PairStats(extra_cross, d[0], d[1])
+    stats = self._consistent(stats, a is b)
+    self._cache[('wide', id(a), id(b))] = stats
+    self._cache[('widentk', id(a), id(b))] = ntk
+
+def _trace_spatial(block, lead, sa, sb, traced, diag=False):
+  """Sums a `(*lead, *sa, *sb)` block over equal positions of the `traced` roles
+  (a `(*lead, *sa)` block in diagonal mode)."""
+  if diag:
+    axes = tuple(lead + sa.index(r) for r in traced)
+    return jnp.sum(block, axis=axes)
+  letters = iter('abcdefghijklmnopqrstuvw')
+  lead_l = ''.join(next(letters) for _ in range(lead))
+  la = {r: next(letters) for r in sa}
+  lb = {r: (la[r] if r in traced else next(letters)) for r in sb}
+  out = lead_l + ''.join(la[r] for r in sa if r not in traced) + ''.join(
+      lb[r] for r in sb if r not in traced)
+  src = lead_l + ''.join(la[r] for r in sa) + ''.join(lb[r] for r in sb)
+  return jnp.einsum(f'{src}->{out}', block)
+
+
+def _engine():
+  # Imported on use: modules of the rules package may import this one.
+  from infwidth.rules import gaussian_engine
+  return gaussian_engine
+
+
+def term_first_moment_aligned(m: Moments, t: Term, which: str, w: Wide):
+  fm = m.term_first_moment(t, which)
+  return align(fm, t.combo.spatial, w.spatial) if not isinstance(fm, float) else fm
+
+
+def _sub(a, b):
+  if _is_zero(b):
+    return a
+  return _add(a, _mul(-1.0, b))
+
+
+def _sum3(a, b, c):
+  return _add(_add(a, b), c)
+
+
+def _scale_stats(st: PairStats, c: float) -> PairStats:
+  return PairStats(_mul(c, st.cross), _mul(c, st.diag1), _mul(c, st.diag2))
+
+
+def _factor_moments(fa, fb):
+  """`E[Π fa Π fb]` and the NTK of the factors' own gradients relative to it.
+
+  Returns (moment, ntk_of_factors) where ntk_of_factors multiplies `E[φψ]`.
+  Factors of the same leaf on both sides are one random variable: E = μ² + v.
+  """
+  moment, ntk = 1.0, 0.0
+  la = {id(p.leaf): p for p in fa}
+  lb = {id(p.leaf): p for p in fb}
+  if len(la) != len(fa) or len(lb) != len(fb):
+    raise InfwidthError('a parameter multiplies the same value twice; not supported yet.')
+  shared = []
+  for k, p in la.items():
+    if k in lb:
+      q = lb[k]
+      e = p.param.scale * q.param.scale * (p.leaf.mean ** 2 + p.leaf.var)
+      shared.append((p, q, e))
+      moment *= e
+    else:
+      moment *= p.mean
+  for k, q in lb.items():
+    if k not in la:
+      moment *= q.mean
+  # d/dp of Π factors on each side, paired: w·c·c'·Π_{others}.
+  for p, q, e in shared:
+    rest = moment / e if e != 0 else _product_without(fa, fb, p.leaf)
+    ntk += p.leaf.ntk_weight * p.param.scale * q.param.scale * rest
+  return moment, ntk
+
+
+def _product_without(fa, fb, leaf):
+  m = 1.0
+  la = {id(p.leaf): p for p in fa if p.leaf is not leaf}
+  lb = {id(p.leaf): p for p in fb if p.leaf is not leaf}
+  for k, p in la.items():
+    m *= (p.param.scale * lb[k].param.scale * (p.leaf.mean ** 2 + p.leaf.var)) if k in lb else p.mean
+  for k, q in lb.items():
+    if k not in la:
+      m *= q.mean
+  return m
+
+
+def _arg_derivative(chain: Chain, i: int):
+  """∂φ/∂(argument i) as a callable `(u, *args)`."""
+  def d(u, *args):
+    shape = jnp.broadcast_shapes(jnp.shape(u), *(jnp.shape(a) for a in args))
+    args = [jnp.broadcast_to(a, shape) for a in args]
+    f = lambda ai: jnp.sum(chain(jnp.broadcast_to(u, shape), *args[:i], ai, *args[i + 1:]))
+    return jax.grad(f)(args[i])
+  return d
+
+
+def _embed_block(arr, nb: int, sa_sp, sb_sp, a_sp, b_sp, diag=False):
+  """Embeds a `(*batch[nb], *sa_sp, *sb_sp)` block into `(*batch, *a_sp, *b_sp)` layout
+  (one copy of the spatial axes in diagonal mode)."""
+  if isinstance(arr, float) or (tuple(sa_sp) == tuple(a_sp) and tuple(sb_sp) == tuple(b_sp)):
+    return arr
+  # Source axes of size one that the destination no longer has (squeezed by a
+  # reshape) are dropped first.
+  sides = [(sa_sp, a_sp)] if diag else [(sa_sp, a_sp), (sb_sp, b_sp)]
+  drop, offset = [], nb
+  for src_sp, dst_sp in sides:
+    drop += [offset + i for i, r in enumerate(src_sp) if r not in dst_sp]
+    offset += len(src_sp)
+  if drop:
+    arr = jnp.squeeze(arr, axis=tuple(drop))
+    sa_sp = tuple(r for r in sa_sp if r in a_sp)
+    sb_sp = tuple(r for r in sb_sp if r in (a_sp if diag else b_sp))
+    if tuple(sa_sp) == tuple(a_sp) and tuple(sb_sp) == tuple(b_sp):
+      return arr
+  if diag:
+    if tuple(a_sp) != tuple(b_sp):
+      raise NeedFullSpatial()
+    src = tuple(r for r in sa_sp) if len(sa_sp) >= len(sb_sp) else tuple(sb_sp)
+    lead = arr.shape[:nb]
+    perm = list(range(nb)) + [nb + src.index(r) for r in a_sp if r in src]
+    arr = jnp.transpose(arr, perm)
+    it = iter(arr.shape[nb:])
+    return arr.reshape(tuple(lead) + tuple(next(it) if r in src else 1 for r in a_sp))
+  lead = arr.shape[:nb]
+  ka = len(sa_sp)
+  # Split into the two spatial halves and align each.
+  src = [('a', r) for r in sa_sp] + [('b', r) for r in sb_sp]
+  dst = [('a', r) for r in a_sp] + [('b', r) for r in b_sp]
+  perm = list(range(nb)) + [nb + src.index(r) for r in dst if r in src]
+  arr = jnp.transpose(arr, perm)
+  shape = list(lead)
+  it = iter(arr.shape[nb:])
+  for r in dst:
+    shape.append(next(it) if r in src else 1)
+  del ka
+  return arr.reshape(shape)
+
