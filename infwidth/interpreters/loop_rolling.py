@@ -105,7 +105,7 @@ def _runs(codes: np.ndarray, lo: int, hi: int):
     for a, b in zip(starts, ends):
       repeats = (b - a) // block + 1
       if repeats >= MIN_REPEATS:
-        out.append(((repeats - 1) * block, block, lo + a, lo + b))
+        out.append(((repeats - 1) * block, block, lo + int(a), lo + int(b)))
   out.sort(key=lambda t: (-t[0], t[1]))
   return out[:_MAX_CANDIDATES]
 

@@ -42,7 +42,7 @@ def _window_axes(x, axes, window, stride, dilation, pad, base_dilation, out_size
     ax = axes[0]
     dims, strides, dil, pads = [1] * x.ndim, [1] * x.ndim, [1] * x.ndim, [(0, 0)] * x.ndim
     dims[ax], strides[ax], dil[ax], pads[ax] = window, stride, dilation, tuple(pad)
-    out = lax.reduce_window(x, jnp.zeros((), x.dtype), lax.add, dims, strides, pads,
+    out = lax.reduce_window(x, np.zeros((), x.dtype), lax.add, dims, strides, pads,
                             window_dilation=dil)
     return out if out.shape[ax] == out_size else lax.slice_in_dim(out, 0, out_size, axis=ax)
   cfg = [(0, 0, 0)] * x.ndim
