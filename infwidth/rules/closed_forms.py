@@ -136,8 +136,12 @@ def _arc_cosine_jvp(primals, tangents):
   return out, (j0p * drho, -j0m * drho, dj0, -dj0)
 
 
+#: |ρ| within this many ulps of 1 is taken as ±1 (see `correlation`).
+_RHO_SNAP_ULPS = 16
+
+
 def correlation(var1, var2, cov) -> Tuple[Any, Any, Any]:
-  """(sd1, sd2, ρ) with ρ = cov/(sd1·sd2) clipped to [-1, 1], ρ = 0 where a sd is 0."""
+  """(sd1, sd2, ρ) with ρ = cov/(sd1·sd2) in [-1, 1] (±1 within a few ulps), 0 where a sd is 0."""
   s1, s2 = safe_sqrt(var1), safe_sqrt(var2)
   # One square root of the product: cov = var1 = var2 then gives ρ = 1
   # exactly, where sqrt(var1)·sqrt(var2) may be off by an ulp (and J0 is
@@ -148,9 +152,16 @@ def correlation(var1, var2, cov) -> Tuple[Any, Any, Any]:
   den = jnp.where(fine, safe_sqrt(jnp.where(fine, prod, 1)), s1 * s2)
   ok = den > 0
   rho = jnp.where(ok, cov / jnp.where(ok, den, 1), 0)
-  # Clip without changing the derivative (jnp.clip halves it at ρ = ±1 exactly,
-  # which is where the diagonal of a kernel sits).
-  return s1, s2, rho + jax.lax.stop_gradient(jnp.clip(rho, -1, 1) - rho)
+  # Snap |ρ| within a few ulps of 1 to ±1, then clip. The same input in both
+  # batches has ρ = 1, but its cross moment and its variances come from
+  # different reductions (a Gram matrix, a row-wise dot) that round
+  # differently; the ReLU family's J0 is √-sensitive there
+  # (arccos(1 - ε) ≈ √(2ε)), so one ulp of ρ costs 3e-4 of the float32 NTK per
+  # layer. Within the snap band ρ is not resolved by the arithmetic anyway.
+  # Value only: the derivative stays dρ (jnp.clip halves it at ρ = ±1).
+  snap = _RHO_SNAP_ULPS * jnp.finfo(rho.dtype).eps
+  snapped = jnp.where(jnp.abs(rho) >= 1 - snap, jnp.sign(rho), rho)
+  return s1, s2, rho + jax.lax.stop_gradient(snapped - rho)
 
 
 # ----------------------------------------------------------------------------
