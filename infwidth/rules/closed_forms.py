@@ -37,6 +37,9 @@ from jax.scipy.special import erf as _erf, ndtr as _ndtr
 from infwidth.rules.chain import Chain
 
 _TWO_PI = 2 * math.pi
+# Multiplying by 1/(2π) rather than dividing by 2π: XLA keeps divisions by
+# constants, and a vector division costs several multiplications.
+_INV_TWO_PI = 1 / _TWO_PI
 _INV_SQRT_2PI = 1 / math.sqrt(2 * math.pi)
 
 # ----------------------------------------------------------------------------
@@ -88,7 +91,7 @@ def _safe_sqrt_jvp(primals, tangents):
 @jax.custom_jvp
 def j0(rho: jax.Array) -> jax.Array:
   """P(u > 0, v > 0) = (π - arccos ρ)/(2π) for unit-variance (u, v) (Cho & Saul, n=0)."""
-  return arccos(-rho) / _TWO_PI
+  return arccos(-rho) * _INV_TWO_PI
 
 
 @j0.defjvp
@@ -107,7 +110,7 @@ def j1(rho: jax.Array) -> jax.Array:
   Cho & Saul (2009), arc-cosine kernel of degree 1; dJ1/dρ = J0 (Price's theorem).
   """
   s = jnp.sqrt(jnp.maximum(1 - rho * rho, 0))
-  return (s + rho * arccos(-rho)) / _TWO_PI
+  return (s + rho * arccos(-rho)) * _INV_TWO_PI
 
 
 @j1.defjvp
@@ -123,7 +126,8 @@ def arc_cosine(rho: jax.Array) -> Tuple[jax.Array, jax.Array, jax.Array, jax.Arr
   a = arccos(-rho)                    # π - arccos(ρ)
   b = jnp.asarray(math.pi, rho.dtype) - a
   s = jnp.sqrt(jnp.maximum(1 - rho * rho, 0))
-  return ((s + rho * a) / _TWO_PI, (s - rho * b) / _TWO_PI, a / _TWO_PI, b / _TWO_PI)
+  return ((s + rho * a) * _INV_TWO_PI, (s - rho * b) * _INV_TWO_PI, a * _INV_TWO_PI,
+          b * _INV_TWO_PI)
 
 
 @arc_cosine.defjvp
@@ -140,28 +144,36 @@ def _arc_cosine_jvp(primals, tangents):
 _RHO_SNAP_ULPS = 16
 
 
+@jax.custom_jvp
+def _snap_to_unit(rho: jax.Array) -> jax.Array:
+  """ρ clipped to [-1, 1], and ±1 where |ρ| is within a few ulps of 1; derivative 1.
+
+  The same input in both batches has ρ = 1, but its cross moment and its
+  variances come from different reductions (a Gram matrix, a row-wise dot)
+  that round differently; the ReLU family's J0 is √-sensitive there
+  (arccos(1 - ε) ≈ √(2ε)), so one ulp of ρ cost 3e-4 of the float32 NTK per
+  layer. Within the band ρ is not resolved by the arithmetic anyway. The
+  derivative is kept (jnp.clip would halve it at ρ = ±1).
+  """
+  band = 1 - _RHO_SNAP_ULPS * jnp.finfo(rho.dtype).eps
+  return jnp.where(jnp.abs(rho) >= band, jnp.sign(rho), rho)
+
+
+@_snap_to_unit.defjvp
+def _snap_to_unit_jvp(primals, tangents):
+  return _snap_to_unit(primals[0]), tangents[0]
+
+
 def correlation(var1, var2, cov) -> Tuple[Any, Any, Any]:
   """(sd1, sd2, ρ) with ρ = cov/(sd1·sd2) in [-1, 1] (±1 within a few ulps), 0 where a sd is 0."""
   s1, s2 = safe_sqrt(var1), safe_sqrt(var2)
-  # One square root of the product: cov = var1 = var2 then gives ρ = 1
-  # exactly, where sqrt(var1)·sqrt(var2) may be off by an ulp (and J0 is
-  # sqrt-sensitive at ρ = 1: an ulp of ρ is 1e-4 of the float32 NTK). Where
-  # the product overflows or underflows, the product of square roots.
-  prod = var1 * var2
-  fine = (prod < jnp.finfo(prod.dtype).max) & (prod > jnp.finfo(prod.dtype).tiny)
-  den = jnp.where(fine, safe_sqrt(jnp.where(fine, prod, 1)), s1 * s2)
+  # sd1·sd2 rather than sqrt(var1·var2): no overflow or underflow of the
+  # product, and one square root per input instead of one per pair; the ulp
+  # it may cost on the diagonal is inside the snap band.
+  den = s1 * s2
   ok = den > 0
   rho = jnp.where(ok, cov / jnp.where(ok, den, 1), 0)
-  # Snap |ρ| within a few ulps of 1 to ±1, then clip. The same input in both
-  # batches has ρ = 1, but its cross moment and its variances come from
-  # different reductions (a Gram matrix, a row-wise dot) that round
-  # differently; the ReLU family's J0 is √-sensitive there
-  # (arccos(1 - ε) ≈ √(2ε)), so one ulp of ρ costs 3e-4 of the float32 NTK per
-  # layer. Within the snap band ρ is not resolved by the arithmetic anyway.
-  # Value only: the derivative stays dρ (jnp.clip halves it at ρ = ±1).
-  snap = _RHO_SNAP_ULPS * jnp.finfo(rho.dtype).eps
-  snapped = jnp.where(jnp.abs(rho) >= 1 - snap, jnp.sign(rho), rho)
-  return s1, s2, rho + jax.lax.stop_gradient(snapped - rho)
+  return s1, s2, _snap_to_unit(rho)
 
 
 # ----------------------------------------------------------------------------
