@@ -6,7 +6,9 @@ GlobalAvgPool (8x8x3 inputs, N=16; full (N, N, H, H', W, W') blocks). Prints
 the time per NTK entry of the jitted `kernel_fn(x, x, ('nngp', 'ntk'))` for
 infwidth and, in a subprocess of the reference environment built by
 `../shared/tools/nt-reference-env`, for NT 0.6.5, their ratio, agreement, and
-kernelize's trace-and-compile time against depth.
+kernelize's trace-and-compile time against depth, the growth of resident memory
+while one call runs, for both, and for the pooled case the achieved fraction of the
+machine's float32 peak (measured by a matrix product in the same process).
 
 Run: python benchmarks/bench_kernelize_cnn.py [--nt-python /tmp/nt-ref/bin/python] [--quick]
 """
@@ -26,8 +28,35 @@ from timing import reference_env, time_kernel_fn
 W_STD, B_STD, WIDTH = 1.4, 0.1, 64
 CASES = {'flatten': (32, 64), 'gap': (8, 16)}  # image size, N
 
+# Run in a fresh process for each library, so that the resident-memory growth
+# of the first call is comparable.
+MEASURE = textwrap.dedent('''
+    import json, time
+    import jax
+    import numpy as np
+
+    def measure(kernel_fn, x, reps, out_path):
+      compiled = kernel_fn.lower(x, x, ('nngp', 'ntk')).compile()
+
+      def status(key):
+        with open('/proc/self/status') as f:
+          return next(int(l.split()[1]) * 1024 for l in f if l.startswith(key))
+      with open('/proc/self/clear_refs', 'w') as f:
+        f.write('5')  # resets the peak resident size (VmHWM) to the current one
+      before = status('VmRSS:')
+      k = jax.block_until_ready(compiled(x, x))
+      mem = status('VmHWM:') - before
+      times = []
+      for _ in range(reps):
+        t = time.perf_counter()
+        k = jax.block_until_ready(compiled(x, x))
+        times.append(time.perf_counter() - t)
+      np.save(out_path, np.stack([np.asarray(k.nngp), np.asarray(k.ntk)]))
+      print(json.dumps(dict(best=min(times), mem=mem)))
+''')
+
 NT_SCRIPT = textwrap.dedent('''
-    import json, sys, time
+    import sys
     import jax, jax.numpy as jnp  # before numpy: the reference env's ml_dtypes needs it
     import numpy as np
     from neural_tangents import stax
@@ -38,19 +67,46 @@ NT_SCRIPT = textwrap.dedent('''
     layers += [stax.Flatten() if readout == 'flatten' else stax.GlobalAvgPool(),
                stax.Dense(10, W_std=%(w)r, b_std=%(b)r)]
     _, _, kernel_fn = stax.serial(*layers)
-    kernel_fn = jax.jit(kernel_fn, static_argnames='get')
     x = jnp.asarray(np.load(sys.argv[4]))
-    k = kernel_fn(x, x, ('nngp', 'ntk')); jax.block_until_ready(k)
-    times = []
-    for _ in range(reps):
-      t = time.perf_counter(); k = kernel_fn(x, x, ('nngp', 'ntk')); jax.block_until_ready(k)
-      times.append(time.perf_counter() - t)
-    np.save(sys.argv[5], np.stack([np.asarray(k.nngp), np.asarray(k.ntk)]))
-    print(json.dumps(dict(best=min(times))))
+    measure(jax.jit(kernel_fn, static_argnames='get'), x, reps, sys.argv[5])
 ''') % dict(width=WIDTH, w=W_STD, b=B_STD)
 
+INFWIDTH_SCRIPT = textwrap.dedent('''
+    import sys
+    import jax.numpy as jnp
+    import numpy as np
+    sys.path.insert(0, %(here)r)
+    from bench_kernelize_cnn import infwidth_kernel_fn
+    readout, depth, reps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    x = jnp.asarray(np.load(sys.argv[4]))
+    measure(infwidth_kernel_fn(readout, depth, x.shape[-1]), x, reps, sys.argv[5])
+    # The float64 kernel, to tell which float32 result is closer to it.
+    jax.config.update('jax_enable_x64', True)
+    x64 = jnp.asarray(x, jnp.float64)
+    k = infwidth_kernel_fn(readout, depth, x.shape[-1], 'float64')(x64, x64, ('nngp', 'ntk'))
+    np.save(sys.argv[5] + '.f64.npy', np.stack([np.asarray(k.nngp), np.asarray(k.ntk)]))
+''') % dict(here=os.path.dirname(os.path.abspath(__file__)))
 
-def infwidth_kernel_fn(readout, depth, channels):
+
+def run_measure(python, body, env, readout, depth, reps, x):
+  """(best seconds, peak memory growth in bytes, kernels) from a fresh process."""
+  with tempfile.TemporaryDirectory() as tmp:
+    np.save(f'{tmp}/x.npy', x)
+    with open(f'{tmp}/run.py', 'w') as f:
+      f.write(MEASURE + body)
+    out = subprocess.run([python, f'{tmp}/run.py', readout, str(depth), str(reps),
+                          f'{tmp}/x.npy', f'{tmp}/k.npy'],
+                         capture_output=True, text=True, cwd=tmp, env=env)
+    if out.returncode:
+      raise RuntimeError(out.stderr[-2000:])
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    k = np.load(f'{tmp}/k.npy')
+    if os.path.exists(f'{tmp}/k.npy.f64.npy'):
+      k = (k, np.load(f'{tmp}/k.npy.f64.npy'))
+    return res['best'], res['mem'], k
+
+
+def infwidth_kernel_fn(readout, depth, channels, dtype='float32'):
   import jax
   import jax.numpy as jnp
   from jax import lax
@@ -61,12 +117,12 @@ def infwidth_kernel_fn(readout, depth, channels):
     for w, b in params['convs']:
       fan_in = 9 * x.shape[-1]
       x = lax.conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-      x = jax.nn.relu(W_STD / np.sqrt(fan_in) * x + B_STD * b)
+      x = jax.nn.relu(float(W_STD / np.sqrt(fan_in)) * x + B_STD * b)
     x = x.reshape(x.shape[0], -1) if readout == 'flatten' else x.mean((1, 2))
     w, b = params['dense']
-    return W_STD / np.sqrt(x.shape[-1]) * (x @ w) + B_STD * b
+    return float(W_STD / np.sqrt(x.shape[-1])) * (x @ w) + B_STD * b
 
-  f32 = jnp.float32
+  f32 = jnp.dtype(dtype)
   convs = [(jax.ShapeDtypeStruct((3, 3, channels if i == 0 else WIDTH, WIDTH), f32),
             jax.ShapeDtypeStruct((WIDTH,), f32)) for i in range(depth)]
   size = CASES[readout][0]
@@ -77,10 +133,40 @@ def infwidth_kernel_fn(readout, depth, channels):
   return jax.jit(iw.kernelize(net, params, param_stats=stats), static_argnames='get')
 
 
-def time_infwidth(readout, x, depth, reps):
-  kernel_fn = infwidth_kernel_fn(readout, depth, x.shape[-1])
-  compile_time, best, _, k = time_kernel_fn(kernel_fn, x, reps)
-  return compile_time, best, np.stack([np.asarray(k.nngp), np.asarray(k.ntk)])
+def compile_time(readout, x, depth):
+  """kernelize's trace-and-compile time of the jitted kernel function."""
+  return time_kernel_fn(infwidth_kernel_fn(readout, depth, x.shape[-1]), x, 1)[0]
+
+
+def kernel_flops(readout, x, depth):
+  """Floating-point operations of the kernel computation as written (XLA's count
+  of the unoptimised program, with no loops, so every layer is counted)."""
+  from infwidth.interpreters import loop_rolling
+  saved = loop_rolling.MIN_REPEATS
+  loop_rolling.MIN_REPEATS = 10 ** 9
+  try:
+    lowered = infwidth_kernel_fn(readout, depth, x.shape[-1]).lower(x, x, ('nngp', 'ntk'))
+  finally:
+    loop_rolling.MIN_REPEATS = saved
+  cost = lowered.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return cost['flops']
+
+
+def matmul_peak(reps=5, n=2048):
+  """FLOP/s of a large float32 matrix product: the machine's practical peak."""
+  import time
+  import jax
+  import jax.numpy as jnp
+  a = jnp.asarray(np.random.default_rng(0).normal(size=(n, n)), jnp.float32)
+  f = jax.jit(lambda a: a @ a)
+  jax.block_until_ready(f(a))
+  best = float('inf')
+  for _ in range(reps):
+    t = time.perf_counter()
+    jax.block_until_ready(f(a))
+    best = min(best, time.perf_counter() - t)
+  return 2 * n ** 3 / best
 
 
 def main():
@@ -91,37 +177,35 @@ def main():
   parser.add_argument('--quick', action='store_true', help='smaller N for a fast check')
   args = parser.parse_args()
   import jax.numpy as jnp
+  peak = matmul_peak()
+  print(f'machine: float32 matmul peak {peak / 1e9:.0f} GFLOP/s (2048x2048, jitted)')
   for readout, (size, n) in CASES.items():
     if args.quick:
       n = max(4, n // 4)
     x = np.random.default_rng(0).normal(size=(n, size, size, 3)).astype(np.float32)
-    compile_time, best, k = time_infwidth(readout, jnp.asarray(x), args.depth, args.reps)
-    per_entry = best / (n * n) * 1e3
+    best, mem, (k, k64) = run_measure(sys.executable, INFWIDTH_SCRIPT, dict(os.environ),
+                                      readout, args.depth, args.reps, x)
     print(f'[{readout}] N={n}, {size}x{size}x3, depth {args.depth}: infwidth {best:.3f} s '
-          f'({per_entry:.3f} ms per entry), trace+compile {compile_time:.1f} s')
-    for depth in sorted({max(1, args.depth // 3), max(1, 2 * args.depth // 3)}):
-      ct, _, _ = time_infwidth(readout, jnp.asarray(x[:4]), depth, 1)
-      print(f'  trace+compile at depth {depth}: {ct:.1f} s')
+          f'({best / (n * n) * 1e3:.3f} ms per entry), peak memory growth {mem / 2**20:.0f} MiB')
+    if readout == 'gap':
+      flops = kernel_flops(readout, jnp.asarray(x), args.depth)
+      print(f'  {flops / 1e9:.2f} GFLOP: {flops / best / 1e9:.1f} GFLOP/s, '
+            f'{flops / best / peak:.1%} of the matmul peak')
+    for depth in sorted({max(1, args.depth // 3), max(1, 2 * args.depth // 3), args.depth}):
+      print(f'  trace+compile at depth {depth}: '
+            f'{compile_time(readout, jnp.asarray(x[:4]), depth):.1f} s')
     if not os.path.exists(args.nt_python):
       print('  NT reference environment not found; build it with ../shared/tools/nt-reference-env')
       continue
-    with tempfile.TemporaryDirectory() as tmp:
-      np.save(f'{tmp}/x.npy', x)
-      with open(f'{tmp}/nt.py', 'w') as f:
-        f.write(NT_SCRIPT)
-      out = subprocess.run([args.nt_python, f'{tmp}/nt.py', readout, str(args.depth),
-                            str(args.reps), f'{tmp}/x.npy', f'{tmp}/k.npy'],
-                           capture_output=True, text=True, cwd=tmp, env=reference_env())
-      if out.returncode:
-        print(out.stderr[-2000:])
-        continue
-      nt_best = json.loads(out.stdout.strip().splitlines()[-1])['best']
-      nt_k = np.load(f'{tmp}/k.npy')
-    print(f'  NT 0.6.5: {nt_best:.3f} s ({nt_best / (n * n) * 1e3:.3f} ms per entry); '
-          f'speed-up {nt_best / best:.2f}x')
+    nt_best, nt_mem, nt_k = run_measure(args.nt_python, NT_SCRIPT, reference_env(), readout,
+                                        args.depth, args.reps, x)
+    print(f'  NT 0.6.5: {nt_best:.3f} s ({nt_best / (n * n) * 1e3:.3f} ms per entry), '
+          f'peak memory growth {nt_mem / 2**20:.0f} MiB; speed-up {nt_best / best:.2f}x, '
+          f'memory ratio {mem / max(nt_mem, 1):.2f}')
+    rel = lambda a, b: np.abs(a - b).max() / np.abs(b).max()
     for i, name in enumerate(('NNGP', 'NTK')):
-      rel = np.abs(k[i] - nt_k[i]).max() / np.abs(nt_k[i]).max()
-      print(f'  {name} max relative difference from NT (float32): {rel:.1e}')
+      print(f'  {name} max relative difference (float32): infwidth vs NT {rel(k[i], nt_k[i]):.1e}; '
+            f'vs infwidth float64: infwidth {rel(k[i], k64[i]):.1e}, NT {rel(nt_k[i], k64[i]):.1e}')
 
 
 if __name__ == '__main__':
