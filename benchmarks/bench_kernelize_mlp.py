@@ -46,17 +46,19 @@ NT_SCRIPT = textwrap.dedent('''
 ''') % dict(widths=WIDTHS, w_std=W_STD, b_std=B_STD)
 
 
+def mlp(params, x):
+  """NT parameterisation: W, b ~ N(0, 1), scaled by W_std/sqrt(fan_in) and b_std."""
+  import jax
+  for w, b in params[:-1]:
+    x = jax.nn.relu(W_STD / np.sqrt(w.shape[0]) * (x @ w) + B_STD * b)
+  w, b = params[-1]
+  return W_STD / np.sqrt(w.shape[0]) * (x @ w) + B_STD * b
+
+
 def time_infwidth(x):
   import jax
   import jax.numpy as jnp
   import infwidth as iw
-
-  def mlp(params, x):
-    # NT parameterisation: W, b ~ N(0, 1), scaled by W_std/sqrt(fan_in) and b_std.
-    for w, b in params[:-1]:
-      x = jax.nn.relu(W_STD / np.sqrt(w.shape[0]) * (x @ w) + B_STD * b)
-    w, b = params[-1]
-    return W_STD / np.sqrt(w.shape[0]) * (x @ w) + B_STD * b
 
   dims = (x.shape[1],) + WIDTHS + (10,)
   params, stats = [], []
@@ -102,9 +104,27 @@ def main():
   print(f'NT 0.6.5: first call {nt["first"]:.2f} s; kernel {nt["best"]:.3f} s (best of {REPEATS}), '
         f'median {nt["median"]:.3f} s')
   print(f'speed-up (NT time / infwidth time, best): {nt["best"] / best:.2f}x')
+  k64 = float64_block(x[:64])
+  rel = lambda a, b: np.abs(a - b).max() / np.abs(b).max()
   for i, name in enumerate(('NNGP', 'NTK')):
-    rel = np.abs(kernels[i] - nt_k[i]).max() / np.abs(nt_k[i]).max()
-    print(f'{name} agreement with NT (float32, 64x64 block): max relative difference {rel:.1e}')
+    print(f'{name} (float32, 64x64 block) max relative difference: infwidth vs NT '
+          f'{rel(kernels[i], nt_k[i]):.1e}; vs infwidth float64: infwidth '
+          f'{rel(kernels[i], k64[i]):.1e}, NT {rel(nt_k[i], k64[i]):.1e}')
+
+
+def float64_block(x):
+  """The float64 kernel of the first rows (the reference for both float32 results)."""
+  import jax
+  import jax.numpy as jnp
+  import infwidth as iw
+  jax.config.update('jax_enable_x64', True)
+  dims = (x.shape[1],) + WIDTHS + (10,)
+  params = [(jax.ShapeDtypeStruct((a, b), jnp.float64), jax.ShapeDtypeStruct((b,), jnp.float64))
+            for a, b in zip(dims[:-1], dims[1:])]
+  stats = [(iw.ParamStats(0., 1.), iw.ParamStats(0., 1.)) for _ in params]
+  x = jnp.asarray(x, jnp.float64)
+  k = iw.kernelize(mlp, params, param_stats=stats)(x, x, ('nngp', 'ntk'))
+  return np.stack([np.asarray(k.nngp), np.asarray(k.ntk)])
 
 
 if __name__ == '__main__':
