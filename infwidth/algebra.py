@@ -426,11 +426,3 @@ def batch_diagonal(cross):
   d = jnp.diagonal(cross, axis1=0, axis2=1)
   return jnp.moveaxis(d, -1, 0)
 
-
-def __getattr__(name):
-  # Transitional: `Moments` moved to `infwidth.moments`; imported on use (that
-  # module imports this one). Remove once no caller uses `algebra.Moments`.
-  if name == 'Moments':
-    from infwidth.moments import Moments
-    return Moments
-  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from infwidth import algebra as A
+from infwidth import moments as M
 from infwidth.rules.chain import Chain
 from infwidth.rules import builtin as _builtin_rules  # noqa: F401  (registers the rules)
 from infwidth.errors import InfwidthError, UnsupportedPrimitiveError
@@ -220,7 +221,7 @@ def _analytic(apply_fn, shapes, treedef, leaves_info, x1, x2, x1_is_x2, apply_kw
   out_tree = []
 
   def kernels_of(xj):
-    moments = A.Moments(n1, n2, x1_is_x2, dtype, diag=DIAGONAL_SPATIAL and xj.ndim > 2)
+    moments = M.Moments(n1, n2, x1_is_x2, dtype, diag=DIAGONAL_SPATIAL and xj.ndim > 2)
     x_val = Det(xj, ('b',) + tuple(f'x{i}' for i in range(1, xj.ndim)))
     k = _interpret(apply_fn, shapes, leaves_info, moments, xj, x_val, apply_kwargs)
     leaves, tree = jax.tree_util.tree_flatten(k)
@@ -253,7 +254,7 @@ def _interpret(apply_fn, shapes, leaves_info, moments, xj, x_val, apply_kwargs) 
         raise A.NeedFullSpatial()
       return _kernels(outs, out_shapes, moments, n1, n2, x1_is_x2, dtype)
     except A.NeedFullSpatial:
-      moments = A.Moments(n1, n2, x1_is_x2, dtype, diag=False)
+      moments = M.Moments(n1, n2, x1_is_x2, dtype, diag=False)
   outs = interpret(closed.jaxpr, closed.consts, args, moments)
   return _kernels(outs, out_shapes, moments, n1, n2, x1_is_x2, dtype)
 
@@ -279,10 +280,10 @@ def _kernel_input(k: Kernel):
     raise InfwidthError(f'a Kernel in place of x1 must describe (N, C) outputs; got {k.shape1}.')
   src = A.KernelSource(k)
   x_val = A.Wide(shape, ('b', 'c'), (A.Term(Chain(), A.combo_of(src, ())),))
-  return A.Moments(n1, n2, k.x1_is_x2, dtype), jax.ShapeDtypeStruct(shape, dtype), x_val
+  return M.Moments(n1, n2, k.x1_is_x2, dtype), jax.ShapeDtypeStruct(shape, dtype), x_val
 
 
-def _output_kernel(out, moments: A.Moments, n1, n2, x1_is_x2, dtype) -> Kernel:
+def _output_kernel(out, moments: M.Moments, n1, n2, x1_is_x2, dtype) -> Kernel:
   """The `Kernel` of one output of the function (per output channel)."""
   if not isinstance(out, A.Wide):
     raise InfwidthError(

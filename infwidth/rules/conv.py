@@ -21,6 +21,7 @@ from jax import lax
 from jax.extend.core import primitives as P
 
 from infwidth import algebra as A
+from infwidth import moments as M
 from infwidth.errors import InfwidthError
 from infwidth.rules.chain import Chain
 from infwidth.rules.registry import register
@@ -147,7 +148,7 @@ class _DetConvSource(A.LinearSource):
     self.k = k
 
 
-def det_conv_moment(m: A.Moments, xa, xb, k) -> A.PairStats:
+def det_conv_moment(m: M.Moments, xa, xb, k) -> A.PairStats:
   """Σ_c x_{s,c} x'_{s',c} for `(B, *S, C)` inputs: full `(N1, N2, *S, *S)` blocks."""
   la, lb = 'abcdefgh'[:k], ('abcdefgh'[:k] if m.diag else 'ijklmnop'[:k])
   out = la if m.diag else la + lb
