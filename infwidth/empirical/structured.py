@@ -31,79 +31,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.extend import core as jcore
 from jax.extend.core import primitives as P
 
 from infwidth.empirical import _utils
-
-# Higher-order primitives whose body is inlined (a jit is just a function).
-_INLINE = {P.jit_p: 'jaxpr', P.closed_call_p: 'call_jaxpr', P.remat_p: 'jaxpr'}
+from infwidth.interpreters.flat_program import Lit as _Lit, Op as _Op, Program as _Program
+from infwidth.interpreters.flat_program import flatten as _flatten
 
 # Unary primitives that permute or copy entries: `L Lᵀ = I`.
 _PERMUTATIONS = {P.reshape_p, P.transpose_p, P.squeeze_p, P.copy_p, P.rev_p,
                  P.convert_element_type_p, P.reduce_precision_p}
-
-
-@dataclasses.dataclass(frozen=True)
-class _Lit:
-  val: Any
-
-
-@dataclasses.dataclass
-class _Op:
-  prim: Any
-  ins: Tuple[Any, ...]   # int ids or `_Lit`s
-  outs: Tuple[int, ...]
-  params: Dict[str, Any]
-  eqn: Any
-
-
-@dataclasses.dataclass
-class _Program:
-  """A jaxpr with calls inlined and variables renamed to ints."""
-  in_ids: List[int]
-  out_atoms: List[Any]
-  ops: List[_Op]
-  avals: Dict[int, Any]
-
-
-def _flatten(closed: jcore.ClosedJaxpr) -> _Program:
-  avals, ops = {}, []
-  counter = itertools.count()
-
-  def new(var) -> int:
-    i = next(counter)
-    avals[i] = var.aval
-    return i
-
-  def read(env, v):
-    return _Lit(v.val) if isinstance(v, jcore.Literal) else env[v]
-
-  def walk(jaxpr: jcore.Jaxpr, env: Dict[Any, Any]):
-    for eqn in jaxpr.eqns:
-      ins = tuple(read(env, v) for v in eqn.invars)
-      if eqn.primitive in _INLINE:
-        inner = eqn.params[_INLINE[eqn.primitive]]
-        if isinstance(inner, jcore.ClosedJaxpr):
-          inner, consts = inner.jaxpr, inner.consts
-        else:
-          consts = ()
-        sub = {cv: _Lit(c) for cv, c in zip(inner.constvars, consts)}
-        sub.update(zip(inner.invars, ins))
-        walk(inner, sub)
-        for ov, iv in zip(eqn.outvars, inner.outvars):
-          env[ov] = read(sub, iv)
-      else:
-        outs = tuple(new(v) for v in eqn.outvars)
-        env.update(zip(eqn.outvars, outs))
-        ops.append(_Op(eqn.primitive, ins, outs, dict(eqn.params), eqn))
-
-  jaxpr = closed.jaxpr
-  env = {cv: _Lit(c) for cv, c in zip(jaxpr.constvars, closed.consts)}
-  in_ids = [new(v) for v in jaxpr.invars]
-  env.update(zip(jaxpr.invars, in_ids))
-  walk(jaxpr, env)
-  return _Program(in_ids, [read(env, v) for v in jaxpr.outvars], ops, avals)
 
 
 def _evaluate(prog: _Program, inputs: Sequence[Any],
