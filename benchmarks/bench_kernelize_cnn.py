@@ -11,6 +11,7 @@ while one call runs, for both, and for the pooled case the achieved fraction of 
 machine's float32 peak (measured by a matrix product in the same process).
 
 Run: python benchmarks/bench_kernelize_cnn.py [--nt-python /tmp/nt-ref/bin/python] [--quick]
+       [--readouts flatten,gap] [--depth 21] [--reps 3]
 """
 
 import argparse
@@ -175,11 +176,13 @@ def main():
   parser.add_argument('--depth', type=int, default=21)
   parser.add_argument('--reps', type=int, default=3)
   parser.add_argument('--quick', action='store_true', help='smaller N for a fast check')
+  parser.add_argument('--readouts', default='flatten,gap', help='which cases to run')
   args = parser.parse_args()
   import jax.numpy as jnp
   peak = matmul_peak()
   print(f'machine: float32 matmul peak {peak / 1e9:.0f} GFLOP/s (2048x2048, jitted)')
-  for readout, (size, n) in CASES.items():
+  for readout in args.readouts.split(','):
+    size, n = CASES[readout]
     if args.quick:
       n = max(4, n // 4)
     x = np.random.default_rng(0).normal(size=(n, size, size, 3)).astype(np.float32)
