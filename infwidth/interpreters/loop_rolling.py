@@ -12,8 +12,9 @@ as one scan. A block may read values of its own, of the block before it (the
 scan carry; the first block reads the corresponding values from before the
 run), and values from before the run (the same for every block, or stacked
 as scanned inputs when they differ, as literals and per-layer moments do).
-Anything else leaves the equations unrolled, so rolling changes the program's
-shape, never its values.
+Blocks begin at the phase that carries the fewest entries from one block to
+the next. Anything else leaves the equations unrolled, so rolling changes the
+program's shape, never its values.
 """
 
 from __future__ import annotations
