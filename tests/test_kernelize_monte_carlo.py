@@ -20,6 +20,7 @@ import pytest
 from jax.scipy.special import erf
 
 import infwidth as iw
+import mc_check
 from infwidth.empirical import NtkImplementation, empirical_ntk_fn
 
 D, C, N_IN = 8, 256, 4
@@ -74,20 +75,8 @@ def monte_carlo(apply_fn, shapes, stats, x, n_samples=64, seed=0):
   return np.stack(nngp), np.stack(ntk)
 
 
-def check_against_mc(analytic, draws, n_hidden, width, k_se=K_SE, c_width=C_WIDTH):
-  """|mean(draws) - analytic| ≤ k·SE + c·L/n·max|analytic|, entrywise."""
-  draws = np.asarray(draws, np.float64)
-  analytic = np.asarray(analytic, np.float64)
-  mean = draws.mean(0)
-  se = draws.std(0, ddof=1) / np.sqrt(draws.shape[0])
-  scale = np.abs(analytic).max()
-  tol = k_se * se + c_width * n_hidden / width * scale
-  err = np.abs(mean - analytic)
-  assert np.all(err <= tol), (
-      f'max err/tol = {np.max(err / tol):.3f}; err {err.max():.3g}, se {se.max():.3g}')
-  # Non-vacuous: the tolerance would catch a kernel 15% off on the diagonal.
-  assert np.all(tol.diagonal() < 0.15 * np.abs(analytic.diagonal()))
-  return np.max(err / scale)
+def check_against_mc(analytic, draws, n_hidden, width):
+  mc_check.check_against_mc(analytic, draws, n_hidden, width, K_SE, C_WIDTH)
 
 
 # ----------------------------------------------------------------------------
