@@ -252,15 +252,15 @@ def _interpret(apply_fn, shapes, leaves_info, moments, xj, x_val, apply_kwargs) 
       outs = interpret(closed.jaxpr, closed.consts, args, moments)
       if any(isinstance(o, A.Wide) and o.spatial for o in outs):
         raise A.NeedFullSpatial()
-      return _kernels(outs, out_shapes, moments, n1, n2, x1_is_x2, dtype)
+      return _kernels(outs, out_shapes, moments)
     except A.NeedFullSpatial:
       moments = M.Moments(n1, n2, x1_is_x2, dtype, diag=False)
   outs = interpret(closed.jaxpr, closed.consts, args, moments)
-  return _kernels(outs, out_shapes, moments, n1, n2, x1_is_x2, dtype)
+  return _kernels(outs, out_shapes, moments)
 
 
-def _kernels(outs, out_shapes, moments, n1, n2, x1_is_x2, dtype):
-  kernels = [_output_kernel(out, moments, n1, n2, x1_is_x2, dtype) for out in outs]
+def _kernels(outs, out_shapes, moments):
+  kernels = [_output_kernel(out, moments) for out in outs]
   return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shapes), kernels)
 
 
@@ -283,8 +283,9 @@ def _kernel_input(k: Kernel):
   return M.Moments(n1, n2, k.x1_is_x2, dtype), jax.ShapeDtypeStruct(shape, dtype), x_val
 
 
-def _output_kernel(out, moments: M.Moments, n1, n2, x1_is_x2, dtype) -> Kernel:
+def _output_kernel(out, moments: M.Moments) -> Kernel:
   """The `Kernel` of one output of the function (per output channel)."""
+  n1, n2, x1_is_x2, dtype = moments.n1, moments.n2, moments.x1_is_x2, moments.dtype
   if not isinstance(out, A.Wide):
     raise InfwidthError(
         'the output of apply_fn does not depend on any parameter through a linear '
