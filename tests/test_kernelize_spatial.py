@@ -10,7 +10,7 @@ import pytest
 from jax import lax
 
 import infwidth as iw
-from infwidth.empirical import empirical_ntk_fn
+from infwidth.empirical import empirical_kernels, empirical_ntk_fn
 
 KERNELIZE = sys.modules['infwidth.kernelize']
 H, C0 = 5, 2
@@ -91,6 +91,25 @@ def test_circular_cnn_against_monte_carlo(name):
     assert np.all(np.abs(est.mean(0) - want) < tol)
     # The test can fail: a kernel 50 % off is outside the tolerance.
     assert not np.all(np.abs(est.mean(0) - 1.5 * want) < tol)
+
+
+def test_nonlinearity_of_pooled_relu_is_unsupported_and_falls_back():
+  # relu(avg_pool(relu(h))) maps a non-Gaussian value: reported as an
+  # unsupported primitive, so fallback='empirical' applies and gives exactly
+  # the empirical kernels at the given parameters.
+  def net(p, x):
+    h = jax.nn.relu(conv(x, p['c1']))
+    h = jax.nn.relu(lax.reduce_window(h, 0., lax.add, (1, 2, 2, 1), (1, 2, 2, 1), 'VALID') / 4)
+    return h.mean((1, 2)) @ p['r']
+  p = init(jax.random.PRNGKey(5), 4, lambda n: n)
+  with pytest.raises(iw.UnsupportedPrimitiveError, match='non-Gaussian'):
+    iw.kernelize(net, p, param_stats=STATS)(X1)
+  kf = iw.kernelize(net, p, param_stats=STATS, fallback='empirical')
+  with pytest.warns(UserWarning):
+    k = kf(X1, X2, ('nngp', 'ntk'))
+  want = empirical_kernels(net, p, X1, X2, ('nngp', 'ntk'))
+  np.testing.assert_allclose(k.nngp, want.nngp, rtol=1e-10)
+  np.testing.assert_allclose(k.ntk, want.ntk, rtol=1e-10)
 
 
 def test_max_pooling_is_reported_unsupported():

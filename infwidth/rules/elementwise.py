@@ -21,9 +21,9 @@ from infwidth import algebra as A
 from infwidth.errors import InfwidthError
 from infwidth.rules.chain import Chain, ChainBuilder, const
 from infwidth.rules.registry import register
-from infwidth.rules.values import (Det, add_offset, add_wides, collapse, det_to_canonical,
-                                   finish_term, map_terms_scale, merge_roles, param_to_wide,
-                                   relayout)
+from infwidth.rules.values import (Det, NotGaussian, add_offset, add_wides, collapse,
+                                   det_to_canonical, finish_term, map_terms_scale, merge_roles,
+                                   param_to_wide, relayout)
 
 #: Elementwise primitives that may appear inside a chain.
 CHAIN_PRIMITIVES = (
@@ -97,7 +97,10 @@ def elementwise_rule(ctx, *invals, **params):
   out = _linear(prim, vals, dets, shape, roles)
   if out is not None:
     return out
-  return _extend_chain(prim, params, vals, dets, roles, shape)
+  try:
+    return _extend_chain(prim, params, vals, dets, roles, shape)
+  except NotGaussian as e:
+    raise ctx.unsupported(str(e)) from None
 
 
 def _linear(prim, vals, dets, shape, roles):

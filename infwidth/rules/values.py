@@ -227,6 +227,11 @@ def collapse(w: A.Wide, b: ChainBuilder, pargs: list, dargs: list,
   return _collapse(w, b, pargs, dargs, combo, split=True), combo
 
 
+class NotGaussian(InfwidthError):
+  """An elementwise map of a value that is not Gaussian: the calling rule
+  reports it as unsupported, so that the fallbacks apply."""
+
+
 def _collapse(w, b, pargs, dargs, combo, split: bool):
   refs = []
 
@@ -252,10 +257,9 @@ def _collapse(w, b, pargs, dargs, combo, split: bool):
       rnd, det = t.combo, None
     u = None
     if any(isinstance(src, A.MappedSource) and not src.gaussian for src in t.combo.sources):
-      raise InfwidthError(
+      raise NotGaussian(
           'a nonlinearity of a pooled (or summed) non-Gaussian value: its distribution is '
-          'not Gaussian, so no two-dimensional expectation gives its kernel; this is not '
-          'supported yet (use fallback="monte_carlo").')
+          'not Gaussian, so no two-dimensional expectation gives its kernel')
     if rnd is not None:
       ratio = A.combo_ratio(rnd, combo) if combo is not None else None
       if ratio is None:
