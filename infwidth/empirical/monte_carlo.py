@@ -11,7 +11,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from infwidth.empirical import _utils
 from infwidth.empirical._utils import Axes, PyTree, VMapAxes
 from infwidth.empirical.ntk import (DEFAULT_NTK_IMPLEMENTATION,
                                     NtkImplementation, _kernels)

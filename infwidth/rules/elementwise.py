@@ -12,14 +12,12 @@ from __future__ import annotations
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from jax import lax
 from jax.extend.core import primitives as P
 
 from infwidth import algebra as A
 from infwidth.errors import InfwidthError
-from infwidth.rules.chain import Chain, ChainBuilder, const
+from infwidth.rules.chain import ChainBuilder, const
 from infwidth.rules.registry import register
 from infwidth.rules.values import (Det, NotGaussian, add_offset, add_wides, collapse,
                                    det_to_canonical, finish_term, map_terms_scale, merge_roles,
@@ -91,7 +89,6 @@ def elementwise_rule(ctx, *invals, **params):
       vals.append(relayout(v, roles, shape))
     else:
       vals.append(v)
-  wides = [v for v in vals if isinstance(v, A.Wide)]
   dets = [det_to_canonical(v, roles, f'an operand of `{prim}`') if isinstance(v, Det) else None
           for v in vals]
   out = _linear(prim, vals, dets, shape, roles)

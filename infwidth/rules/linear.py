@@ -11,7 +11,6 @@ from infwidth import algebra as A
 from infwidth.errors import InfwidthError
 from infwidth.rules.chain import Chain
 from infwidth.rules.registry import register
-from infwidth.rules.values import Det
 
 
 @register(P.dot_general_p)

@@ -18,7 +18,6 @@ import numpy as np
 from jax.extend.core import primitives as P
 
 from infwidth import algebra as A
-from infwidth.errors import InfwidthError
 from infwidth.rules.registry import register
 from infwidth.rules.values import Det, canonical_to_value
 

@@ -10,7 +10,6 @@ from typing import Any, Optional, Sequence, Tuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 from infwidth import algebra as A
 from infwidth.errors import InfwidthError
@@ -298,7 +297,7 @@ def finish_term(b: ChainBuilder, out, combo: Optional[A.Combo], pargs: list, dar
                 spatial) -> A.Term:
   """Builds the term `chain(u, *pargs, *dargs)`, renumbering arguments so that
   parameter arguments come first (the order `Term` evaluates them in)."""
-  from infwidth.rules.chain import Node, Ref, arg
+  from infwidth.rules.chain import Node, arg
   new_index = {}
   for k, (i, _) in enumerate(pargs):
     new_index[i] = k
