@@ -43,6 +43,11 @@ class RuleContext:
         break
     return UnsupportedPrimitiveError(self.eqn.primitive, self.eqn.params, loc, reason)
 
+  def fold(self, invals) -> Det:
+    """The equation evaluated on deterministic inputs (constant folding)."""
+    (out,) = _fold(self.eqn, invals)
+    return out
+
 
 def source_location(eqn) -> str:
   """The user's source line of an equation: the innermost frame outside JAX and infwidth."""

@@ -65,7 +65,7 @@ def channel_sum_rule(ctx, *invals, **params):
   sums = [v for v in invals if isinstance(v, ChannelSum)]
   if len(sums) == 1 and prim in _CARRY:
     (s,) = sums
-    folded = _fold_det(ctx, [s.total if v is s else v for v in invals])
+    folded = ctx.fold([s.total if v is s else v for v in invals])
     return ChannelSum(folded, s.n)
   if len(sums) == 1 and len(invals) == 2 and prim in (P.div_p, P.mul_p):
     s, other = (invals[0], invals[1]) if invals[0] is sums[0] else (invals[1], invals[0])
@@ -73,7 +73,7 @@ def channel_sum_rule(ctx, *invals, **params):
     if c is not None:
       factor = c if prim is P.mul_p else (1.0 / c if invals[0] is s else None)
       if factor is not None and abs(factor * s.n - 1.0) < 1e-6:
-        return _fold_det(ctx, [s.total if v is s else v for v in invals])
+        return ctx.fold([s.total if v is s else v for v in invals])
   raise ctx.unsupported(
       'a sum over a wide (channel) axis that is not divided by the width; only means '
       'over wide axes (jnp.mean, as in LayerNorm) have a deterministic limit, and a '
@@ -84,12 +84,6 @@ def _concrete_scalar(v):
   if isinstance(v, Det) and np.size(v.value) == 1 and not isinstance(v.value, jax.core.Tracer):
     return float(np.asarray(v.value).reshape(()))
   return None
-
-
-def _fold_det(ctx, invals):
-  from infwidth.interpreters.kernel_interpreter import _fold
-  (out,) = _fold(ctx.eqn, invals)
-  return out
 
 
 _CARRY = (P.broadcast_in_dim_p, P.reshape_p, P.convert_element_type_p, P.squeeze_p, P.copy_p)
