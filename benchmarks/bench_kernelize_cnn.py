@@ -140,18 +140,38 @@ def compile_time(readout, x, depth):
 
 
 def kernel_flops(readout, x, depth):
-  """Floating-point operations of the kernel computation as written (XLA's count
-  of the unoptimised program, with no loops, so every layer is counted)."""
+  """Floating-point operations that `kernel_fn(x, x)` executes.
+
+  XLA's count of the unoptimised program with no loops, so every layer is
+  counted: for one block of input pairs, times the blocks computed (those on
+  and above the diagonal), or for the whole program if it is not blocked.
+  """
+  from infwidth import pair_blocks
   from infwidth.interpreters import loop_rolling
+  seen = []
+  blocked_kernel = pair_blocks.blocked_kernel
+
+  def spy(pair_fn, x1, x2, rows):
+    seen.append(rows)
+    return blocked_kernel(pair_fn, x1, x2, rows)
+
+  def count(*args):
+    cost = infwidth_kernel_fn(readout, depth, x.shape[-1]).lower(*args, ('nngp', 'ntk')).cost_analysis()
+    return (cost[0] if isinstance(cost, (list, tuple)) else cost)['flops']
+
   saved = loop_rolling.MIN_REPEATS
   loop_rolling.MIN_REPEATS = 10 ** 9
+  pair_blocks.blocked_kernel = spy
   try:
-    lowered = infwidth_kernel_fn(readout, depth, x.shape[-1]).lower(x, x, ('nngp', 'ntk'))
+    whole = count(x, x)
+    if not seen:
+      return whole
+    rows = seen[0]
+    n_blocks = -(-x.shape[0] // rows)
+    return n_blocks * (n_blocks + 1) // 2 * count(x[:rows], x[rows:2 * rows])
   finally:
     loop_rolling.MIN_REPEATS = saved
-  cost = lowered.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return cost['flops']
+    pair_blocks.blocked_kernel = blocked_kernel
 
 
 def matmul_peak(reps=5, n=2048):

@@ -17,6 +17,8 @@ from infwidth.rules import builtin as _builtin_rules  # noqa: F401  (registers t
 from infwidth.errors import InfwidthError, UnsupportedPrimitiveError
 from infwidth.interpreters.kernel_interpreter import interpret
 from infwidth.interpreters.loop_rolling import eval_rolled
+from infwidth.interpreters.sizes import largest_value
+from infwidth import pair_blocks
 from infwidth.kernel import Kernel
 from infwidth.rules.values import Det
 
@@ -215,9 +217,38 @@ def _analytic(apply_fn, shapes, treedef, leaves_info, x1, x2, x1_is_x2, apply_kw
   x1 = jnp.asarray(x1)
   dtype = x1.dtype if jnp.issubdtype(x1.dtype, jnp.floating) else jnp.float32
   x1 = x1.astype(dtype)
-  xj = x1 if x1_is_x2 else jnp.concatenate([x1, jnp.asarray(x2, dtype)])
-  n1 = x1.shape[0]
-  n2 = n1 if x1_is_x2 else x2.shape[0]
+  x2 = None if x1_is_x2 else jnp.asarray(x2, dtype)
+  n1, n2 = x1.shape[0], (x1 if x2 is None else x2).shape[0]
+  traces = {}
+
+  def traced(r1, r2, same):
+    """The kernel computation for batches of r1 and r2 inputs (memoised)."""
+    if (r1, r2, same) not in traces:
+      traces[r1, r2, same] = _trace_kernels(apply_fn, shapes, leaves_info, apply_kwargs,
+                                            x1.shape[1:], r1, r2, same, dtype)
+    return traces[r1, r2, same]
+
+  def pair_kernels(a, b):
+    return _eval_kernels(*traced(a.shape[0], b.shape[0], False), jnp.concatenate([a, b]))
+
+  # Spatial kernels are computed on blocks of input pairs; a small trace
+  # tells how many entries each pair's intermediates have.
+  p1, p2 = min(n1, pair_blocks.MIN_BLOCK_ROWS), min(n2, pair_blocks.MIN_BLOCK_ROWS)
+  if max(n1, n2) > pair_blocks.MIN_BLOCK_ROWS:
+    per_pair = largest_value(traced(p1, p2, False)[0].jaxpr, lead=(p1, p2)) // (p1 * p2)
+    rows = pair_blocks.block_rows(n1, n2, per_pair)
+    if rows is not None:
+      return pair_blocks.blocked_kernel(pair_kernels, x1, x2, rows)
+  if x2 is None:
+    return _eval_kernels(*traced(n1, n1, True), x1)
+  return pair_kernels(x1, x2)
+
+
+def _trace_kernels(apply_fn, shapes, leaves_info, apply_kwargs, feature_shape, n1, n2,
+                   x1_is_x2, dtype):
+  """The kernel computation for `n1` and `n2` inputs of shape `feature_shape`
+  (the same inputs if `x1_is_x2`) as a jaxpr of their joint batch:
+  `(closed jaxpr, output treedef)`."""
   out_tree = []
 
   def kernels_of(xj):
@@ -228,12 +259,16 @@ def _analytic(apply_fn, shapes, treedef, leaves_info, x1, x2, x1_is_x2, apply_kw
     out_tree.append(tree)
     return leaves
 
-  # The kernel computation is traced once, then evaluated with its repeated
-  # blocks (one per layer of a deep network) as scans: XLA:CPU compiles a
-  # long unrolled program slowly and recomputes across its layers.
-  closed = jax.make_jaxpr(kernels_of)(xj)
-  leaves = eval_rolled(closed, xj)
-  return jax.tree_util.tree_unflatten(out_tree[0], leaves)
+  n_joint = n1 if x1_is_x2 else n1 + n2
+  closed = jax.make_jaxpr(kernels_of)(jax.ShapeDtypeStruct((n_joint,) + tuple(feature_shape), dtype))
+  return closed, out_tree[0]
+
+
+def _eval_kernels(closed, out_tree, xj):
+  # Evaluated with its repeated blocks (one per layer of a deep network) as
+  # scans: XLA:CPU compiles a long unrolled program slowly and recomputes
+  # across its layers.
+  return jax.tree_util.tree_unflatten(out_tree, eval_rolled(closed, xj))
 
 
 def _interpret(apply_fn, shapes, leaves_info, moments, xj, x_val, apply_kwargs) -> Kernel:
