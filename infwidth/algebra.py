@@ -346,6 +346,24 @@ class Wide:
                         if r not in ('b', 'c', None))
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class ChannelConcat(Wide):
+  """Wide values concatenated along their channel axis (`parts`, same roles).
+
+  Its channels are not identically distributed: a channel of part k has part
+  k's kernel. Per-channel moments are averages over the channels (weights
+  `n_k / n`), which is what a contraction over the channel axis sums
+  (`Σ_c y_c y'_c = Σ_k n_k E[y_k y'_k]`) and what channelwise maps preserve.
+  Only rules that know this (channelwise maps, contractions over the channel
+  axis) accept it; the interpreter reports any other use. `terms` is empty.
+  """
+  parts: Tuple[Wide, ...] = ()
+
+  @property
+  def fractions(self) -> Tuple[float, ...]:
+    return tuple(p.width / self.width for p in self.parts)
+
+
 # ----------------------------------------------------------------------------
 # Small helpers for floats-or-arrays.
 

@@ -14,7 +14,7 @@ from typing import Any, Dict, Optional
 import jax
 import jax.numpy as jnp
 
-from infwidth.algebra import (ZERO, Combo, KernelSource, LinearSource, MappedSource,
+from infwidth.algebra import (ZERO, ChannelConcat, Combo, KernelSource, LinearSource, MappedSource,
                               NeedFullSpatial, PairStats, ParamSource, Source, Term, Wide,
                               _add, _is_zero, _mul, align, batch_diagonal)
 from infwidth.errors import InfwidthError
@@ -353,13 +353,25 @@ class Moments:
     key = ('wide', id(a), id(b))
     if key in self._cache:
       return self._cache[key]
+    if isinstance(a, ChannelConcat) or isinstance(b, ChannelConcat):
+      out = ZERO
+      for f, pa, pb in _concat_parts(a, b):
+        out = out + _scale_stats(self.wide_pair(pa, pb), f)
+      self._cache[key] = out
+      return out
     self._compute_wide(a, b)
     return self._cache[key]
 
   def wide_ntk(self, a: Wide, b: Wide):
     key = ('widentk', id(a), id(b))
     if key not in self._cache:
-      self._compute_wide(a, b)
+      if isinstance(a, ChannelConcat) or isinstance(b, ChannelConcat):
+        out = 0.0
+        for f, pa, pb in _concat_parts(a, b):
+          out = _add(out, _mul(f, self.wide_ntk(pa, pb)))
+        self._cache[key] = out
+      else:
+        self._compute_wide(a, b)
     return self._cache[key]
 
   def _compute_wide(self, a: Wide, b: Wide):
@@ -539,3 +551,14 @@ def _embed_block(arr, nb: int, sa_sp, sb_sp, a_sp, b_sp, diag=False):
   del ka
   return arr.reshape(shape)
 
+
+
+def _concat_parts(a: Wide, b: Wide):
+  """`(n_k / n, a_k, b_k)` for two values concatenated from matching channel blocks."""
+  if not (isinstance(a, ChannelConcat) and isinstance(b, ChannelConcat)
+          and [p.width for p in a.parts] == [p.width for p in b.parts]):
+    raise InfwidthError(
+        'a value concatenated along its channel axis meets another value whose channels '
+        'are not concatenated from blocks of the same sizes (for example a residual sum of '
+        'a concatenation and a single branch); this is not supported yet.')
+  return zip(a.fractions, a.parts, b.parts)

@@ -40,9 +40,11 @@ Differences from Neural Tangents:
   inputs (a network that starts with `parallel`) are not supported.
 * Layers whose finite network uses an operation kernelize cannot interpret
   make `kernel_fn` raise `infwidth.InfwidthError` naming the operation; no
-  approximate kernel is substituted. Currently: `FanInConcat` along the
-  channel axis (`concatenate` of wide values) and `Flatten` that is not
-  followed by a `Dense` readout (NT returns the pixel-averaged kernel there).
+  approximate kernel is substituted. Currently: `Flatten` that is not
+  followed by a `Dense` readout (NT returns the pixel-averaged kernel there),
+  and a `FanInConcat` along the channel axis whose output is used other than
+  by channelwise layers and a `Dense`/`Conv` (for example `LayerNorm` over
+  the channels).
 """
 
 from __future__ import annotations
@@ -138,8 +140,7 @@ def _kernel_fn(init_fn: Callable, apply_fn: Callable, stats_fn: StatsFn) -> Call
       raise InfwidthError(
           f'infwidth.stax: kernelize has no infinite-width rule for `{e.primitive}`, '
           'which this network\'s apply_fn uses, so its kernel is not available '
-          '(no approximation is substituted). For example FanInConcat along the '
-          'channel axis needs `concatenate` of wide values.\n' + str(e)) from e
+          '(no approximation is substituted).\n' + str(e)) from e
 
   return kernel_fn
 
@@ -210,9 +211,10 @@ def FanInSum() -> Layer:
 
 
 def FanInConcat(axis: int = -1) -> Layer:
-  """Concatenation of a list of inputs along `axis`. Along the channel axis its
-  kernel_fn needs concatenation of wide values, which kernelize does not
-  interpret: kernel_fn raises `InfwidthError`."""
+  """Concatenation of a list of inputs along `axis`. Along the channel axis
+  each block of channels keeps its input's kernel; a following `Dense` or
+  `Conv` sees their average weighted by channel counts (NT's convention for
+  the output of the concatenation itself)."""
 
   def shape_fn(shapes):
     a = axis % len(shapes[0])

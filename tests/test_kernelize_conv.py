@@ -337,8 +337,18 @@ def _correlated_sum_net(p, x):
   return dense(p['d'], gap(h))
 
 
+def _channel_concat_net(p, x):
+  """Two branches of different widths concatenated along channels (Inception)."""
+  h = jnp.concatenate([relu(conv(p['a'], x)), erf(conv(p['b'], x))], axis=-1)
+  h = relu(conv(p['c2'], h))
+  return dense(p['d'], gap(h))
+
+
 W, O = WIDTH, C_OUT
 MC_NETS = {
+    'channel_concat': (_channel_concat_net, dict(a=cw((3, 3), 3, W), b=cw((1, 1), 3, W // 2),
+                                                 c2=cw((2, 2), W + W // 2, W), d=dw(W, O)),
+                       (4, 4, 3), 2),
     'nchw': (_nchw_net, dict(c1=((W, 3, 3, 3), (W,)), c2=((W, W, 2, 2), (W,)), d=dw(W, O)),
              (3, 5, 5), 2),
     'conv3d': (_conv3d_net, dict(c1=cw((3, 3, 3), 2, W), c2=cw((2, 2, 2), W, W), d=dw(W, O)),

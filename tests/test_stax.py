@@ -22,7 +22,6 @@ _META = json.loads(str(_NT['meta']))
 _NOT_NT = {
     'correlated_sum',  # NT assumes FanInSum inputs independent: 2K instead of 4K.
     'gelu_tanh',  # NT's Gelu kernel ignores `approximate` (it is the exact-GELU kernel).
-    'fan_in_concat',  # kernelize has no rule for concatenating wide values.
     'wide_resnet',  # slow in float64; test_wide_resnet below.
 }
 # Compile-heavy cases whose options other default cases cover (run with -m slow).
@@ -99,17 +98,6 @@ def test_correlated_branches_are_exact():
   mean, se = samples.mean(0), samples.std(0) / np.sqrt(len(samples))
   assert np.all(np.abs(mean - nngp) < 5 * se)
   assert np.max(np.abs(mean - nt) / se) > 10
-
-
-def test_fan_in_concat_raises_or_matches_nt():
-  (_, _, kernel_fn), (x1, x2) = _layer('fan_in_concat')
-  try:
-    k = kernel_fn(x1, x2, ('nngp', 'ntk'))
-  except iw.InfwidthError as e:
-    assert 'concatenate' in str(e)
-    return
-  for g in ('nngp', 'ntk'):
-    assert _rel_err(getattr(k, g), _NT[f'fan_in_concat/{g}']) < 1e-6
 
 
 def _gauss_expect(f, cov, deg=80):

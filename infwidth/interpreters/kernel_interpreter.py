@@ -94,6 +94,11 @@ def interpret(jaxpr, consts: Sequence[Any], args: Sequence[Any], moments: M.Mome
       rule = registry.KERNEL_RULES.get(eqn.primitive)
       if rule is None:
         raise RuleContext(eqn, moments, callers).unsupported()
+      if (rule not in registry.CHANNEL_CONCAT_RULES
+          and any(isinstance(v, A.ChannelConcat) for v in invals)):
+        raise RuleContext(eqn, moments, callers).unsupported(
+            'a value concatenated along its channel axis is used other than by channelwise '
+            'maps or a contraction over its channel axis')
       outs = rule(RuleContext(eqn, moments, callers), *invals, **eqn.params)
       if not eqn.primitive.multiple_results:
         outs = [outs]

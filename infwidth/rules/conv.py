@@ -24,7 +24,7 @@ from infwidth import algebra as A
 from infwidth import moments as M
 from infwidth.errors import InfwidthError
 from infwidth.rules.chain import Chain
-from infwidth.rules.registry import register
+from infwidth.rules.registry import accepts_channel_concat, register
 
 
 
@@ -64,6 +64,7 @@ def _window_axes(x, axes, window, stride, dilation, pad, base_dilation, out_size
 
 
 @register(P.conv_general_dilated_p)
+@accepts_channel_concat
 def conv_rule(ctx, lhs, rhs, *, window_strides, padding, lhs_dilation, rhs_dilation,
               dimension_numbers, feature_group_count=1, batch_group_count=1, **_):
   if not isinstance(rhs, A.ParamRef) or isinstance(lhs, A.ParamRef):

@@ -18,7 +18,7 @@ from jax.extend.core import primitives as P
 from infwidth import algebra as A
 from infwidth.errors import InfwidthError
 from infwidth.rules.chain import ChainBuilder, const
-from infwidth.rules.registry import register
+from infwidth.rules.registry import accepts_channel_concat, register
 from infwidth.rules.values import (Det, NotGaussian, add_offset, add_wides, collapse,
                                    det_to_canonical, finish_term, map_terms_scale, merge_roles,
                                    param_to_wide, relayout)
@@ -61,8 +61,48 @@ def _is_single_param(w: A.Wide) -> bool:
 
 
 def elementwise_rule(ctx, *invals, **params):
-  prim = ctx.eqn.primitive
   shape = tuple(ctx.eqn.outvars[0].aval.shape)
+  if any(isinstance(v, A.ChannelConcat) for v in invals):
+    return _per_channel_block(ctx, shape, invals, params)
+  return _elementwise(ctx, shape, invals, params)
+
+
+def _per_channel_block(ctx, shape, invals, params) -> A.ChannelConcat:
+  """A channelwise map of values concatenated along the channel axis is the
+  concatenation of the map of each block."""
+  concat = next(v for v in invals if isinstance(v, A.ChannelConcat))
+  axis, widths = concat.channel_axis, [p.width for p in concat.parts]
+  bounds = np.cumsum([0] + widths)
+  parts = []
+  for k, width in enumerate(widths):
+    block = [slice(None)] * len(shape)
+    block[axis] = slice(bounds[k], bounds[k + 1])
+    args = []
+    for v in invals:
+      if isinstance(v, A.ChannelConcat):
+        if [p.width for p in v.parts] != widths or v.roles != concat.roles:
+          raise ctx.unsupported('a channelwise map of values concatenated from different '
+                                'channel blocks')
+        args.append(v.parts[k])
+      elif isinstance(v, Det) and len(v.shape) == len(shape) and v.shape[axis] == shape[axis] > 1:
+        compact = v.compact
+        if compact is not None and np.shape(compact)[axis] != 1:
+          compact = compact[tuple(block)]
+        args.append(Det(v.value[tuple(block)], v.roles, compact))
+      elif isinstance(v, Det):
+        args.append(v)
+      else:
+        raise ctx.unsupported('a channelwise map of a value concatenated along its channel '
+                              'axis and a value that is not concatenated the same way')
+    part_shape = shape[:axis] + (width,) + shape[axis + 1:]
+    parts.append(_elementwise(ctx, part_shape, args, params))
+  if any(not isinstance(p, A.Wide) or p.roles != parts[0].roles for p in parts):
+    raise InfwidthError('internal: the blocks of a channel concatenation lost their layout')
+  return A.ChannelConcat(shape, parts[0].roles, (), parts=tuple(parts))
+
+
+def _elementwise(ctx, shape, invals, params):
+  prim = ctx.eqn.primitive
 
   # Parameters combined only with scalar constants stay symbolic parameter views.
   if all(isinstance(v, (A.ParamRef, Det)) for v in invals) and any(isinstance(v, A.ParamRef) for v in invals):
@@ -160,4 +200,4 @@ def _extend_chain(prim, params, vals, dets, roles, shape):
   return A.Wide(shape, roles, (term,), None, hidden)
 
 
-register(*CHAIN_PRIMITIVES)(elementwise_rule)
+register(*CHAIN_PRIMITIVES)(accepts_channel_concat(elementwise_rule))

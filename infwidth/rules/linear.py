@@ -10,10 +10,11 @@ from jax.extend.core import primitives as P
 from infwidth import algebra as A
 from infwidth.errors import InfwidthError
 from infwidth.rules.chain import Chain
-from infwidth.rules.registry import register
+from infwidth.rules.registry import accepts_channel_concat, register
 
 
 @register(P.dot_general_p)
+@accepts_channel_concat
 def dot_general_rule(ctx, lhs, rhs, *, dimension_numbers, **_):
   (lc, rc), (lb, rb) = dimension_numbers
   if isinstance(lhs, A.ParamRef) == isinstance(rhs, A.ParamRef):

@@ -8,7 +8,7 @@ values (see `infwidth.algebra`). Rules ignore parameters they do not need.
 
 from __future__ import annotations
 
-from typing import Callable, Dict
+from typing import Callable, Dict, Set
 
 KERNEL_RULES: Dict[object, Callable] = {}
 
@@ -20,3 +20,13 @@ def register(*prims):
       KERNEL_RULES[p] = rule
     return rule
   return wrap
+
+#: Rules that accept values concatenated along the channel axis
+#: (`algebra.ChannelConcat`); the interpreter reports them to any other rule.
+CHANNEL_CONCAT_RULES: Set[Callable] = set()
+
+
+def accepts_channel_concat(rule):
+  """Decorator: marks a rule as handling `ChannelConcat` operands itself."""
+  CHANNEL_CONCAT_RULES.add(rule)
+  return rule

@@ -19,7 +19,7 @@ from infwidth import algebra as A
 from infwidth.errors import InfwidthError
 from infwidth.rules.chain import Chain
 from infwidth.rules.conv import grid_role
-from infwidth.rules.registry import register
+from infwidth.rules.registry import accepts_channel_concat, register
 from infwidth.rules.values import Det
 
 
@@ -258,15 +258,32 @@ def pad_rule(ctx, operand, padding_value, *, padding_config, **_):
   return map_axes(ctx, operand, per_axis, out_shape)
 
 
+def _channel_concat(ctx, wides, out_shape) -> A.ChannelConcat:
+  """Concatenation along the channel axis: channel blocks of different values."""
+  parts = []
+  for w in wides:
+    parts.extend(w.parts if isinstance(w, A.ChannelConcat) else [w])
+  if any(p.roles != parts[0].roles or p.hidden for p in parts):
+    raise ctx.unsupported('concatenation along the channel axis of values with different '
+                          'layouts, or after a Flatten')
+  return A.ChannelConcat(out_shape, parts[0].roles, (), parts=tuple(parts))
+
+
 @register(P.concatenate_p)
+@accepts_channel_concat
 def concatenate_rule(ctx, *operands, dimension, **_):
   out_shape = tuple(ctx.eqn.outvars[0].aval.shape)
   wides = [o for o in operands if isinstance(o, A.Wide)]
   if len(wides) != len(operands):
     raise ctx.unsupported('concatenating a wide value with deterministic values or parameters')
   r = wides[0].roles[dimension]
-  if r in ('b', 'c') or r is None:
-    raise ctx.unsupported('concatenation along the batch or channel axis of wide values')
+  if r == 'c':
+    return _channel_concat(ctx, wides, out_shape)
+  if any(isinstance(w, A.ChannelConcat) for w in wides):
+    raise ctx.unsupported('concatenation along a spatial axis of values concatenated along '
+                          'their channel axis')
+  if r == 'b' or r is None:
+    raise ctx.unsupported('concatenation along the batch axis of wide values')
   # All pieces must be maps of one value: then the result is one map of it.
   parts = [mapped_parts(w) for w in wides]
   base = parts[0][0]
