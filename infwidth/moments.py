@@ -218,19 +218,8 @@ class Moments:
         continue
       st = self._embed_pair(st, sa.spatial, sb.spatial, a.spatial, b.spatial)
       out = out + self._weight_pair(st, ca, cb, len(a.spatial), len(b.spatial))
-    out = self._consistent(out, a is b or a.key() == b.key())
     self._cache[key] = out
     return out
-
-  def _consistent(self, st: PairStats, same: bool) -> PairStats:
-    """With x1 = x2, a value's per-input moments are the diagonal of its cross
-    block, bit for bit: then correlations on the diagonal are exactly 1, where
-    the arc-cosine kernels are most sensitive to rounding (an ulp of ρ near 1
-    moves J0 by ~√ulp)."""
-    if not (same and self.x1_is_x2) or isinstance(st.cross, float):
-      return st
-    d = batch_diagonal(st.cross)
-    return PairStats(st.cross, d, d)
 
   def combo_ntk(self, a: Combo, b: Combo):
     key = ('combontk', a.key(), b.key())
@@ -413,7 +402,6 @@ class Moments:
         d.append(_sum3(_mul(put(oa, 'a'), put(pb_, 'b')), _mul(put(pa_, 'a'), put(ob, 'b')),
                        _mul(put(oa, 'a'), put(ob, 'b'))))
       stats = stats + PairStats(extra_cross, d[0], d[1])
-    stats = self._consistent(stats, a is b)
     self._cache[('wide', id(a), id(b))] = stats
     self._cache[('widentk', id(a), id(b))] = ntk
 
