@@ -278,10 +278,11 @@ def _interpret(apply_fn, shapes, leaves_info, moments, xj, x_val, apply_kwargs) 
                                       return_shape=True)(shapes, xj)
   param_vals = [A.ParamRef(l, l.shape, tuple(range(len(l.shape)))) for l in leaves_info]
   args = param_vals + [x_val]
-  # The requirements decision (DESIGN §5): track only equal spatial positions
-  # unless an operation mixes positions or the output keeps spatial axes;
-  # those abandon the diagonal attempt (nothing of it is left in the trace
-  # that is used) and the full blocks are tracked.
+  # The requirements decision (DESIGN §5): values are tracked at equal spatial
+  # positions where everything after them allows it; the moment engine tracks
+  # the values below a pooling in full blocks. An output that keeps spatial
+  # axes (or values on different grids paired) abandons the diagonal attempt
+  # (nothing of it is left in the trace that is used) and all blocks are full.
   if moments.diag:
     try:
       outs = interpret(closed.jaxpr, closed.consts, args, moments)

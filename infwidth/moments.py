@@ -8,6 +8,7 @@ Elementwise chains go to `infwidth.rules.gaussian_engine`.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from typing import Any, Dict, Optional
 
@@ -30,15 +31,17 @@ class Moments:
     x1_is_x2: the two batches are the same inputs (joint batch = rows).
     dtype: working float dtype.
     diag: track only equal spatial positions (DESIGN §5): blocks are
-      `(N1, N2, *S)` and `(N, *S)` instead of `(N1, N2, *S, *S)`. Exact
-      whenever no operation mixes positions (pooling, spatial sums); those
-      raise `NeedFullSpatial`.
+      `(N1, N2, *S)` and `(N, *S)` instead of `(N1, N2, *S, *S)`. A map
+      that mixes positions (pooling) gets its base's full blocks, so only
+      the values below it are tracked in full. Pairing values on different
+      spatial grids raises `NeedFullSpatial`.
   """
 
   def __init__(self, n1: int, n2: int, x1_is_x2: bool, dtype, diag: bool = False):
     self.n1, self.n2, self.x1_is_x2, self.dtype = n1, n2, x1_is_x2, dtype
     self.diag = diag
     self._cache: Dict[Any, Any] = {}
+    self._full_cache: Dict[Any, Any] = {}  # full blocks needed below a diagonal value
     self.sources: Dict[Any, Any] = {}  # interning of linear sources by use
     self.keep_alive = []  # values whose ids key `sources`
 
@@ -108,10 +111,10 @@ class Moments:
       k = a.kernel
       return PairStats(k.nngp, k.cov1, k.cov1 if k.cov2 is None else k.cov2)
     if isinstance(a, MappedSource):
+      if self.diag and not (a.selection and b.selection and a.same_map(b)):
+        return self._mixing_map_pair(a, b)
       st = self.wide_pair(a.base, b.base)
       if self.diag:
-        if not (a.selection and b.selection and a.same_map(b)):
-          raise NeedFullSpatial()
         mapped = lambda x, lead: a.apply(x, lead)
       else:
         mapped = lambda x, lead: b.apply(a.apply(x, lead), lead + len(a.spatial))
@@ -182,8 +185,9 @@ class Moments:
     if isinstance(a, KernelSource):
       out = 0.0 if a.kernel.ntk is None else a.kernel.ntk
     elif isinstance(a, MappedSource):
-      t = self.wide_ntk(a.base, b.base)
-      if isinstance(t, float):
+      mixing = self.diag and not (a.selection and b.selection and a.same_map(b))
+      t = self._mixing_map_ntk(a, b) if mixing else self.wide_ntk(a.base, b.base)
+      if isinstance(t, float) or mixing:
         out = t
       elif self.diag:
         out = a.apply(t, 2)
@@ -203,6 +207,42 @@ class Moments:
         out = _add(out, _mul(c * leaf.var * a.width, t))
     self._cache[key] = out
     return out
+
+  # -- maps that mix positions, below values tracked at equal positions ------
+
+  @contextlib.contextmanager
+  def _full_tracking(self):
+    """Full spatial blocks (their own memo) for what a pixel-diagonal value needs."""
+    saved = self.diag, self._cache
+    self.diag, self._cache = False, self._full_cache
+    try:
+      yield
+    finally:
+      self.diag, self._cache = saved
+
+  def _mixing_map_pair(self, a: MappedSource, b: MappedSource) -> PairStats:
+    """Pixel-diagonal moments of maps that mix positions (pooling): the base's
+    full blocks, mapped on both sides, at equal output positions. Only the
+    values below the map are tracked in full (DESIGN §5)."""
+    if tuple(a.spatial) != tuple(b.spatial):
+      raise NeedFullSpatial()
+    k = len(a.spatial)
+    with self._full_tracking():
+      st = self.wide_pair(a.base, b.base)
+      st = PairStats(*(b.apply(a.apply(x, lead), lead + k) if not isinstance(x, float) else x
+                       for x, lead in ((st.cross, 2), (st.diag1, 1), (st.diag2, 1))))
+    return PairStats(_equal_positions(st.cross, 2, k), _equal_positions(st.diag1, 1, k),
+                     _equal_positions(st.diag2, 1, k))
+
+  def _mixing_map_ntk(self, a: MappedSource, b: MappedSource):
+    if tuple(a.spatial) != tuple(b.spatial):
+      raise NeedFullSpatial()
+    k = len(a.spatial)
+    with self._full_tracking():
+      t = self.wide_ntk(a.base, b.base)
+      if not isinstance(t, float):
+        t = b.apply(a.apply(t, 2), 2 + k)
+    return _equal_positions(t, 2, k)
 
   # -- combinations ---------------------------------------------------------
 
@@ -550,3 +590,11 @@ def _concat_parts(a: Wide, b: Wide):
         'are not concatenated from blocks of the same sizes (for example a residual sum of '
         'a concatenation and a single branch); this is not supported yet.')
   return zip(a.fractions, a.parts, b.parts)
+
+
+def _equal_positions(block, lead: int, k: int):
+  """`(*lead, *S, *S)` → `(*lead, *S)`: the entries at equal spatial positions."""
+  if isinstance(block, float) or k == 0:
+    return block
+  b, s = 'xyz'[:lead], 'abcdefgh'[:k]
+  return jnp.einsum(f'{b}{s}{s}->{b}{s}', block)

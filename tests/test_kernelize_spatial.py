@@ -70,6 +70,38 @@ def test_diagonal_tracking_changes_cost_not_values(name, monkeypatch):
   np.testing.assert_allclose(diag.ntk, full.ntk, rtol=1e-13)
 
 
+def pooled_then_flat_net(p, x):
+  """Average pooling mid-network, then convolutions and a Flatten readout."""
+  n = p['c2'].shape[-1]
+  h = jax.nn.relu(conv(x, p['c1'], 'SAME') / np.sqrt(9 * C0))
+  h = lax.reduce_window(h, 0., lax.add, (1, 2, 2, 1), (1, 1, 1, 1), 'VALID') / 4
+  h = jax.nn.relu(conv(h, p['c2'], 'SAME') / np.sqrt(9 * n))
+  return h.reshape(h.shape[0], -1) @ p['r'] / np.sqrt(p['r'].shape[0])
+
+
+def test_only_values_below_a_pooling_are_tracked_in_full(monkeypatch):
+  """The layers after the pooling need only pixel diagonals, those before it
+  full blocks: one pass, no switch of the whole computation to full blocks."""
+  p = init(jax.random.PRNGKey(5), 4, lambda n: (H - 1) ** 2 * n)
+  made = []
+  init_moments = KERNELIZE.M.Moments.__init__
+
+  def spy(self, *args, **kwargs):
+    made.append(kwargs.get('diag', False))
+    init_moments(self, *args, **kwargs)
+  monkeypatch.setattr(KERNELIZE.M.Moments, '__init__', spy)
+  kernel = lambda: jax.jit(iw.kernelize(pooled_then_flat_net, p, param_stats=STATS),
+                           static_argnames='get')
+  diag = kernel()(X1, X2, ('nngp', 'ntk'))
+  assert made == [True]
+  monkeypatch.setattr(KERNELIZE, 'DIAGONAL_SPATIAL', False)
+  full = kernel()(X1, X2, ('nngp', 'ntk'))
+  assert made[-1] is False
+  np.testing.assert_allclose(diag.nngp, full.nngp, rtol=1e-13)
+  np.testing.assert_allclose(diag.ntk, full.ntk, rtol=1e-13)
+  assert np.abs(full.ntk).max() > 0.1
+
+
 @pytest.mark.parametrize('name', list(NETS))
 def test_circular_cnn_against_monte_carlo(name):
   # Oracle: 32 finite networks of width 64 with 16 logits (float64). NNGP:
