@@ -260,7 +260,8 @@ def _trace_kernels(apply_fn, shapes, leaves_info, apply_kwargs, feature_shape, n
     return leaves
 
   n_joint = n1 if x1_is_x2 else n1 + n2
-  closed = jax.make_jaxpr(kernels_of)(jax.ShapeDtypeStruct((n_joint,) + tuple(feature_shape), dtype))
+  xj = jax.ShapeDtypeStruct((n_joint,) + tuple(feature_shape), dtype)
+  closed = jax.make_jaxpr(kernels_of)(xj)
   return closed, out_tree[0]
 
 

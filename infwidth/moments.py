@@ -15,8 +15,8 @@ from typing import Any, Dict, Optional
 import jax
 import jax.numpy as jnp
 
-from infwidth.algebra import (ZERO, ChannelConcat, Combo, KernelSource, LinearSource, MappedSource,
-                              NeedFullSpatial, PairStats, ParamSource, Source, Term, Wide,
+from infwidth.algebra import (ZERO, ChannelConcat, Combo, KernelSource, LinearSource,
+                              MappedSource, NeedFullSpatial, PairStats, ParamSource, Source, Term, Wide,
                               _add, _is_zero, _mul, align, batch_diagonal)
 from infwidth.errors import InfwidthError
 from infwidth.rules.chain import Chain
@@ -578,7 +578,6 @@ def _embed_block(arr, nb: int, sa_sp, sb_sp, a_sp, b_sp, diag=False):
     shape.append(next(it) if r in src else 1)
   del ka
   return arr.reshape(shape)
-
 
 
 def _concat_parts(a: Wide, b: Wide):

@@ -27,7 +27,8 @@ READOUTS = {
     'pool': lambda p, h: h.mean((1, 2)) @ p['r_pool'] / np.sqrt(C),
     'spatial_output': lambda p, h: conv(h, p['c3']) / np.sqrt(9 * C),
 }
-SHAPES = dict(c1=(3, 3, C0, C), b1=(C,), c2=(3, 3, C, C), c3=(3, 3, C, 3), r_flat=(H * H * C, 5), r_pool=(C, 5))
+SHAPES = dict(c1=(3, 3, C0, C), b1=(C,), c2=(3, 3, C, C), c3=(3, 3, C, 3),
+              r_flat=(H * H * C, 5), r_pool=(C, 5))
 PARAMS = {k: jax.ShapeDtypeStruct(s, jnp.float64) for k, s in SHAPES.items()}
 STATS = {k: iw.ParamStats(0., 1.) for k in SHAPES}
 X = jax.random.normal(jax.random.PRNGKey(0), (19, H, H, C0))

@@ -21,6 +21,7 @@ def register(*prims):
     return rule
   return wrap
 
+
 #: Rules that accept values concatenated along the channel axis
 #: (`algebra.ChannelConcat`); the interpreter reports them to any other rule.
 CHANNEL_CONCAT_RULES: Set[Callable] = set()
