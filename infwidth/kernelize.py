@@ -231,17 +231,14 @@ def _analytic(apply_fn, shapes, treedef, leaves_info, x1, x2, x1_is_x2, apply_kw
   def pair_kernels(a, b):
     return _eval_kernels(*traced(a.shape[0], b.shape[0], False), jnp.concatenate([a, b]))
 
-  # Spatial kernels are computed on blocks of input pairs; a small trace
-  # tells how many entries each pair's intermediates have.
-  p1, p2 = min(n1, pair_blocks.MIN_BLOCK_ROWS), min(n2, pair_blocks.MIN_BLOCK_ROWS)
-  if max(n1, n2) > pair_blocks.MIN_BLOCK_ROWS:
-    per_pair = largest_value(traced(p1, p2, False)[0].jaxpr, lead=(p1, p2)) // (p1 * p2)
-    rows = pair_blocks.block_rows(n1, n2, per_pair)
-    if rows is not None:
-      return pair_blocks.blocked_kernel(pair_kernels, x1, x2, rows)
-  if x2 is None:
-    return _eval_kernels(*traced(n1, n1, True), x1)
-  return pair_kernels(x1, x2)
+  # Spatial kernels are computed on blocks of input pairs, sized from the
+  # entries of each pair's largest intermediate.
+  whole = traced(n1, n2, x2 is None)
+  per_pair = largest_value(whole[0].jaxpr, lead=(n1, n2)) // (n1 * n2)
+  rows = pair_blocks.block_rows(n1, n2, per_pair)
+  if rows is not None:
+    return pair_blocks.blocked_kernel(pair_kernels, x1, x2, rows)
+  return _eval_kernels(*whole, x1 if x2 is None else jnp.concatenate([x1, x2]))
 
 
 def _trace_kernels(apply_fn, shapes, leaves_info, apply_kwargs, feature_shape, n1, n2,

@@ -88,10 +88,9 @@ class Moments:
 
   def spatial_diagonal(self, block, k: int):
     """`(B, *S, *S)` → `(B, *S)`: entries at equal positions."""
-    if isinstance(block, float) or k == 0 or self.diag:
+    if self.diag:
       return block
-    letters = 'abcdefghij'[:k]
-    return jnp.einsum(f'z{letters}{letters}->z{letters}', block)
+    return _equal_positions(block, 1, k)
 
   # -- sources --------------------------------------------------------------
 
@@ -221,28 +220,27 @@ class Moments:
       self.diag, self._cache = saved
 
   def _mixing_map_pair(self, a: MappedSource, b: MappedSource) -> PairStats:
-    """Pixel-diagonal moments of maps that mix positions (pooling): the base's
-    full blocks, mapped on both sides, at equal output positions. Only the
-    values below the map are tracked in full (DESIGN §5)."""
-    if tuple(a.spatial) != tuple(b.spatial):
-      raise NeedFullSpatial()
-    k = len(a.spatial)
+    """Pixel-diagonal moments of maps that mix positions (pooling): the
+    mapped sources' full blocks at equal output positions. Only the values
+    below the map are tracked in full (DESIGN §5)."""
+    k = self._same_grid(a, b)
     with self._full_tracking():
-      st = self.wide_pair(a.base, b.base)
-      st = PairStats(*(b.apply(a.apply(x, lead), lead + k) if not isinstance(x, float) else x
-                       for x, lead in ((st.cross, 2), (st.diag1, 1), (st.diag2, 1))))
+      st = self.source_pair(a, b)
     return PairStats(_equal_positions(st.cross, 2, k), _equal_positions(st.diag1, 1, k),
                      _equal_positions(st.diag2, 1, k))
 
   def _mixing_map_ntk(self, a: MappedSource, b: MappedSource):
+    k = self._same_grid(a, b)
+    with self._full_tracking():
+      t = self.source_ntk(a, b)
+    return _equal_positions(t, 2, k)
+
+  @staticmethod
+  def _same_grid(a: MappedSource, b: MappedSource) -> int:
+    """The number of spatial axes, where a and b map to the same positions."""
     if tuple(a.spatial) != tuple(b.spatial):
       raise NeedFullSpatial()
-    k = len(a.spatial)
-    with self._full_tracking():
-      t = self.wide_ntk(a.base, b.base)
-      if not isinstance(t, float):
-        t = b.apply(a.apply(t, 2), 2 + k)
-    return _equal_positions(t, 2, k)
+    return len(a.spatial)
 
   # -- combinations ---------------------------------------------------------
 
@@ -595,5 +593,5 @@ def _equal_positions(block, lead: int, k: int):
   """`(*lead, *S, *S)` → `(*lead, *S)`: the entries at equal spatial positions."""
   if isinstance(block, float) or k == 0:
     return block
-  b, s = 'xyz'[:lead], 'abcdefgh'[:k]
+  b, s = 'xyz'[:lead], 'abcdefghij'[:k]
   return jnp.einsum(f'{b}{s}{s}->{b}{s}', block)
