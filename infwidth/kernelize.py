@@ -265,8 +265,11 @@ def _trace_kernels(apply_fn, shapes, leaves_info, apply_kwargs, feature_shape, n
 def _eval_kernels(closed, out_tree, xj):
   # Evaluated with its repeated blocks (one per layer of a deep network) as
   # scans: XLA:CPU compiles a long unrolled program slowly and recomputes
-  # across its layers.
-  return jax.tree_util.tree_unflatten(out_tree, eval_rolled(closed, xj))
+  # across its layers. Under a trace (jit), each kernel after the first gets
+  # its own copy of its elementwise tail, so that XLA fuses each into one loop
+  # instead of materialising what the NNGP and NTK recursions share.
+  outs = eval_rolled(closed, xj, split_tails=isinstance(xj, jax.core.Tracer))
+  return jax.tree_util.tree_unflatten(out_tree, outs)
 
 
 def _interpret(apply_fn, shapes, leaves_info, moments, xj, x_val, apply_kwargs) -> Kernel:
@@ -331,11 +334,7 @@ def _output_kernel(out, moments: M.Moments) -> Kernel:
   ntk = _full(ntk, (n1, n2) + _spatial_shape(out) * 2, dtype)
   cov1 = _full(st.diag1, (n1,) + _spatial_shape(out) * 2, dtype)
   cov2 = None if x1_is_x2 else _full(st.diag2, (n2,) + _spatial_shape(out) * 2, dtype)
-  # One materialised (2, N1, N2, ...) array, then views of it: handing XLA:CPU
-  # the two kernels as separate outputs splits the fused computation into many
-  # loops (measured 2-4x slower for a 4-layer MLP).
-  both = jax.lax.optimization_barrier(jnp.stack([nngp, ntk]))
-  nngp, ntk = _interleave(both[0], 2, k), _interleave(both[1], 2, k)
+  nngp, ntk = _interleave(nngp, 2, k), _interleave(ntk, 2, k)
   cov1 = _interleave(cov1, 1, k)
   cov2 = None if cov2 is None else _interleave(cov2, 1, k)
   shape1 = (n1,) + tuple(out.shape[1:])
