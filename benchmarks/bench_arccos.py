@@ -1,8 +1,10 @@
-"""Time per element of arccos and of the relu NNGP + NTK closed form, float32.
+"""Time per element of arccos and of the arc-cosine kernels, float32.
 
-Compares `jnp.arccos` with the polynomial `closed_forms.fast_arccos` and the
-relu kernel (`expect_pair` on a 2048 x 2048 covariance) computed with each,
-in one process; prints ratios. Run: python benchmarks/bench_arccos.py
+Compares `jnp.arccos` with the polynomial `closed_forms.fast_arccos`, and the
+four arc-cosine functions of one ReLU layer (J1(±ρ), J0(±ρ)) in three forms:
+√(1-ρ²) with `jnp.arccos`, √(1-ρ²) with `fast_arccos`, and the one-root form
+infwidth uses for float32. All in one process, on 2048 x 2048 correlations;
+prints ratios. Run: python benchmarks/bench_arccos.py
 """
 
 import time
@@ -11,8 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from infwidth.rules import closed_forms
-from infwidth.rules.gaussian import chain_from_fn, expect_pair
+from infwidth.rules import closed_forms as cf
 
 N = 2048
 REPEATS = 20
@@ -29,39 +30,31 @@ def _time(fn, *args) -> float:
   return best
 
 
+def _relu_layer(arc_cosine):
+  # One relu layer's NNGP and NTK factor, J1(ρ) and J0(ρ), reduced to one
+  # output (XLA:CPU fuses a loop per output).
+  def layer(rho):
+    j1, _, j0, _ = arc_cosine(rho)
+    return j1 + j0
+  return jax.jit(layer)
+
+
 def main():
   rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.uniform(-1, 1, (N, N)), jnp.float32)
-  a = rng.standard_normal((N, 64)).astype(np.float32)
-  cov = jnp.asarray(a @ a.T / 64)
-  var = jnp.diagonal(cov)
-  relu = chain_from_fn(jax.nn.relu, dtype=jnp.float32)
-
-  def kernel(v1, v2, c):
-    # One relu layer of a kernel computation, NNGP and NTK factor, reduced
-    # to one output: XLA:CPU runs fusions with two large outputs several
-    # times slower, which would hide the cost of the maths itself.
-    t, dt = expect_pair(relu, (), relu, (), 0.0, 0.0, v1[:, None], v2[None, :], c)
-    return t + dt
-
-  t_jnp = _time(jax.jit(jnp.arccos), x)
-  t_fast = _time(jax.jit(closed_forms.fast_arccos), x)
-  t_relu_fast = _time(jax.jit(kernel), var, var, cov)
-  saved = closed_forms.arccos
-  closed_forms.arccos = jnp.arccos
-  jax.clear_caches()     # traced closed forms are cached across jit calls
-  try:
-    t_relu_jnp = _time(jax.jit(kernel), var, var, cov)
-  finally:
-    closed_forms.arccos = saved
-    jax.clear_caches()
+  rho = jnp.asarray(rng.uniform(-1, 1, (N, N)), jnp.float32)
   per = 1e9 / (N * N)
+  t_jnp = _time(jax.jit(jnp.arccos), rho)
+  t_fast = _time(jax.jit(cf.fast_arccos), rho)
+  forms = [('sqrt(1-rho^2), jnp.arccos', lambda r: cf.arc_cosine_by_arccos(r, jnp.arccos)),
+           ('sqrt(1-rho^2), fast_arccos', lambda r: cf.arc_cosine_by_arccos(r, cf.fast_arccos)),
+           ('one root (float32 default)', cf.arc_cosine_one_root)]
+  times = [_time(_relu_layer(f), rho) for _, f in forms]
   print(f'device: {jax.devices()[0].device_kind}, {N}x{N} float32')
   print(f'jnp.arccos         {t_jnp * per:7.2f} ns/element')
   print(f'fast_arccos        {t_fast * per:7.2f} ns/element   ratio jnp/fast {t_jnp / t_fast:5.2f}')
-  print(f'relu NNGP+NTK (T + Ṫ), jnp.arccos   {t_relu_jnp * per:7.2f} ns/element')
-  print(f'relu NNGP+NTK (T + Ṫ), fast_arccos  {t_relu_fast * per:7.2f} ns/element   '
-        f'ratio {t_relu_jnp / t_relu_fast:5.2f}')
+  for (name, _), t in zip(forms, times):
+    print(f'relu layer J1 + J0, {name:28s} {t * per:6.2f} ns/element   '
+          f'ratio to the first {times[0] / t:5.2f}')
 
 
 if __name__ == '__main__':

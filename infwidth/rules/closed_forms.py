@@ -51,24 +51,22 @@ _AS_4_4_46 = (1.5707963050, -0.2145988016, 0.0889789874, -0.0501743046,
               0.0308918810, -0.0170881256, 0.0066700901, -0.0012624911)
 
 
+def _horner(coefs, x):
+  """Σ_k coefs[k]·x^k."""
+  out = jnp.asarray(coefs[-1], x.dtype)
+  for c in coefs[-2::-1]:
+    out = out * x + jnp.asarray(c, x.dtype)
+  return out
+
+
 def fast_arccos(x: jax.Array) -> jax.Array:
   """arccos(x) for x in [-1, 1] by A&S 4.4.46; float32-accurate, any shape.
 
   About 3x cheaper than `jnp.arccos` on XLA:CPU (see benchmarks/bench_arccos.py).
   """
   ax = jnp.abs(x)
-  poly = jnp.asarray(_AS_4_4_46[-1], x.dtype)
-  for c in _AS_4_4_46[-2::-1]:
-    poly = poly * ax + jnp.asarray(c, x.dtype)
-  r = jnp.sqrt(jnp.maximum(1 - ax, 0)) * poly
+  r = jnp.sqrt(jnp.maximum(1 - ax, 0)) * _horner(_AS_4_4_46, ax)
   return jnp.where(x < 0, jnp.asarray(math.pi, x.dtype) - r, r)
-
-
-def arccos(x: jax.Array) -> jax.Array:
-  """arccos: the polynomial for float32 and lower, `jnp.arccos` for float64."""
-  if jnp.finfo(x.dtype).bits <= 32:
-    return fast_arccos(x)
-  return jnp.arccos(x)
 
 
 # ----------------------------------------------------------------------------
@@ -88,46 +86,56 @@ def _safe_sqrt_jvp(primals, tangents):
   return y, jnp.where(x > 0, dx / (2 * jnp.where(x > 0, y, 1)), 0)
 
 
-@jax.custom_jvp
-def j0(rho: jax.Array) -> jax.Array:
-  """P(u > 0, v > 0) = (π - arccos ρ)/(2π) for unit-variance (u, v) (Cho & Saul, n=0)."""
-  return arccos(-rho) * _INV_TWO_PI
-
-
-@j0.defjvp
-def _j0_jvp(primals, tangents):
-  rho, = primals
-  drho, = tangents
-  inside = jnp.abs(rho) < 1
-  den = jnp.sqrt(jnp.where(inside, 1 - rho * rho, 1))
-  return j0(rho), jnp.where(inside, drho / (_TWO_PI * den), 0)
-
-
-@jax.custom_jvp
-def j1(rho: jax.Array) -> jax.Array:
-  """E[relu(u) relu(v)] = (sqrt(1-ρ²) + ρ(π - arccos ρ))/(2π), unit variances.
-
-  Cho & Saul (2009), arc-cosine kernel of degree 1; dJ1/dρ = J0 (Price's theorem).
-  """
-  s = jnp.sqrt(jnp.maximum(1 - rho * rho, 0))
-  return (s + rho * arccos(-rho)) * _INV_TWO_PI
-
-
-@j1.defjvp
-def _j1_jvp(primals, tangents):
-  rho, = primals
-  drho, = tangents
-  return j1(rho), j0(rho) * drho
+# √(1-a²) - a·arccos(a) = (1-a)^{3/2}·R(a) on [0, 1], with R smooth (R(0) = 1,
+# R(1) = 2√2/3): Chebyshev fit of degree 7 to R, relative error ≤ 3e-9 (4e-8
+# evaluated in float32). With it the degree-1 arc-cosine kernel needs the one
+# square root arccos already takes, not a second for √(1-ρ²), and stays
+# accurate where J1 vanishes (benchmarks/bench_arccos.py times both forms).
+_J1_R = (0.9999999977, -0.07079603521, 0.01879921601, -0.00768999064,
+         0.003758567693, -0.001781157578, 0.0006306269802, -0.0001121847523)
 
 
 @jax.custom_jvp
 def arc_cosine(rho: jax.Array) -> Tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-  """(J1(ρ), J1(-ρ), J0(ρ), J0(-ρ)) sharing one arccos; derivatives finite at |ρ| = 1."""
-  a = arccos(-rho)                    # π - arccos(ρ)
+  """(J1(ρ), J1(-ρ), J0(ρ), J0(-ρ)) sharing one arccos; derivatives finite at |ρ| = 1.
+
+  J1(ρ) = (√(1-ρ²) + ρ(π - arccos ρ))/(2π) = E[relu(u) relu(v)] and
+  J0(ρ) = (π - arccos ρ)/(2π) = P(u > 0, v > 0) for unit-variance (u, v)
+  (Cho & Saul 2009, arc-cosine kernels of degree 1 and 0).
+  """
+  if jnp.finfo(rho.dtype).bits > 32:
+    return arc_cosine_by_arccos(rho, jnp.arccos)
+  return arc_cosine_one_root(rho)
+
+
+def arc_cosine_by_arccos(rho, acos=jnp.arccos):
+  """`arc_cosine` as written above, with the given arccos (float64)."""
+  a = acos(-rho)                      # π - arccos(ρ)
   b = jnp.asarray(math.pi, rho.dtype) - a
   s = jnp.sqrt(jnp.maximum(1 - rho * rho, 0))
   return ((s + rho * a) * _INV_TWO_PI, (s - rho * b) * _INV_TWO_PI, a * _INV_TWO_PI,
           b * _INV_TWO_PI)
+
+
+def arc_cosine_one_root(rho):
+  """`arc_cosine` with one square root, to float32 accuracy (relative error ≤ 3e-7).
+
+  With r = |ρ| and t = √(1-r): arccos(r) = t·P(r) (A&S 4.4.46), and
+  2π·J1(±ρ) = t³·R(r) + π·max(±ρ, 0) (for both signs: √(1-ρ²) - r·arccos(r),
+  plus π·r when that sign of ρ is positive).
+  """
+  r = jnp.abs(rho)
+  t2 = jnp.maximum(1 - r, 0)
+  t = jnp.sqrt(t2)
+  acos_r = t * _horner(_AS_4_4_46, r)
+  tail = t2 * t * _horner(_J1_R, r)
+  pi = jnp.asarray(math.pi, rho.dtype)
+  pos = rho > 0
+  a = jnp.where(pos, pi - acos_r, acos_r)   # π - arccos(ρ)
+  b = jnp.where(pos, acos_r, pi - acos_r)   # arccos(ρ), not π - a (cancellation)
+  return ((tail + pi * jnp.maximum(rho, 0)) * _INV_TWO_PI,
+          (tail + pi * jnp.maximum(-rho, 0)) * _INV_TWO_PI,
+          a * _INV_TWO_PI, b * _INV_TWO_PI)
 
 
 @arc_cosine.defjvp
