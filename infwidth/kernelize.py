@@ -19,6 +19,7 @@ from infwidth.interpreters.kernel_interpreter import interpret
 from infwidth.interpreters.loop_rolling import eval_rolled
 from infwidth.interpreters.sizes import largest_value
 from infwidth import pair_blocks
+from infwidth.joint_outputs import joint
 from infwidth.kernel import Kernel
 from infwidth.rules.values import Det
 
@@ -196,7 +197,8 @@ def kernelize(apply_fn: Callable, params: Any, *, param_stats: Any = None,
       warnings.warn(f'parameter moments estimated from small samples: {msg}. Pass '
                     'param_stats with exact moments for an exact kernel.', stacklevel=2)
     try:
-      k = _analytic(apply_fn, shapes, treedef, leaves_info, x1, x2, x1_is_x2, apply_kwargs)
+      k = _analytic(apply_fn, shapes, treedef, leaves_info, x1, x2, x1_is_x2, apply_kwargs,
+                    gets)
     except UnsupportedPrimitiveError as e:
       if fallback == 'error':
         raise
@@ -210,10 +212,12 @@ def kernelize(apply_fn: Callable, params: Any, *, param_stats: Any = None,
   return kernel_fn
 
 
-def _analytic(apply_fn, shapes, treedef, leaves_info, x1, x2, x1_is_x2, apply_kwargs) -> Kernel:
+def _analytic(apply_fn, shapes, treedef, leaves_info, x1, x2, x1_is_x2, apply_kwargs,
+              gets=None) -> Kernel:
   if isinstance(x1, Kernel):
     moments, xj, x_val = _kernel_input(x1)
-    return _interpret(apply_fn, shapes, leaves_info, moments, xj, x_val, apply_kwargs)
+    return _joint(_interpret(apply_fn, shapes, leaves_info, moments, xj, x_val, apply_kwargs),
+                  gets)
   x1 = jnp.asarray(x1)
   dtype = x1.dtype if jnp.issubdtype(x1.dtype, jnp.floating) else jnp.float32
   x1 = x1.astype(dtype)
@@ -229,7 +233,7 @@ def _analytic(apply_fn, shapes, treedef, leaves_info, x1, x2, x1_is_x2, apply_kw
     return traces[r1, r2, same]
 
   def pair_kernels(a, b):
-    return _eval_kernels(*traced(a.shape[0], b.shape[0], False), jnp.concatenate([a, b]))
+    return _eval_kernels(*traced(a.shape[0], b.shape[0], False), jnp.concatenate([a, b]), gets)
 
   # Spatial kernels are computed on blocks of input pairs, sized from the
   # entries of each pair's largest intermediate.
@@ -238,7 +242,7 @@ def _analytic(apply_fn, shapes, treedef, leaves_info, x1, x2, x1_is_x2, apply_kw
   rows = pair_blocks.block_rows(n1, n2, per_pair)
   if rows is not None:
     return pair_blocks.blocked_kernel(pair_kernels, x1, x2, rows)
-  return _eval_kernels(*whole, x1 if x2 is None else jnp.concatenate([x1, x2]))
+  return _eval_kernels(*whole, x1 if x2 is None else jnp.concatenate([x1, x2]), gets)
 
 
 def _trace_kernels(apply_fn, shapes, leaves_info, apply_kwargs, feature_shape, n1, n2,
@@ -262,14 +266,25 @@ def _trace_kernels(apply_fn, shapes, leaves_info, apply_kwargs, feature_shape, n
   return closed, out_tree[0]
 
 
-def _eval_kernels(closed, out_tree, xj):
+def _eval_kernels(closed, out_tree, xj, gets):
   # Evaluated with its repeated blocks (one per layer of a deep network) as
   # scans: XLA:CPU compiles a long unrolled program slowly and recomputes
-  # across its layers. Under a trace (jit), each kernel after the first gets
-  # its own copy of its elementwise tail, so that XLA fuses each into one loop
-  # instead of materialising what the NNGP and NTK recursions share.
-  outs = eval_rolled(closed, xj, split_tails=isinstance(xj, jax.core.Tracer))
-  return jax.tree_util.tree_unflatten(out_tree, outs)
+  # across its layers.
+  return _joint(jax.tree_util.tree_unflatten(out_tree, eval_rolled(closed, xj)), gets)
+
+
+def _joint(kernels, gets):
+  """Each kernel's NNGP and NTK from one fused loop, which computes what their
+  recursions share once (under a trace, when both are asked for: `gets`)."""
+  if gets is not None and not {'nngp', 'ntk'} <= set(gets):
+    return kernels
+
+  def one(k: Kernel):
+    if k.ntk is None or not isinstance(k.nngp, jax.core.Tracer):
+      return k
+    nngp, ntk = joint((k.nngp, k.ntk))
+    return k.replace(nngp=nngp, ntk=ntk)
+  return jax.tree_util.tree_map(one, kernels, is_leaf=lambda v: isinstance(v, Kernel))
 
 
 def _interpret(apply_fn, shapes, leaves_info, moments, xj, x_val, apply_kwargs) -> Kernel:

@@ -28,7 +28,6 @@ from jax import lax
 from jax.extend.core import ClosedJaxpr, DropVar, Jaxpr, Literal
 
 from infwidth.interpreters.compat import bind_equation
-from infwidth.interpreters.output_tails import eval_tail, needed_equations, plan_tails
 
 #: Fewest repetitions of a block worth a scan.
 MIN_REPEATS = 3
@@ -230,12 +229,8 @@ def plan_loops(jaxpr: Jaxpr) -> List[_Loop]:
   return sorted(loops, key=lambda l: l.start)
 
 
-def eval_rolled(closed: ClosedJaxpr, *args, split_tails: bool = False) -> List[Any]:
-  """`jax.core.eval_jaxpr(closed.jaxpr, closed.consts, *args)`, repeated blocks as scans.
-
-  With `split_tails`, each output after the first gets its own copy of its
-  elementwise tail (`output_tails`: XLA:CPU then fuses each output into one loop).
-  """
+def eval_rolled(closed: ClosedJaxpr, *args) -> List[Any]:
+  """`jax.core.eval_jaxpr(closed.jaxpr, closed.consts, *args)`, repeated blocks as scans."""
   jaxpr = closed.jaxpr
   env: Dict[Any, Any] = {}
 
@@ -250,23 +245,17 @@ def eval_rolled(closed: ClosedJaxpr, *args, split_tails: bool = False) -> List[A
   write(jaxpr.constvars, closed.consts)
   write(jaxpr.invars, args)
   loops = {l.start: l for l in plan_loops(jaxpr)}
-  in_loops = frozenset(i for l in loops.values()
-                       for i in range(l.start, l.start + l.block * l.repeats))
-  tails = plan_tails(jaxpr, in_loops) if split_tails else [None] * len(jaxpr.outvars)
-  needed = needed_equations(jaxpr, tails, in_loops)
   i = 0
   while i < len(jaxpr.eqns):
     loop = loops.get(i)
     if loop is None:
       eqn = jaxpr.eqns[i]
-      if needed[i]:
-        write(eqn.outvars, bind_equation(eqn, [read(v) for v in eqn.invars]))
+      write(eqn.outvars, bind_equation(eqn, [read(v) for v in eqn.invars]))
       i += 1
       continue
     _run_loop(jaxpr.eqns, loop, read, env)
     i += loop.block * loop.repeats
-  return [read(v) if t is None else eval_tail(jaxpr, t, v, read)
-          for v, t in zip(jaxpr.outvars, tails)]
+  return [read(v) for v in jaxpr.outvars]
 
 
 def _as_aval(x, aval):
