@@ -87,12 +87,16 @@ def _safe_sqrt_jvp(primals, tangents):
 
 
 # √(1-a²) - a·arccos(a) = (1-a)^{3/2}·R(a) on [0, 1], with R smooth (R(0) = 1,
-# R(1) = 2√2/3): Chebyshev fit of degree 7 to R, relative error ≤ 3e-9 (4e-8
-# evaluated in float32). With it the degree-1 arc-cosine kernel needs the one
-# square root arccos already takes, not a second for √(1-ρ²), and stays
+# R(1) = 2√2/3): Chebyshev interpolation of degree 6, relative error ≤ 2e-8
+# (7e-8 evaluated in float32). With it the degree-1 arc-cosine kernel needs the
+# one square root arccos already takes, not a second for √(1-ρ²), and stays
 # accurate where J1 vanishes (benchmarks/bench_arccos.py times both forms).
-_J1_R = (0.9999999977, -0.07079603521, 0.01879921601, -0.00768999064,
-         0.003758567693, -0.001781157578, 0.0006306269802, -0.0001121847523)
+_J1_R = (0.9999999821, -0.07079455766, 0.01877621018, -0.007554756387,
+         0.003378330698, -0.001230627844, 0.0002344713665)
+# The same polynomials divided by 2π: the arc-cosine kernels' 1/(2π) costs no
+# multiplication per pair.
+_AS_4_4_46_OVER_2PI = tuple(c * _INV_TWO_PI for c in _AS_4_4_46)
+_J1_R_OVER_2PI = tuple(c * _INV_TWO_PI for c in _J1_R)
 
 
 @jax.custom_jvp
@@ -101,15 +105,16 @@ def arc_cosine(rho: jax.Array) -> Tuple[jax.Array, jax.Array, jax.Array, jax.Arr
 
   J1(ρ) = (√(1-ρ²) + ρ(π - arccos ρ))/(2π) = E[relu(u) relu(v)] and
   J0(ρ) = (π - arccos ρ)/(2π) = P(u > 0, v > 0) for unit-variance (u, v)
-  (Cho & Saul 2009, arc-cosine kernels of degree 1 and 0).
+  (Cho & Saul 2009, arc-cosine kernels of degree 1 and 0). ρ is snapped as
+  `correlation` does (±1 within a few ulps of it, or beyond).
   """
   if jnp.finfo(rho.dtype).bits > 32:
-    return arc_cosine_by_arccos(rho, jnp.arccos)
+    return arc_cosine_by_arccos(_snap_to_unit(rho), jnp.arccos)
   return arc_cosine_one_root(rho)
 
 
 def arc_cosine_by_arccos(rho, acos=jnp.arccos):
-  """`arc_cosine` as written above, with the given arccos (float64)."""
+  """`arc_cosine` as written above, with the given arccos (float64), ρ in [-1, 1]."""
   a = acos(-rho)                      # π - arccos(ρ)
   b = jnp.asarray(math.pi, rho.dtype) - a
   s = jnp.sqrt(jnp.maximum(1 - rho * rho, 0))
@@ -120,22 +125,23 @@ def arc_cosine_by_arccos(rho, acos=jnp.arccos):
 def arc_cosine_one_root(rho):
   """`arc_cosine` with one square root, to float32 accuracy (relative error ≤ 3e-7).
 
-  With r = |ρ| and t = √(1-r): arccos(r) = t·P(r) (A&S 4.4.46), and
+  With r = |ρ| (snapped) and t = √(1-r): arccos(r) = t·P(r) (A&S 4.4.46), and
   2π·J1(±ρ) = t³·R(r) + π·max(±ρ, 0) (for both signs: √(1-ρ²) - r·arccos(r),
   plus π·r when that sign of ρ is positive).
   """
-  r = jnp.abs(rho)
-  t2 = jnp.maximum(1 - r, 0)
+  r = _snapped_abs(rho)
+  t2 = 1 - r
   t = jnp.sqrt(t2)
-  acos_r = t * _horner(_AS_4_4_46, r)
-  tail = t2 * t * _horner(_J1_R, r)
-  pi = jnp.asarray(math.pi, rho.dtype)
+  acos_r = t * _horner(_AS_4_4_46_OVER_2PI, r)          # arccos(r)/(2π)
+  tail = t2 * t * _horner(_J1_R_OVER_2PI, r)
+  half = jnp.asarray(0.5, rho.dtype)
   pos = rho > 0
-  a = jnp.where(pos, pi - acos_r, acos_r)   # π - arccos(ρ)
-  b = jnp.where(pos, acos_r, pi - acos_r)   # arccos(ρ), not π - a (cancellation)
-  return ((tail + pi * jnp.maximum(rho, 0)) * _INV_TWO_PI,
-          (tail + pi * jnp.maximum(-rho, 0)) * _INV_TWO_PI,
-          a * _INV_TWO_PI, b * _INV_TWO_PI)
+  half_r = half * r
+  zero = jnp.zeros_like(r)
+  return (tail + jnp.where(pos, half_r, zero),
+          tail + jnp.where(pos, zero, half_r),
+          jnp.where(pos, half - acos_r, acos_r),            # (π - arccos ρ)/(2π)
+          jnp.where(pos, acos_r, half - acos_r))            # arccos(ρ)/(2π), not ½ - J0
 
 
 @arc_cosine.defjvp
@@ -143,13 +149,18 @@ def _arc_cosine_jvp(primals, tangents):
   rho, = primals
   drho, = tangents
   j1p, j1m, j0p, j0m = out = arc_cosine(rho)
-  inside = jnp.abs(rho) < 1
-  dj0 = jnp.where(inside, drho / (_TWO_PI * jnp.sqrt(jnp.where(inside, 1 - rho * rho, 1))), 0)
+  r = _snapped_abs(rho)
+  inside = r < 1
+  dj0 = jnp.where(inside, drho / (_TWO_PI * jnp.sqrt(jnp.where(inside, 1 - r * r, 1))), 0)
   return out, (j0p * drho, -j0m * drho, dj0, -dj0)
 
 
-#: |ρ| within this many ulps of 1 is taken as ±1 (see `correlation`).
+#: |ρ| within this many ulps of 1 is taken as ±1 (see `_snap_to_unit`).
 _RHO_SNAP_ULPS = 16
+
+
+def _snap_band(dtype):
+  return 1 - _RHO_SNAP_ULPS * jnp.finfo(dtype).eps
 
 
 @jax.custom_jvp
@@ -163,8 +174,7 @@ def _snap_to_unit(rho: jax.Array) -> jax.Array:
   layer. Within the band ρ is not resolved by the arithmetic anyway. The
   derivative is kept (jnp.clip would halve it at ρ = ±1).
   """
-  band = 1 - _RHO_SNAP_ULPS * jnp.finfo(rho.dtype).eps
-  return jnp.where(jnp.abs(rho) >= band, jnp.sign(rho), rho)
+  return jnp.where(jnp.abs(rho) >= _snap_band(rho.dtype), jnp.sign(rho), rho)
 
 
 @_snap_to_unit.defjvp
@@ -172,8 +182,15 @@ def _snap_to_unit_jvp(primals, tangents):
   return _snap_to_unit(primals[0]), tangents[0]
 
 
-def correlation(var1, var2, cov) -> Tuple[Any, Any, Any]:
-  """(sd1, sd2, ρ) with ρ = cov/(sd1·sd2) in [-1, 1] (±1 within a few ulps), 0 where a sd is 0."""
+def _snapped_abs(rho):
+  """|snapped ρ|, in fewer operations than `abs(_snap_to_unit(rho))`."""
+  r = jnp.abs(rho)
+  return jnp.where(r >= _snap_band(rho.dtype), jnp.ones_like(r), r)
+
+
+def correlation(var1, var2, cov, snap: bool = True) -> Tuple[Any, Any, Any]:
+  """(sd1, sd2, ρ) with ρ = cov/(sd1·sd2) in [-1, 1] (±1 within a few ulps;
+  unless not `snap`), 0 where a sd is 0."""
   s1, s2 = safe_sqrt(var1), safe_sqrt(var2)
   # sd1·sd2 rather than sqrt(var1·var2): no overflow or underflow of the
   # product, and one square root per input instead of one per pair; the ulp
@@ -181,7 +198,7 @@ def correlation(var1, var2, cov) -> Tuple[Any, Any, Any]:
   den = s1 * s2
   ok = den > 0
   rho = jnp.where(ok, cov / jnp.where(ok, den, 1), 0)
-  return s1, s2, _snap_to_unit(rho)
+  return s1, s2, _snap_to_unit(rho) if snap else rho
 
 
 # ----------------------------------------------------------------------------
@@ -503,12 +520,15 @@ def _offset_terms(f: Form, g: Form, t, m1, m2, s1, s2):
   return t + g.c0 * ef + f.c0 * eg + f.c0 * g.c0
 
 
-def _hom_pair(f: Form, g: Form, s1, s2, rho, ntk: bool):
-  """Zero-mean pairs in the hom1/hom0 families (Cho & Saul 2009, arc-cosine kernels)."""
+def _hom_pair(f: Form, g: Form, s1, s2, rho, ntk: bool, raw_rho=None):
+  """Zero-mean pairs in the hom1/hom0 families (Cho & Saul 2009, arc-cosine kernels).
+
+  `raw_rho`: ρ before snapping, which `arc_cosine` snaps at less cost.
+  """
   (a1, b1), (a2, b2) = f.c[:2], g.c[:2]
   same = b1 * b2 + a1 * a2
   diff = b1 * a2 + a1 * b2
-  j1p, j1m, jp, jm = arc_cosine(rho)
+  j1p, j1m, jp, jm = arc_cosine(rho if raw_rho is None else raw_rho)
 
   def combine(p, q, minus=False):
     # same·p ± diff·q, skipping statically zero terms (relu: diff = 0).
@@ -537,7 +557,7 @@ def _hom_pair(f: Form, g: Form, s1, s2, rho, ntk: bool):
     t = k * ((b1 * b2 - a1 * a2) * (1 + rho) + (a1 * b2 - b1 * a2) * (1 - rho))
     t = jnp.where(s1 > 0, t, f.c[2] * (b2 - a2) * s2 * _INV_SQRT_2PI)
     return t, (0 * t) if ntk else None
-  t, dt = _hom_pair(g, f, s2, s1, rho, ntk)
+  t, dt = _hom_pair(g, f, s2, s1, rho, ntk, raw_rho)
   return t, dt
 
 
@@ -565,14 +585,15 @@ def pair_moments(f: Form, g: Form, mean1, mean2, var1, var2, cov,
   zero_means = is_static_zero(mean1) and is_static_zero(mean2)
   m1 = 0.0 if is_static_zero(mean1) else mean1
   m2 = 0.0 if is_static_zero(mean2) else mean2
-  s1, s2, rho = correlation(var1, var2, cov)
+  s1, s2, raw_rho = correlation(var1, var2, cov, snap=False)
+  rho = _snap_to_unit(raw_rho)
   if f.kind == 'affine' or g.kind == 'affine':
     if f.kind != 'affine':
       return pair_moments(g, f, mean2, mean1, var2, var1, cov, ntk)
     sm = single_moments(g, m2, s2)
     return None if sm is None else affine_pair(f, sm, m1, s2, cov, ntk)
   if f.kind in _HOM and g.kind in _HOM and zero_means:
-    t, dt = _hom_pair(f, g, s1, s2, rho, ntk)
+    t, dt = _hom_pair(f, g, s1, s2, rho, ntk, raw_rho)
     return _offset_terms(f, g, t, m1, m2, s1, s2), dt
   if f.kind == 'erf' and g.kind == 'erf' and zero_means:
     (al1, a1), (al2, a2) = f.c, g.c
