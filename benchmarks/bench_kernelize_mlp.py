@@ -21,7 +21,7 @@ from timing import reference_env, time_kernel_fn
 
 WIDTHS = (512, 512, 512)
 W_STD, B_STD = 1.5, 0.05
-REPEATS = 7
+REPEATS = 15
 
 NT_SCRIPT = textwrap.dedent('''
     import json, sys, time
