@@ -275,8 +275,14 @@ def _eval_kernels(closed, out_tree, xj, gets):
 
 def _joint(kernels, gets):
   """Each kernel's NNGP and NTK from one fused loop, which computes what their
-  recursions share once (under a trace, when both are asked for: `gets`)."""
+  recursions share once (under a trace, when both are asked for: `gets`).
+
+  Only on CPU: XLA's GPU and TPU compilers fuse loops with several outputs
+  themselves.
+  """
   if gets is not None and not {'nngp', 'ntk'} <= set(gets):
+    return kernels
+  if jax.default_backend() != 'cpu':
     return kernels
 
   def one(k: Kernel):
