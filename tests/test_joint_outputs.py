@@ -63,3 +63,30 @@ def test_shared_work_is_one_fused_loop():
   assert square_loops(lambda a: joint(_two_recursions(a))) == 1
   assert square_loops(_two_recursions) > 1
 
+
+
+def _mlp_kernel_fn():
+  import infwidth as iw
+
+  def mlp(params, x):
+    for w in params[:-1]:
+      x = jax.nn.relu(x @ w / np.sqrt(w.shape[0]))
+    return x @ params[-1] / np.sqrt(params[-1].shape[0])
+  params = [jax.ShapeDtypeStruct(s, jnp.float64) for s in ((4, 8), (8, 8), (8, 1))]
+  return iw.kernelize(mlp, params, param_stats=[iw.ParamStats(0., 1.)] * 3)
+
+
+def test_kernelize_computes_nngp_and_ntk_jointly_only_when_both_are_asked_for():
+  kf, x = _mlp_kernel_fn(), _x(64)
+
+  def joint_loops(get):
+    text = jax.jit(lambda a: kf(a, None, get)).lower(x).compile().as_text()
+    return sum(1 for line in text.split('ENTRY')[1].splitlines()
+               if '(f64[64,64]{1,0}, f64[64,64]{1,0}) fusion(' in line)
+  assert joint_loops(('nngp', 'ntk')) == 1
+  assert joint_loops(None) == 1
+  assert joint_loops('nngp') == 0        # the NTK recursion is not computed
+  k = jax.jit(lambda a: kf(a, None, ('nngp', 'ntk')))(x)
+  want = kf(x, None, ('nngp', 'ntk'))    # eager: no joint loop
+  np.testing.assert_allclose(np.asarray(k.nngp), np.asarray(want.nngp), rtol=1e-12)
+  np.testing.assert_allclose(np.asarray(k.ntk), np.asarray(want.ntk), rtol=1e-12)
