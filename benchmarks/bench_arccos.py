@@ -7,27 +7,15 @@ infwidth uses for float32. All in one process, on 2048 x 2048 correlations;
 prints ratios. Run: python benchmarks/bench_arccos.py
 """
 
-import time
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from infwidth.rules import closed_forms as cf
+from timing import best_time
 
 N = 2048
 REPEATS = 20
-
-
-def _time(fn, *args) -> float:
-  """Seconds per call, best of REPEATS, after compilation."""
-  jax.block_until_ready(fn(*args))
-  best = np.inf
-  for _ in range(REPEATS):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    best = min(best, time.perf_counter() - t0)
-  return best
 
 
 def _relu_layer(arc_cosine):
@@ -43,12 +31,12 @@ def main():
   rng = np.random.default_rng(0)
   rho = jnp.asarray(rng.uniform(-1, 1, (N, N)), jnp.float32)
   per = 1e9 / (N * N)
-  t_jnp = _time(jax.jit(jnp.arccos), rho)
-  t_fast = _time(jax.jit(cf.fast_arccos), rho)
+  t_jnp = best_time(jax.jit(jnp.arccos), rho, reps=REPEATS)
+  t_fast = best_time(jax.jit(cf.fast_arccos), rho, reps=REPEATS)
   forms = [('sqrt(1-rho^2), jnp.arccos', lambda r: cf.arc_cosine_by_arccos(r, jnp.arccos)),
            ('sqrt(1-rho^2), fast_arccos', lambda r: cf.arc_cosine_by_arccos(r, cf.fast_arccos)),
            ('one root (float32 default)', cf.arc_cosine_one_root)]
-  times = [_time(_relu_layer(f), rho) for _, f in forms]
+  times = [best_time(_relu_layer(f), rho, reps=REPEATS) for _, f in forms]
   print(f'device: {jax.devices()[0].device_kind}, {N}x{N} float32')
   print(f'jnp.arccos         {t_jnp * per:7.2f} ns/element')
   print(f'fast_arccos        {t_fast * per:7.2f} ns/element   ratio jnp/fast {t_jnp / t_fast:5.2f}')

@@ -24,7 +24,7 @@ import textwrap
 
 import numpy as np
 
-from timing import reference_env, time_kernel_fn
+from timing import best_time, reference_env, time_kernel_fn
 
 W_STD, B_STD, WIDTH = 1.4, 0.1, 64
 CASES = {'flatten': (32, 64), 'gap': (8, 16)}  # image size, N
@@ -176,18 +176,10 @@ def kernel_flops(readout, x, depth):
 
 def matmul_peak(reps=5, n=2048):
   """FLOP/s of a large float32 matrix product: the machine's practical peak."""
-  import time
   import jax
   import jax.numpy as jnp
   a = jnp.asarray(np.random.default_rng(0).normal(size=(n, n)), jnp.float32)
-  f = jax.jit(lambda a: a @ a)
-  jax.block_until_ready(f(a))
-  best = float('inf')
-  for _ in range(reps):
-    t = time.perf_counter()
-    jax.block_until_ready(f(a))
-    best = min(best, time.perf_counter() - t)
-  return 2 * n ** 3 / best
+  return 2 * n ** 3 / best_time(jax.jit(lambda a: a @ a), a, reps=reps)
 
 
 def main():

@@ -9,21 +9,12 @@ Run: python benchmarks/bench_kernelize_parts.py [--parts mlp,cnn] [--reps 5]
 """
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-
-def best_time(fn, *args, reps):
-  jax.block_until_ready(fn(*args))
-  best = np.inf
-  for _ in range(reps):
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    best = min(best, time.perf_counter() - t)
-  return best
+from timing import best_time
 
 
 def mlp_parts(reps):

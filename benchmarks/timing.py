@@ -1,10 +1,21 @@
-"""Shared helpers of the benchmarks: timing a jitted kernel function and
+"""Shared helpers of the benchmarks: timing a jitted function or kernel function and
 running the Neural Tangents reference interpreter."""
 
 import os
 import time
 
 import jax
+
+
+def best_time(fn, *args, reps: int) -> float:
+  """Seconds per call of `fn(*args)`: the best of `reps` calls after a first one."""
+  jax.block_until_ready(fn(*args))
+  best = float('inf')
+  for _ in range(reps):
+    t = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    best = min(best, time.perf_counter() - t)
+  return best
 
 
 def time_kernel_fn(kernel_fn, x, reps):
