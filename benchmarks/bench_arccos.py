@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from infwidth.rules import closed_forms as cf
+from infwidth.domain import closed_forms as cf
 from timing import best_time
 
 N = 2048

@@ -146,7 +146,7 @@ def kernel_flops(readout, x, depth):
   counted: for one block of input pairs, times the blocks computed (those on
   and above the diagonal), or for the whole program if it is not blocked.
   """
-  from infwidth import pair_blocks
+  from infwidth.domain import pair_blocks
   from infwidth.interpreters import loop_rolling
   seen = []
   blocked_kernel = pair_blocks.blocked_kernel

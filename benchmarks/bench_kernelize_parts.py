@@ -38,7 +38,7 @@ def mlp_parts(reps):
 
 def cnn_parts(reps):
   from bench_kernelize_cnn import CASES, infwidth_kernel_fn
-  from infwidth import pair_blocks
+  from infwidth.domain import pair_blocks
   chosen = pair_blocks.block_rows
   for readout, (size, n) in CASES.items():
     x = jnp.asarray(np.random.default_rng(0).normal(size=(n, size, size, 3)).astype(np.float32))

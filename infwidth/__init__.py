@@ -5,12 +5,18 @@ from infwidth.batching import batch
 from infwidth.empirical import (NtkImplementation, empirical_kernel_fn, empirical_nngp_fn,
                                 empirical_ntk_fn, linearize, monte_carlo_kernel_fn,
                                 taylor_expand)
-from infwidth.errors import InfwidthError, UnsupportedPrimitiveError
+from infwidth.errors import (InfwidthError, InternalError, UnsupportedPrimitiveError,
+                             UnsupportedValueError)
 from infwidth.kernel import Kernel
 from infwidth.kernelize import ParamStats, kernelize
 
 __all__ = [
-    'InfwidthError', 'Kernel', 'NtkImplementation', 'ParamStats', 'UnsupportedPrimitiveError',
-    'batch', 'empirical_kernel_fn', 'empirical_nngp_fn', 'empirical_ntk_fn', 'kernelize',
-    'linearize', 'monte_carlo_kernel_fn', 'predict', 'stax', 'taylor_expand',
+    'InfwidthError', 'InternalError', 'Kernel', 'NtkImplementation', 'ParamStats',
+    'UnsupportedPrimitiveError', 'UnsupportedValueError', 'batch', 'empirical_kernel_fn',
+    'empirical_nngp_fn', 'empirical_ntk_fn', 'kernelize', 'linearize', 'monte_carlo_kernel_fn',
+    'predict', 'stax', 'taylor_expand',
 ]
+
+
+def __dir__():
+  return sorted(__all__)

@@ -16,10 +16,12 @@ import pytest
 import scipy.integrate
 import scipy.stats
 
-from infwidth.rules import closed_forms as cf
-from infwidth.rules import quadrature as quad
-from infwidth.rules.chain import Chain
-from infwidth.rules.gaussian import chain_from_fn, expect_pair, expect_single
+from infwidth.domain import closed_forms as cf
+from infwidth.rules import builtin as _builtin  # noqa: F401  (registers the forms and kinks)
+from infwidth.domain import quadrature as quad
+from infwidth.domain.chain import Chain
+from infwidth.domain.gaussian import expect_pair, expect_single
+from infwidth.interpreters.chain_interpreter import chain_from_fn
 
 N_SAMPLES = 10**6
 N_SE = 5.0

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from infwidth.joint_outputs import joint
+from infwidth.domain.joint_outputs import joint
 
 jax.config.update('jax_enable_x64', True)
 

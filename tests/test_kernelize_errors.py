@@ -6,6 +6,7 @@ primitive and the user's line; `fallback='monte_carlo'` and
 parameter moments warn when noisy; bad input raises `infwidth.InfwidthError`.
 """
 
+import importlib.util
 import inspect
 import os
 import warnings
@@ -231,3 +232,22 @@ def test_nan_propagates_under_jit(kernel_fn):
     assert np.all(np.isnan(m[1])) and np.all(np.isnan(m[:, 1]))
     clean = np.delete(np.delete(m, 1, 0), 1, 1)
     assert np.all(np.isfinite(clean))   # one bad input poisons only its own row and column
+
+
+def test_source_line_of_a_model_in_a_directory_named_infwidth(tmp_path):
+  """Frames are skipped by the installed packages' locations, not by names in
+  the path: a user's model under a folder called `infwidth/` keeps its line."""
+  folder = tmp_path / 'infwidth' / 'jax' / 'flax'
+  folder.mkdir(parents=True)
+  (folder / 'user_model.py').write_text(
+      'import jax.numpy as jnp\n'
+      '\n'
+      'def net(p, x):\n'
+      '  h = x @ p["w0"]\n'
+      '  return jnp.sort(h, axis=-1) @ p["w1"]\n')
+  spec = importlib.util.spec_from_file_location('user_model', folder / 'user_model.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  with pytest.raises(iw.UnsupportedPrimitiveError) as info:
+    iw.kernelize(module.net, _params(), param_stats=UNIT)(X, None, 'nngp')
+  assert info.value.source.startswith(str(folder / 'user_model.py') + ':5 (net)')

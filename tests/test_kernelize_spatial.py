@@ -12,7 +12,7 @@ from jax import lax
 import infwidth as iw
 from infwidth.empirical import empirical_kernels, empirical_ntk_fn
 
-KERNELIZE = sys.modules['infwidth.kernelize']
+KERNELIZE = sys.modules['infwidth.interpreters.kernel_program']
 H, C0 = 5, 2
 OUT = 16  # i.i.d. logits: averaging over them reduces Monte Carlo noise
 X1 = jax.random.normal(jax.random.PRNGKey(0), (3, H, H, C0))

@@ -8,7 +8,7 @@ import pytest
 from jax import lax
 
 import infwidth as iw
-from infwidth import pair_blocks
+from infwidth.domain import pair_blocks
 
 H, C0, C = 4, 2, 8
 

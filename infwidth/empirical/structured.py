@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -34,29 +34,11 @@ from jax import lax
 from jax.extend.core import primitives as P
 
 from infwidth.empirical import _utils
+from infwidth.rules import builtin as _builtin  # noqa: F401  (registers the facts)
+from infwidth.rules.registry import fact
 from infwidth.interpreters.flat_program import Lit as _Lit, Op as _Op, Program as _Program
-from infwidth.interpreters.flat_program import flatten as _flatten
-
-# Unary primitives that permute or copy entries: `L Lᵀ = I`.
-_PERMUTATIONS = {P.reshape_p, P.transpose_p, P.squeeze_p, P.copy_p, P.rev_p,
-                 P.convert_element_type_p, P.reduce_precision_p}
-
-
-def _evaluate(prog: _Program, inputs: Sequence[Any],
-              eps: Dict[int, jax.Array]) -> Tuple[List[Any], Dict[int, Any]]:
-  """Runs the program, adding `eps[i]` to the output of op `i`."""
-  env = dict(zip(prog.in_ids, inputs))
-  read = lambda a: a.val if isinstance(a, _Lit) else env[a]
-  for i, op in enumerate(prog.ops):
-    params = op.prim.get_bind_params(op.params)
-    with op.eqn.ctx.manager:
-      out = op.prim.bind(*map(read, op.ins), **params)
-    outs = list(out) if op.prim.multiple_results else [out]
-    if i in eps:
-      outs[0] = outs[0] + eps[i]
-    env.update(zip(op.outs, outs))
-  return [read(a) for a in prog.out_atoms], env
-
+from infwidth.interpreters.flat_program import flatten as _flatten, run as _run
+from infwidth.interpreters.walker import trace as _trace
 
 # ANALYSIS: where does each parameter enter?
 
@@ -85,7 +67,8 @@ def _chain_step(prog, op, lin_ins, lin):
     return None
   pos, (leaf, chain, scales) = lin_ins[0]
   prim = op.prim
-  if prim in _PERMUTATIONS or prim is P.broadcast_in_dim_p:
+  role = fact(prim, 'structured')
+  if role == 'permutation':
     if prim is P.convert_element_type_p and not jnp.issubdtype(
         op.params['new_dtype'], jnp.inexact):
       return None
@@ -94,9 +77,9 @@ def _chain_step(prog, op, lin_ins, lin):
         or len(op.ins) != 1):
       return None
     return leaf, chain + ((prim, _freeze(op.params)),), scales
-  if prim is P.neg_p:
+  if role == 'scale' and len(op.ins) == 1:  # neg
     return leaf, chain, scales + ((_Lit(-1.), 'mul'),)
-  if prim in (P.mul_p, P.div_p) and len(op.ins) == 2:
+  if role == 'scale' and len(op.ins) == 2:
     other = op.ins[1 - pos]
     if _shape(prog, other) != () or (prim is P.div_p and pos != 0):
       return None
@@ -105,17 +88,20 @@ def _chain_step(prog, op, lin_ins, lin):
 
 
 def _site_kind(op: _Op, pos: int) -> Optional[str]:
-  if op.prim is P.dot_general_p:
-    return 'dot'
-  if op.prim is P.conv_general_dilated_p:
+  """'dot', 'conv' or 'gather' where operand `pos` of `op` is a site whose
+  Jacobian is contracted without being built (the registered fact)."""
+  kind = fact(op.prim, 'structured')
+  if kind == 'dot':
+    return kind
+  if kind == 'conv':
     if (pos == 1 and op.params['feature_group_count'] == 1
         and op.params['batch_group_count'] == 1):
-      return 'conv'
+      return kind
     return None
-  if op.prim is P.gather_p and pos == 0:
+  if kind == 'gather' and pos == 0:
     dn = op.params['dimension_numbers']
     if not getattr(dn, 'operand_batching_dims', ()):
-      return 'gather'
+      return kind
   return None
 
 
@@ -251,7 +237,7 @@ def _side_factors(plan: _Plan, leaves, x, kw_arrays):
     ins = list(inputs)
     for i, v in zip(plan.dense, dense_vals):
       ins[i] = v
-    outs, env = _evaluate(prog, ins, eps)
+    outs, env = _run(prog, ins, eps)
     aux = {(leaf, j): _capture(prog, s, env)
            for leaf, ss in plan.sites.items() for j, s in enumerate(ss)}
     return outs, aux
@@ -350,7 +336,7 @@ def _trace_program(g, leaves, treedef, static_kw, x_struct, kw_struct):
   def flat(leaves, x, kw):
     return jax.tree.leaves(g(jax.tree.unflatten(treedef, leaves), x,
                              **static_kw, **kw))
-  closed = jax.make_jaxpr(flat)(leaves, x_struct, kw_struct)
+  closed = _trace(flat, leaves, x_struct, kw_struct)
   return _flatten(closed)
 
 

@@ -1,22 +1,37 @@
 """Reads the jaxpr of a scalar function φ(u, *args) as an elementwise `Chain`.
 
-Calls (`jit`, `custom_jvp_call`, `custom_vjp_call`, ...) are inlined (their
-primal jaxpr, via the table in `compat.py`), copies and float-to-float casts
-dropped, dead nodes pruned. `infwidth.rules.gaussian.chain_from_fn` traces
-the function and hands its jaxpr here.
+Calls (`jit`, `custom_jvp_call`, `custom_vjp_call`, ...) are inlined by the
+walker (their primal jaxpr), copies and float-to-float casts dropped, dead
+nodes pruned.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Tuple
+from typing import Callable, List, Tuple
 
 import jax.numpy as jnp
 import numpy as np
-from jax.extend import core as jex
 from jax.extend.core import primitives as _p
 
-from infwidth.interpreters.compat import CALL_PRIMITIVES, subjaxpr_of
-from infwidth.rules.chain import Chain, Node, Ref, U, arg, const, node
+from infwidth.domain.chain import Chain, Node, Ref, U, arg, const, node
+from infwidth.interpreters.walker import trace, walk
+
+
+def chain_from_fn(fn: Callable, n_args: int = 0, dtype=None) -> Chain:
+  """The `Chain` of a scalar function φ(u, *args) (`n_args` arguments), by tracing.
+
+  Args:
+    fn: scalar elementwise function of `1 + n_args` scalars.
+    n_args: number of per-input arguments after `u`.
+    dtype: the dtype to trace with (default: the default float dtype), which
+      sets the precision of the function's literal constants.
+
+  Returns:
+    A `Chain` with `n_args` arguments; `Chain()` for the identity.
+  """
+  dtype = dtype or jnp.result_type(float)
+  x = jnp.zeros((), dtype)
+  return chain_of_jaxpr(trace(fn, *([x] * (1 + n_args))), n_args)
 
 
 def chain_of_jaxpr(closed, n_args: int) -> Chain:
@@ -26,44 +41,26 @@ def chain_of_jaxpr(closed, n_args: int) -> Chain:
   not an elementwise function of `u`.
   """
   nodes: List[Node] = []
-  env: Dict[Any, Ref] = {}
 
-  def read(v) -> Ref:
-    if isinstance(v, jex.Literal):
-      return const(v.val)
-    return env[v]
+  def scalar_const(c) -> Ref:
+    if np.ndim(c) != 0:
+      raise ValueError('chain_from_fn: the function closes over a non-scalar array')
+    return const(np.asarray(c))
 
-  def walk(jaxpr, consts, in_refs) -> List[Ref]:
-    for cv, c in zip(jaxpr.constvars, consts):
-      if np.ndim(c) != 0:
-        raise ValueError('chain_from_fn: the function closes over a non-scalar array')
-      env[cv] = const(np.asarray(c))
-    for v, r in zip(jaxpr.invars, in_refs):
-      env[v] = r
-    for eqn in jaxpr.eqns:
-      ins = [read(v) for v in eqn.invars]
-      if eqn.primitive in CALL_PRIMITIVES:
-        sub, sub_consts = subjaxpr_of(eqn)
-        n_skip = len(sub.invars) - len(ins)
-        if n_skip:
-          raise ValueError(f'chain_from_fn: cannot inline {eqn.primitive}')
-        for v, r in zip(eqn.outvars, walk(sub, sub_consts, ins)):
-          env[v] = r
-        continue
-      if len(eqn.outvars) != 1:
-        raise ValueError(f'chain_from_fn: {eqn.primitive} is not elementwise')
-      if eqn.primitive is _p.copy_p or (
-          eqn.primitive is _p.convert_element_type_p and
-          jnp.issubdtype(eqn.invars[0].aval.dtype, jnp.floating) and
-          jnp.issubdtype(eqn.params['new_dtype'], jnp.floating)):
-        env[eqn.outvars[0]] = ins[0]
-        continue
-      nodes.append(Node(eqn.primitive, tuple(sorted(eqn.params.items())), tuple(ins)))
-      env[eqn.outvars[0]] = node(len(nodes) - 1)
-    return [read(v) for v in jaxpr.outvars]
+  def visit(eqn, ins, _callers):
+    if len(eqn.outvars) != 1:
+      raise ValueError(f'chain_from_fn: {eqn.primitive} is not elementwise')
+    if eqn.primitive is _p.copy_p or (
+        eqn.primitive is _p.convert_element_type_p and
+        jnp.issubdtype(eqn.invars[0].aval.dtype, jnp.floating) and
+        jnp.issubdtype(eqn.params['new_dtype'], jnp.floating)):
+      return [ins[0]]
+    nodes.append(Node(eqn.primitive, tuple(sorted(eqn.params.items())), tuple(ins)))
+    return [node(len(nodes) - 1)]
 
   in_refs = [U] + [arg(i) for i in range(n_args)]
-  out, = walk(closed.jaxpr, list(closed.consts), in_refs)
+  out, = walk(closed.jaxpr, list(closed.consts), in_refs, visit,
+              literal=lambda v: const(v.val), const=scalar_const)
   if out.kind == 'u':
     return Chain((), n_args)
   if out.kind != 'node':

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 from jax.extend import core as jcore
 
-from infwidth.interpreters.compat import closed_call_p, jit_p, remat_p, subjaxpr_of
+from infwidth.interpreters.compat import closed_call_p, jit_p, remat_p
+from infwidth.interpreters.walker import bind, walk
 
 #: Higher-order primitives whose body is inlined (a jit is just a function).
 INLINED = tuple(p for p in (jit_p, closed_call_p, remat_p) if p is not None)
@@ -53,27 +54,29 @@ def flatten(closed: jcore.ClosedJaxpr) -> Program:
     avals[i] = var.aval
     return i
 
-  def read(env, v):
-    return Lit(v.val) if isinstance(v, jcore.Literal) else env[v]
-
-  def walk(jaxpr: jcore.Jaxpr, env: Dict[Any, Any]):
-    for eqn in jaxpr.eqns:
-      ins = tuple(read(env, v) for v in eqn.invars)
-      if eqn.primitive in INLINED:
-        inner, consts = subjaxpr_of(eqn)
-        sub = {cv: Lit(c) for cv, c in zip(inner.constvars, consts)}
-        sub.update(zip(inner.invars, ins))
-        walk(inner, sub)
-        for ov, iv in zip(eqn.outvars, inner.outvars):
-          env[ov] = read(sub, iv)
-      else:
-        outs = tuple(new(v) for v in eqn.outvars)
-        env.update(zip(eqn.outvars, outs))
-        ops.append(Op(eqn.primitive, ins, outs, dict(eqn.params), eqn))
+  def visit(eqn, ins, _callers):
+    outs = tuple(new(v) for v in eqn.outvars)
+    ops.append(Op(eqn.primitive, tuple(ins), outs, dict(eqn.params), eqn))
+    return outs
 
   jaxpr = closed.jaxpr
-  env = {cv: Lit(c) for cv, c in zip(jaxpr.constvars, closed.consts)}
   in_ids = [new(v) for v in jaxpr.invars]
-  env.update(zip(jaxpr.invars, in_ids))
-  walk(jaxpr, env)
-  return Program(in_ids, [read(env, v) for v in jaxpr.outvars], ops, avals)
+  out_atoms = walk(jaxpr, closed.consts, in_ids, visit, literal=lambda v: Lit(v.val),
+                   const=Lit, inline=INLINED)
+  return Program(in_ids, out_atoms, ops, avals)
+
+
+def run(prog: Program, inputs: Sequence[Any],
+        perturb: Dict[int, Any]) -> Tuple[List[Any], Dict[int, Any]]:
+  """Evaluates `prog` on `inputs`, adding `perturb[i]` to the first output of op `i`.
+
+  Returns the program's outputs and the environment of every value by id.
+  """
+  env = dict(zip(prog.in_ids, inputs))
+  read = lambda a: a.val if isinstance(a, Lit) else env[a]
+  for i, op in enumerate(prog.ops):
+    outs = bind(op.eqn, [read(a) for a in op.ins])
+    if i in perturb:
+      outs[0] = outs[0] + perturb[i]
+    env.update(zip(op.outs, outs))
+  return [read(a) for a in prog.out_atoms], env

@@ -3,28 +3,34 @@
 Values in the environment are `Det` (deterministic arrays over the joint
 batch), `ParamRef` (symbolic parameters) and `Wide` values. Equations with
 only deterministic inputs are evaluated concretely (constant folding);
-call-like equations (jit, custom_jvp/vjp, remat, closed_call) are inlined by
-recursion on their primal sub-jaxpr; every other equation that touches a
-parameter or a wide value goes to the rule registered for its primitive.
+call-like equations are inlined by the walker; an equation that meets a value
+kind with a registered handler (`ChannelSum`) goes to that handler; every
+other equation that touches a parameter or a wide value goes to the rule
+registered for its primitive (`infwidth.rules.registry`). A missing rule, or
+a rule that finds no analytic limit for the values it meets, raises
+`UnsupportedPrimitiveError` naming the primitive, the reason and the user's
+source line.
 """
 
 from __future__ import annotations
 
-from typing import Any, List, Sequence
+import os
+import sys
+from typing import Any, List, Optional, Sequence
 
 import jax
 import numpy as np
-from jax.extend.core.primitives import broadcast_in_dim_p
 from jax.extend.core import Literal
+from jax.extend.core.primitives import broadcast_in_dim_p
 
-from infwidth import algebra as A
-from infwidth import moments as M
-from infwidth.errors import UnsupportedPrimitiveError
-from infwidth.interpreters.compat import CALL_PRIMITIVES, subjaxpr_of
+from infwidth.domain import moments as M
+from infwidth.domain import values as A
+from infwidth.domain.errors import UnsupportedPrimitiveError
+from infwidth.domain.values import Det
+from infwidth.interpreters.walker import bind, body_primitives, sub_jaxprs, walk
+from infwidth.rules import builtin as _builtin  # noqa: F401  (registers the rules)
 from infwidth.rules import registry
-from infwidth.rules.reductions import ChannelSum, channel_sum_rule
-from infwidth.rules.structural import det_roles
-from infwidth.rules.values import Det
+from infwidth.rules.structural import default_det_roles
 
 
 class RuleContext:
@@ -36,6 +42,7 @@ class RuleContext:
     self.callers = callers  # enclosing call equations, innermost last
 
   def unsupported(self, reason: str = '') -> UnsupportedPrimitiveError:
+    """The error to raise where no analytic rule applies (names the user's line)."""
     loc = None
     for e in (self.eqn,) + tuple(reversed(self.callers)):
       loc = source_location(e)
@@ -45,80 +52,105 @@ class RuleContext:
 
   def fold(self, invals) -> Det:
     """The equation evaluated on deterministic inputs (constant folding)."""
-    (out,) = _fold(self.eqn, invals)
+    (out,) = fold(self.eqn, invals)
     return out
 
 
-def source_location(eqn) -> str:
-  """The user's source line of an equation: the innermost frame outside JAX and infwidth."""
+def _package_dir(module_name: str) -> Optional[str]:
+  module = sys.modules.get(module_name)
+  path = getattr(module, '__file__', None)
+  return os.path.dirname(os.path.abspath(path)) + os.sep if path else None
+
+
+#: Packages whose frames are not the user's: infwidth itself, JAX, and the
+#: model libraries whose modules call the user's code.
+_LIBRARY_PACKAGES = ('infwidth', 'jax', 'jaxlib', 'flax', 'haiku', 'equinox')
+
+
+def _library_dirs():
+  dirs = [_package_dir(name) for name in _LIBRARY_PACKAGES]
+  return tuple(d for d in dirs if d)
+
+
+def source_location(eqn) -> Optional[str]:
+  """The user's source line of an equation: the innermost frame whose file is
+  not inside the installed infwidth, JAX, Flax, Haiku or Equinox packages
+  (located by their modules' `__file__`, not by names in the path)."""
   tb = getattr(eqn.source_info, 'traceback', None)
+  library = _library_dirs()
   for frame in getattr(tb, 'frames', ()) or ():
-    name = frame.file_name.replace('\\', '/')
-    if '/jax/' in name or '/jaxlib/' in name or '/infwidth/' in name:
-      continue
-    if '/flax/' in name or '/haiku/' in name or '/equinox/' in name:
+    name = os.path.abspath(frame.file_name)
+    if name.startswith(library) or frame.file_name.startswith('<frozen'):
       continue
     return f'{frame.file_name}:{frame.line_num} ({frame.function_name})'
   return None
 
 
-def _det_literal(v) -> Det:
+def _det_literal(v: Literal) -> Det:
   val = np.asarray(v.val)
   return Det(val, (None,) * val.ndim)
 
 
-def interpret(jaxpr, consts: Sequence[Any], args: Sequence[Any], moments: M.Moments,
-              callers=()) -> List[Any]:
+def _as_value(c) -> Any:
+  return c if isinstance(c, (Det, A.ParamRef, A.Wide)) else Det(c, (None,) * np.ndim(c))
+
+
+def interpret(jaxpr, consts: Sequence[Any], args: Sequence[Any], moments: M.Moments) -> List[Any]:
   """Evaluates `jaxpr` on abstract values; returns the abstract outputs."""
-  env = {}
 
-  def read(v):
-    return _det_literal(v) if isinstance(v, Literal) else env[v]
+  def visit(eqn, invals, callers):
+    ctx = RuleContext(eqn, moments, callers)
+    try:
+      return _apply(ctx, eqn, invals)
+    except UnsupportedPrimitiveError as e:
+      if e.primitive is None:  # raised by the domain: add this equation's context
+        raise ctx.unsupported(e.reason) from None
+      raise
 
-  for var, c in zip(jaxpr.constvars, consts):
-    env[var] = c if isinstance(c, (Det, A.ParamRef, A.Wide)) else Det(c, (None,) * np.ndim(c))
-  for var, a in zip(jaxpr.invars, args):
-    env[var] = a
-
-  for eqn in jaxpr.eqns:
-    invals = [read(v) for v in eqn.invars]
-    if eqn.primitive in CALL_PRIMITIVES:
-      sub, sub_consts = subjaxpr_of(eqn)
-      outs = interpret(sub, sub_consts, invals[len(invals) - len(sub.invars):], moments,
-                       callers + (eqn,))
-    elif all(isinstance(v, Det) for v in invals):
-      outs = _fold(eqn, invals)
-    elif any(isinstance(v, ChannelSum) for v in invals):
-      outs = [channel_sum_rule(RuleContext(eqn, moments, callers), *invals, **eqn.params)]
-    else:
-      rule = registry.KERNEL_RULES.get(eqn.primitive)
-      if rule is None:
-        raise RuleContext(eqn, moments, callers).unsupported()
-      if (rule not in registry.CHANNEL_CONCAT_RULES
-          and any(isinstance(v, A.ChannelConcat) for v in invals)):
-        raise RuleContext(eqn, moments, callers).unsupported(
-            'a value concatenated along its channel axis is used other than by channelwise '
-            'maps or a contraction over its channel axis')
-      outs = rule(RuleContext(eqn, moments, callers), *invals, **eqn.params)
-      if not eqn.primitive.multiple_results:
-        outs = [outs]
-    for var, val in zip(eqn.outvars, outs):
-      env[var] = val
-  return [read(v) for v in jaxpr.outvars]
+  return walk(jaxpr, consts, args, visit, literal=_det_literal, const=_as_value)
 
 
-def _fold(eqn, invals):
+def _apply(ctx: RuleContext, eqn, invals) -> List[Any]:
+  if all(isinstance(v, Det) for v in invals):
+    return fold(eqn, invals)
+  handler = next((h for kind, h in registry.VALUE_HANDLERS.items()
+                  if any(isinstance(v, kind) for v in invals)), None)
+  if handler is not None:
+    out = handler(ctx, *invals, **eqn.params)
+  else:
+    reg = registry.lookup(eqn.primitive)
+    if reg is None or reg.rule is None:
+      raise ctx.unsupported()
+    _check_facts(ctx, reg, eqn, invals)
+    out = reg.rule(ctx, *invals, **eqn.params)
+  return out if eqn.primitive.multiple_results else [out]
+
+
+def _check_facts(ctx, reg: registry.Registration, eqn, invals):
+  """Refuses values and bodies the registered rule does not handle."""
+  if (A.ChannelConcat not in reg.accepts
+      and any(isinstance(v, A.ChannelConcat) for v in invals)):
+    raise ctx.unsupported(
+        'a value concatenated along its channel axis is used other than by channelwise '
+        'maps or a contraction over its channel axis')
+  if reg.body is not None:
+    for body in sub_jaxprs(eqn):
+      if tuple(body_primitives(body)) != tuple(reg.body):
+        names = ', '.join(str(p) for p in reg.body)
+        raise ctx.unsupported(f'its body is not `{names}` (e.g. max pooling, which has no '
+                              'closed-form kernel)')
+
+
+def fold(eqn, invals) -> List[Det]:
   """Constant folding: evaluates an equation whose inputs are all deterministic."""
   values = [d.value for d in invals]
   if any(isinstance(v, jax.core.Tracer) for v in values):
-    outs = eqn.primitive.bind(*values, **eqn.params)
+    outs = bind(eqn, values)
   else:
     # Constants stay concrete under an enclosing jit, so rules can read them.
     with jax.ensure_compile_time_eval():
-      outs = eqn.primitive.bind(*values, **eqn.params)
-  if not eqn.primitive.multiple_results:
-    outs = [outs]
-  roles = det_roles(eqn, invals, outs)
+      outs = bind(eqn, values)
+  roles = registry.fact(eqn.primitive, 'det_roles', default_det_roles)(eqn, invals, outs)
   return [Det(o, r, _compact(eqn, invals)) for o, r in zip(outs, roles)]
 
 

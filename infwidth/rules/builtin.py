@@ -1,3 +1,3 @@
-"""Registers the built-in kernel rules (imported by `infwidth.kernelize`)."""
+"""Registers the built-in kernel rules (imported by the kernel interpreter)."""
 
 from infwidth.rules import conv, elementwise, linear, reductions, spatial, structural  # noqa: F401

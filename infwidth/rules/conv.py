@@ -20,11 +20,11 @@ import numpy as np
 from jax import lax
 from jax.extend.core import primitives as P
 
-from infwidth import algebra as A
-from infwidth import moments as M
-from infwidth.errors import InfwidthError
-from infwidth.rules.chain import Chain
-from infwidth.rules.registry import accepts_channel_concat, register
+from infwidth.domain import values as A
+from infwidth.domain import moments as M
+from infwidth.domain.errors import UnsupportedValueError
+from infwidth.domain.chain import Chain
+from infwidth.rules.registry import register, register_primitive
 
 
 
@@ -63,8 +63,8 @@ def _window_axes(x, axes, window, stride, dilation, pad, base_dilation, out_size
   return out
 
 
-@register(P.conv_general_dilated_p)
-@accepts_channel_concat
+@register(P.conv_general_dilated_p, family='linear', accepts=(A.ChannelConcat,),
+          structured='conv')
 def conv_rule(ctx, lhs, rhs, *, window_strides, padding, lhs_dilation, rhs_dilation,
               dimension_numbers, feature_group_count=1, batch_group_count=1, **_):
   if not isinstance(rhs, A.ParamRef) or isinstance(lhs, A.ParamRef):
@@ -79,7 +79,7 @@ def conv_rule(ctx, lhs, rhs, *, window_strides, padding, lhs_dilation, rhs_dilat
   out_sizes = [out_shape[ospec[2 + j]] for j in range(k)]
   in_roles = [lhs.roles[lspec[2 + j]] for j in range(k)]
   if lhs.roles[lspec[0]] != 'b' and lhs.shape[lspec[0]] != 1:
-    raise InfwidthError('a convolution over an input whose batch axis is not its batch '
+    raise UnsupportedValueError('a convolution over an input whose batch axis is not its batch '
                         'dimension; put the batch axis in the batch position of '
                         'dimension_numbers.')
   # Spatial roles name grids, not operations: an output axis of the same size
@@ -98,7 +98,7 @@ def conv_rule(ctx, lhs, rhs, *, window_strides, padding, lhs_dilation, rhs_dilat
 
   if isinstance(lhs, A.Wide):
     if lhs.roles[lspec[1]] != 'c' or lhs.hidden:
-      raise InfwidthError('a convolution must contract the channel axis of a wide value.')
+      raise UnsupportedValueError('a convolution must contract the channel axis of a wide value.')
     in_order = [lhs.spatial.index(r) for r in in_roles]  # conv dim j → canonical index
     width = lhs.shape[lspec[1]]
     inputs = lhs
@@ -134,19 +134,22 @@ def conv_rule(ctx, lhs, rhs, *, window_strides, padding, lhs_dilation, rhs_dilat
     if isinstance(lhs, A.Wide):
       src = A.LinearSource(rhs, inputs, spatial, width=width, transform=transform)
     else:
-      src = _DetConvSource(rhs, inputs, spatial, k, transform)
+      src = A.LinearSource(rhs, inputs, spatial, width=1, transform=transform,
+                           input_moment=_conv_input_moment(k))
     ctx.moments.sources[key] = src
     ctx.moments.keep_alive.append(lhs)
   return A.Wide(out_shape, roles, (A.Term(Chain(), A.combo_of(src, spatial)),))
 
 
-class _DetConvSource(A.LinearSource):
-  """A convolution of the deterministic input: its moment is the Gram matrix of
-  the input over channels at every pair of positions, then the window sums."""
+_INPUT_MOMENTS = {}
 
-  def __init__(self, param, x, spatial, k, transform):
-    super().__init__(param, x, spatial, width=1, transform=transform)
-    self.k = k
+
+def _conv_input_moment(k: int):
+  """The input moment of a `k`-dimensional convolution of the input (one
+  function per `k`, so that two uses of one filter can be paired)."""
+  if k not in _INPUT_MOMENTS:
+    _INPUT_MOMENTS[k] = lambda m, xa, xb: det_conv_moment(m, xa, xb, k)
+  return _INPUT_MOMENTS[k]
 
 
 def det_conv_moment(m: M.Moments, xa, xb, k) -> A.PairStats:
@@ -160,3 +163,8 @@ def det_conv_moment(m: M.Moments, xa, xb, k) -> A.PairStats:
   d1 = jnp.einsum(f'x{la}q,x{lb}q->x{out}', m.rows(xa), m.rows(xb))
   d2 = jnp.einsum(f'x{la}q,x{lb}q->x{out}', m.cols(xa), m.cols(xb))
   return A.PairStats(cross, d1, d2)
+
+
+# Embedding lookups have no kernel rule yet; the structured empirical NTK
+# contracts their Jacobian without building it.
+register_primitive(P.gather_p, family='linear', structured='gather')

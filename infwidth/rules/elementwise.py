@@ -4,7 +4,8 @@ Linear ones (add, sub, neg, multiplication and division by deterministic
 values, parameters as factors) act on the terms of a wide value directly; any
 other elementwise primitive extends the value's elementwise chain, so a
 maximal elementwise subgraph applied to one Gaussian becomes one scalar
-function φ whose expectations `rules.gaussian` evaluates.
+function φ whose expectations `infwidth.domain.gaussian` evaluates. Each
+primitive's closed-form and kink rules are registered with it (`ELEMENTWISE`).
 """
 
 from __future__ import annotations
@@ -15,25 +16,15 @@ import jax
 import numpy as np
 from jax.extend.core import primitives as P
 
-from infwidth import algebra as A
-from infwidth.errors import InfwidthError
-from infwidth.rules.chain import ChainBuilder, const
-from infwidth.rules.registry import accepts_channel_concat, register
-from infwidth.rules.values import (Det, NotGaussian, add_offset, add_wides, collapse,
+from infwidth.domain import closed_forms as cf
+from infwidth.domain import quadrature as quad
+from infwidth.domain import values as A
+from infwidth.domain.errors import InternalError
+from infwidth.domain.chain import ChainBuilder, const
+from infwidth.rules.registry import register
+from infwidth.rules.wide_ops import (Det, NotGaussian, add_offset, add_wides, collapse,
                                    det_to_canonical, finish_term, map_terms_scale, merge_roles,
                                    param_to_wide, relayout)
-
-#: Elementwise primitives that may appear inside a chain.
-CHAIN_PRIMITIVES = (
-    P.add_p, P.sub_p, P.mul_p, P.div_p, P.neg_p, P.max_p, P.min_p, P.abs_p, P.sign_p,
-    P.exp_p, P.exp2_p, P.log_p, P.log1p_p, P.expm1_p, P.tanh_p, P.logistic_p, P.erf_p,
-    P.erfc_p, P.erf_inv_p, P.sin_p, P.cos_p, P.tan_p, P.atan_p, P.sinh_p, P.cosh_p,
-    P.asinh_p, P.integer_pow_p, P.square_p, P.sqrt_p, P.rsqrt_p, P.cbrt_p, P.pow_p,
-    P.select_n_p, P.gt_p, P.ge_p, P.lt_p, P.le_p, P.eq_p, P.ne_p, P.clamp_p,
-    P.convert_element_type_p, P.is_finite_p, P.and_p, P.or_p, P.not_p, P.floor_p,
-    P.ceil_p, P.round_p, P.stop_gradient_p if hasattr(P, 'stop_gradient_p') else P.copy_p,
-    P.copy_p, P.reduce_precision_p, P.atan2_p, P.nextafter_p, P.rem_p,
-)
 
 _IDENTITY = (P.convert_element_type_p, P.copy_p, P.reduce_precision_p)
 
@@ -97,7 +88,7 @@ def _per_channel_block(ctx, shape, invals, params) -> A.ChannelConcat:
     part_shape = shape[:axis] + (width,) + shape[axis + 1:]
     parts.append(_elementwise(ctx, part_shape, args, params))
   if any(not isinstance(p, A.Wide) or p.roles != parts[0].roles for p in parts):
-    raise InfwidthError('internal: the blocks of a channel concatenation lost their layout')
+    raise InternalError('the blocks of a channel concatenation lost their layout')
   return A.ChannelConcat(shape, parts[0].roles, (), parts=tuple(parts))
 
 
@@ -122,7 +113,7 @@ def _elementwise(ctx, shape, invals, params):
   invals = [param_to_wide(v) if isinstance(v, A.ParamRef) else v for v in invals]
   roles = merge_roles(shape, *invals)
   if roles.count('c') != 1:
-    raise InfwidthError(f'internal: elementwise `{prim}` result has channel roles {roles}')
+    raise InternalError(f'elementwise `{prim}` result has channel roles {roles}')
   vals = []
   for v in invals:
     if isinstance(v, A.Wide):
@@ -200,4 +191,72 @@ def _extend_chain(prim, params, vals, dets, roles, shape):
   return A.Wide(shape, roles, (term,), None, hidden)
 
 
-register(*CHAIN_PRIMITIVES)(accepts_channel_concat(elementwise_rule))
+def defelementwise(prim, form=None, kinks=None, structured=None):
+  """Registers a primitive that acts entry by entry, with its facts.
+
+  Its kernel rule is `elementwise_rule`: linear primitives act on the terms of
+  a wide value, any other extends its elementwise chain. `form` is its
+  closed-form rule (`infwidth.domain.closed_forms`; None: the chain goes to
+  quadrature), `kinks` where it puts kinks for quadrature
+  (`infwidth.domain.quadrature`; None: smooth where its operands are).
+  """
+  register(prim, family='elementwise', accepts=(A.ChannelConcat,), structured=structured,
+           form=form, kinks=kinks)(elementwise_rule)
+  if form is not None:
+    cf.FORM_RULES[prim] = form
+  if kinks is not None:
+    quad.KINK_RULES[prim] = kinks
+
+
+#: Every elementwise primitive a chain may hold: closed-form rule, kink rule
+#: and part in the structured empirical NTK (None: none / quadrature / smooth).
+ELEMENTWISE = (
+    # primitive                  closed form      kinks                 structured
+    (P.add_p,                    cf.add_form,     quad.add_kinks,       None),
+    (P.sub_p,                    cf.sub_form,     quad.sub_kinks,       None),
+    (P.mul_p,                    cf.mul_form,     quad.mul_kinks,       'scale'),
+    (P.div_p,                    cf.div_form,     quad.div_kinks,       'scale'),
+    (P.neg_p,                    cf.neg_form,     quad.neg_kinks,       'scale'),
+    (P.max_p,                    cf.max_form,     quad.extremum_kinks,  None),
+    (P.min_p,                    cf.min_form,     quad.extremum_kinks,  None),
+    (P.clamp_p,                  cf.clamp_form,   quad.clamp_kinks,     None),
+    (P.abs_p,                    cf.abs_form,     quad.abs_kinks,       None),
+    (P.sign_p,                   cf.sign_form,    quad.sign_kinks,      None),
+    (P.select_n_p,               cf.select_form,  quad.select_kinks,    None),
+    (P.gt_p,                     cf.gt_form,      quad.compare_kinks,   None),
+    (P.ge_p,                     cf.ge_form,      quad.compare_kinks,   None),
+    (P.lt_p,                     cf.lt_form,      quad.compare_kinks,   None),
+    (P.le_p,                     cf.le_form,      quad.compare_kinks,   None),
+    (P.eq_p,                     None,            quad.compare_kinks,   None),
+    (P.ne_p,                     None,            quad.compare_kinks,   None),
+    (P.and_p,                    None,            quad.logical_kinks,   None),
+    (P.or_p,                     None,            quad.logical_kinks,   None),
+    (P.not_p,                    None,            quad.logical_kinks,   None),
+    (P.erf_p,                    cf.erf_form,     None,                 None),
+    (P.erfc_p,                   cf.erfc_form,    None,                 None),
+    (P.cos_p,                    cf.cos_form,     None,                 None),
+    (P.sin_p,                    cf.sin_form,     None,                 None),
+    (P.exp_p,                    cf.exp_form,     None,                 None),
+    (P.integer_pow_p,            None,            quad.polynomial_kinks, None),
+    (P.square_p,                 None,            quad.polynomial_kinks, None),
+    (P.floor_p,                  None,            quad.jump_kinks,      None),
+    (P.ceil_p,                   None,            quad.jump_kinks,      None),
+    (P.round_p,                  None,            quad.jump_kinks,      None),
+    (P.rem_p,                    None,            quad.jump_kinks,      None),
+    (P.nextafter_p,              None,            quad.jump_kinks,      None),
+    (P.is_finite_p,              None,            quad.jump_kinks,      None),
+    (P.convert_element_type_p,   cf.cast_form,    quad.cast_kinks,      'permutation'),
+    (P.copy_p,                   cf.cast_form,    quad.cast_kinks,      'permutation'),
+    (P.reduce_precision_p,       None,            None,                 'permutation'),
+) + tuple((prim, None, None, None) for prim in (
+    # Smooth maps without a closed form: quadrature.
+    P.exp2_p, P.log_p, P.log1p_p, P.expm1_p, P.tanh_p, P.logistic_p, P.erf_inv_p, P.tan_p,
+    P.atan_p, P.sinh_p, P.cosh_p, P.asinh_p, P.sqrt_p, P.rsqrt_p, P.cbrt_p, P.pow_p,
+    P.atan2_p) + ((P.stop_gradient_p,) if hasattr(P, 'stop_gradient_p') else ()))
+
+for _row in ELEMENTWISE:
+  defelementwise(*_row)
+del _row
+
+#: The primitives above (elementwise chains may hold only these).
+CHAIN_PRIMITIVES = tuple(row[0] for row in ELEMENTWISE)

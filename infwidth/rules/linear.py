@@ -7,14 +7,23 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend.core import primitives as P
 
-from infwidth import algebra as A
-from infwidth.errors import InfwidthError
-from infwidth.rules.chain import Chain
-from infwidth.rules.registry import accepts_channel_concat, register
+from infwidth.domain import values as A
+from infwidth.domain.errors import InternalError, UnsupportedValueError
+from infwidth.domain.chain import Chain
+from infwidth.rules.registry import register
 
 
-@register(P.dot_general_p)
-@accepts_channel_concat
+def _dot_general_roles(eqn, invals, outs):
+  """Roles of a constant-folded `dot_general`: batch, then free axes of each side."""
+  (lc, rc), (lb, rb) = eqn.params['dimension_numbers']
+  l, r = invals
+  lf = [i for i in range(len(l.shape)) if i not in lc and i not in lb]
+  rf = [i for i in range(len(r.shape)) if i not in rc and i not in rb]
+  return [tuple([l.roles[i] for i in lb] + [l.roles[i] for i in lf] + [r.roles[i] for i in rf])]
+
+
+@register(P.dot_general_p, family='linear', accepts=(A.ChannelConcat,),
+          det_roles=_dot_general_roles, structured='dot')
 def dot_general_rule(ctx, lhs, rhs, *, dimension_numbers, **_):
   (lc, rc), (lb, rb) = dimension_numbers
   if isinstance(lhs, A.ParamRef) == isinstance(rhs, A.ParamRef):
@@ -34,7 +43,7 @@ def dot_general_rule(ctx, lhs, rhs, *, dimension_numbers, **_):
   if explicit is not None:
     big = [i for i in from_leaf if p.axes[i] in explicit]
   if len(big) != 1 or any(p.shape[i] != 1 for i in p_free if i not in big):
-    raise InfwidthError(
+    raise UnsupportedValueError(
         f'parameter {p.leaf.name!r} of shape {p.leaf.shape} keeps {len(big)} candidate '
         'output-feature (channel) axes after its contraction; a weight must have exactly '
         'one, every other free axis of size 1. Split fused weights, or say which axis is '
@@ -56,26 +65,26 @@ def dot_general_rule(ctx, lhs, rhs, *, dimension_numbers, **_):
   if isinstance(x, A.Wide):
     xc_big = [i for i in xc if x.shape[i] != 1 or x.roles[i] == 'c']
     if [x.roles[i] for i in xc_big] != ['c']:
-      raise InfwidthError(
+      raise UnsupportedValueError(
           f'a weight contracts axes {[x.roles[i] for i in xc_big]} of a wide value; '
           'only a contraction over its channel axis alone is supported (a readout after '
           'flattening spatial and channel axes together is not supported yet).')
     if 'c' in x_roles:
-      raise InfwidthError('internal: channel axis survived its contraction')
+      raise InternalError('channel axis survived its contraction')
     # After a Flatten the contracted axis also runs over the hidden spatial
     # positions: Σ_{s,i} y_si y'_si = n·Σ_s E[y_s y'_s] (a trace over s).
     n = x.shape[xc_big[0]] // int(np.prod([size for _, size in x.hidden], dtype=int))
     src = A.LinearSource(p, x, spatial, width=n, traced=tuple(r for r, _ in x.hidden))
   else:
     if 'b' in [x.roles[i] for i in xc]:
-      raise InfwidthError('a weight contracts the batch axis of the input: the inputs '
+      raise UnsupportedValueError('a weight contracts the batch axis of the input: the inputs '
                           'must have their batch axis first and it must not be summed.')
     v = jnp.asarray(x.value)
     b_axes = [i for i in x_free if x.roles[i] == 'b']
     s_axes = [i for i in x_free if x.roles[i] not in ('b', None)]
     drop = [i for i in x_free if x.roles[i] is None]
     if any(x.shape[i] != 1 for i in drop):
-      raise InfwidthError(
+      raise UnsupportedValueError(
           f'cannot tell which axis of an input of shape {x.shape} is the batch axis; '
           'the inputs must have their batch axis first.')
     v = jnp.transpose(v, b_axes + s_axes + list(xc) + drop)

@@ -17,12 +17,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend.core import primitives as P
 
-from infwidth import algebra as A
-from infwidth.rules.registry import register
-from infwidth.rules.values import Det, canonical_to_value
+from infwidth.domain import values as A
+from infwidth.rules.registry import register, register_value_kind
+from infwidth.rules.spatial import spatial_sum
+from infwidth.rules.structural import reduced_roles
+from infwidth.domain.values import Det
+from infwidth.rules.wide_ops import canonical_to_value
 
 
-@register(P.reduce_sum_p)
+@register(P.reduce_sum_p, family='reduction', det_roles=reduced_roles)
 def reduce_sum_rule(ctx, operand, *, axes, **_):
   axes = tuple(a % len(operand.shape) for a in axes)
   if isinstance(operand, A.ParamRef):
@@ -31,7 +34,6 @@ def reduce_sum_rule(ctx, operand, *, axes, **_):
   kinds = [operand.roles[a] for a in big]
   spatial_kinds = [operand.roles[a] for a in axes if operand.roles[a] is not None]
   if spatial_kinds and all(k not in ('b', 'c') for k in spatial_kinds):
-    from infwidth.rules.spatial import spatial_sum
     return spatial_sum(ctx, operand, axes)
   if kinds != ['c'] or operand.hidden:
     raise ctx.unsupported(f'a sum over axes with roles {kinds} of a wide value '
@@ -58,6 +60,7 @@ class ChannelSum:
     return self.total.shape
 
 
+@register_value_kind(ChannelSum)
 def channel_sum_rule(ctx, *invals, **params):
   """Operations on a `ChannelSum`: structural ones carry it, dividing by the
   width (or multiplying by its inverse) gives the mean `E[v]`."""

@@ -15,12 +15,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend.core import primitives as P
 
-from infwidth import algebra as A
-from infwidth.errors import InfwidthError
-from infwidth.rules.chain import Chain
+from infwidth.domain import values as A
+from infwidth.domain.errors import InternalError, UnsupportedValueError
+from infwidth.domain.chain import Chain
 from infwidth.rules.conv import grid_role
-from infwidth.rules.registry import accepts_channel_concat, register
-from infwidth.rules.values import Det
+from infwidth.rules.registry import register
+from infwidth.rules.structural import resized_roles
+from infwidth.domain.values import Det
 
 
 
@@ -57,7 +58,7 @@ def _apply_ops(ops, in_spatial):
 def make_mapped(ctx, base: A.Wide, ops, out_shape, out_roles) -> A.Wide:
   """The wide value `ops(base)` with axis roles `out_roles`."""
   if base.hidden:
-    raise InfwidthError('a spatial map after flattening spatial axes into the channel axis.')
+    raise UnsupportedValueError('a spatial map after flattening spatial axes into the channel axis.')
   in_spatial = base.spatial
   out_spatial = []
   for r in in_spatial:
@@ -68,7 +69,7 @@ def make_mapped(ctx, base: A.Wide, ops, out_shape, out_roles) -> A.Wide:
       out_spatial.append(op[2])
   visible = tuple(r for r in out_roles if r not in ('b', 'c', None))
   if tuple(out_spatial) != visible:
-    raise InfwidthError(f'internal: mapped spatial roles {out_spatial} vs value roles {visible}')
+    raise InternalError(f'mapped spatial roles {out_spatial} vs value roles {visible}')
   src = A.MappedSource(base, _apply_ops(ops, in_spatial), tuple(out_spatial))
   src.ops = dict(ops)
   return A.Wide(tuple(out_shape), tuple(out_roles), (A.Term(Chain(), A.combo_of(src, visible)),))
@@ -95,7 +96,7 @@ def map_axes(ctx, w: A.Wide, per_axis, out_shape):
   for ax, (kind, m) in per_axis.items():
     r = w.roles[ax]
     if r in ('b', 'c') or (r is None and w.shape[ax] != 1):
-      raise InfwidthError(f'internal: spatial map on a {r!r} axis')
+      raise InternalError(f'spatial map on a {r!r} axis')
     if kind == 'vec':
       ops = _compose(ops, r, ('vec', m))
       roles[ax] = 'drop'
@@ -158,20 +159,17 @@ def _pool(ctx, operand, window_dimensions, window_strides, padding, base_dilatio
   return map_axes(ctx, operand, per_axis, out_shape)
 
 
-@register(P.reduce_window_sum_p)
+@register(P.reduce_window_sum_p, family='spatial')
 def reduce_window_sum_rule(ctx, operand, *, window_dimensions, window_strides, padding,
                            base_dilation, window_dilation, **_):
   return _pool(ctx, operand, window_dimensions, window_strides, padding, base_dilation,
                window_dilation)
 
 
-@register(P.reduce_window_p)
+@register(P.reduce_window_p, family='spatial', body=(P.add_p,))
 def reduce_window_rule(ctx, operand, init, *, jaxpr, consts=(), window_dimensions,
                        window_strides, padding, base_dilation, window_dilation, **_):
-  body = jaxpr.jaxpr if hasattr(jaxpr, 'jaxpr') else jaxpr
-  if [e.primitive for e in body.eqns] != [P.add_p]:
-    raise ctx.unsupported('a reduce_window whose body is not an addition (e.g. max pooling, '
-                          'which has no closed-form kernel)')
+  # The interpreter has checked the body is one addition (the `body` fact).
   if not isinstance(init, Det) or np.any(np.asarray(init.value) != 0):
     raise ctx.unsupported('a window sum with a nonzero initial value')
   return _pool(ctx, operand, window_dimensions, window_strides, padding, base_dilation,
@@ -188,7 +186,7 @@ def spatial_sum(ctx, operand: A.Wide, axes):
   return map_axes(ctx, operand, per_axis, out_shape)
 
 
-@register(P.slice_p)
+@register(P.slice_p, family='spatial', det_roles=resized_roles)
 def slice_rule(ctx, operand, *, start_indices, limit_indices, strides=None, **_):
   _check_wide(ctx, operand, 'slicing')
   out_shape = tuple(ctx.eqn.outvars[0].aval.shape)
@@ -208,7 +206,7 @@ def slice_rule(ctx, operand, *, start_indices, limit_indices, strides=None, **_)
   return map_axes(ctx, operand, per_axis, out_shape)
 
 
-@register(P.dynamic_slice_p)
+@register(P.dynamic_slice_p, family='spatial', det_roles=resized_roles)
 def dynamic_slice_rule(ctx, operand, *starts, slice_sizes, **_):
   try:
     starts = [int(np.asarray(s.value)) for s in starts]
@@ -219,7 +217,8 @@ def dynamic_slice_rule(ctx, operand, *starts, slice_sizes, **_):
                     limit_indices=[s + k for s, k in zip(starts, slice_sizes)])
 
 
-@register(P.rev_p)
+@register(P.rev_p, family='spatial', det_roles=resized_roles,
+          structured='permutation')
 def rev_rule(ctx, operand, *, dimensions, **_):
   _check_wide(ctx, operand, 'reversal')
   per_axis = {}
@@ -236,7 +235,7 @@ def rev_rule(ctx, operand, *, dimensions, **_):
   return map_axes(ctx, operand, per_axis, operand.shape)
 
 
-@register(P.pad_p)
+@register(P.pad_p, family='spatial', det_roles=resized_roles)
 def pad_rule(ctx, operand, padding_value, *, padding_config, **_):
   _check_wide(ctx, operand, 'padding')
   if not isinstance(padding_value, Det) or np.any(np.asarray(padding_value.value) != 0):
@@ -269,8 +268,8 @@ def _channel_concat(ctx, wides, out_shape) -> A.ChannelConcat:
   return A.ChannelConcat(out_shape, parts[0].roles, (), parts=tuple(parts))
 
 
-@register(P.concatenate_p)
-@accepts_channel_concat
+@register(P.concatenate_p, family='spatial', accepts=(A.ChannelConcat,),
+          det_roles=resized_roles)
 def concatenate_rule(ctx, *operands, dimension, **_):
   out_shape = tuple(ctx.eqn.outvars[0].aval.shape)
   wides = [o for o in operands if isinstance(o, A.Wide)]

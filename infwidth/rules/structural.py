@@ -1,8 +1,8 @@
 """Structural primitives: broadcasts, reshapes, transposes and squeezes of
 parameters, wide values and deterministic arrays (DESIGN §2, kind 3).
 
-Also the axis-role rules for deterministic arrays, which say where the batch
-axis of an input went after constant-folded equations.
+Also the axis-role rules for deterministic arrays (`det_roles` facts), which
+say where the batch axis of an input went after constant-folded equations.
 """
 
 from __future__ import annotations
@@ -12,10 +12,11 @@ import dataclasses
 import numpy as np
 from jax.extend.core import primitives as P
 
-from infwidth import algebra as A
-from infwidth.errors import InfwidthError
-from infwidth.rules.registry import register
-from infwidth.rules.values import Det, relayout
+from infwidth.domain import values as A
+from infwidth.domain.errors import InternalError, UnsupportedValueError
+from infwidth.rules.registry import register, register_primitive
+from infwidth.domain.values import Det
+from infwidth.rules.wide_ops import relayout
 
 
 def _reshape_axis_map(old, new):
@@ -64,44 +65,13 @@ def _merged_roles(old_roles, old, new):
   return tuple(roles)
 
 
-def det_roles(eqn, invals, outs):
-  """Axis roles of the outputs of a constant-folded equation."""
-  prim, params = eqn.primitive, eqn.params
+def default_det_roles(eqn, invals, outs):
+  """Axis roles of constant-folded outputs where the primitive registers none:
+  an axis keeps the role of a same-rank deterministic operand's axis of the
+  same size (elementwise maps, convolutions of the input)."""
   dets = [v for v in invals if isinstance(v, Det)]
-  out_shapes = [tuple(np.shape(o)) for o in outs]
-  if prim is P.broadcast_in_dim_p:
-    (v,) = invals[:1]
-    roles = [None] * len(out_shapes[0])
-    for i, d in enumerate(params['broadcast_dimensions']):
-      if v.shape[i] == out_shapes[0][d]:
-        roles[d] = v.roles[i]
-    return [tuple(roles)]
-  if prim is P.transpose_p:
-    return [tuple(invals[0].roles[i] for i in params['permutation'])]
-  if prim is P.reshape_p:
-    return [_merged_roles(invals[0].roles, invals[0].shape, out_shapes[0])]
-  if prim is P.squeeze_p:
-    dims = set(d % len(invals[0].shape) for d in params['dimensions'])
-    return [tuple(r for i, r in enumerate(invals[0].roles) if i not in dims)]
-  if prim is P.dot_general_p:
-    (lc, rc), (lb, rb) = params['dimension_numbers']
-    l, r = invals
-    lf = [i for i in range(len(l.shape)) if i not in lc and i not in lb]
-    rf = [i for i in range(len(r.shape)) if i not in rc and i not in rb]
-    return [tuple([l.roles[i] for i in lb] + [l.roles[i] for i in lf] + [r.roles[i] for i in rf])]
-  if 'axes' in params and prim in (P.reduce_sum_p, P.reduce_max_p, P.reduce_min_p,
-                                   P.reduce_prod_p, P.argmax_p, P.argmin_p,
-                                   P.reduce_and_p, P.reduce_or_p):
-    axes = set(params['axes'])
-    return [tuple(r for i, r in enumerate(invals[0].roles) if i not in axes)]
-  if prim in (P.pad_p, P.slice_p, P.concatenate_p, P.rev_p, P.dynamic_slice_p):
-    # Axes keep their identity when their size changes (padding, slicing);
-    # the batch axis only while it is whole.
-    v = invals[0]
-    return [tuple(None if (r == 'b' and v.shape[i] != out_shapes[0][i]) else r
-                  for i, r in enumerate(v.roles))]
   result = []
-  for shape in out_shapes:
+  for shape in (tuple(np.shape(o)) for o in outs):
     same = [d for d in dets if len(d.shape) == len(shape)]
     roles = []
     for i, n in enumerate(shape):
@@ -113,6 +83,49 @@ def det_roles(eqn, invals, outs):
       roles.append(role)
     result.append(tuple(roles))
   return result
+
+
+def _broadcast_roles(eqn, invals, outs):
+  v, out = invals[0], np.shape(outs[0])
+  roles = [None] * len(out)
+  for i, d in enumerate(eqn.params['broadcast_dimensions']):
+    if v.shape[i] == out[d]:
+      roles[d] = v.roles[i]
+  return [tuple(roles)]
+
+
+def _transpose_roles(eqn, invals, outs):
+  return [tuple(invals[0].roles[i] for i in eqn.params['permutation'])]
+
+
+def _reshape_roles(eqn, invals, outs):
+  return [_merged_roles(invals[0].roles, invals[0].shape, tuple(np.shape(outs[0])))]
+
+
+def _squeeze_roles(eqn, invals, outs):
+  dims = set(d % len(invals[0].shape) for d in eqn.params['dimensions'])
+  return [tuple(r for i, r in enumerate(invals[0].roles) if i not in dims)]
+
+
+def reduced_roles(eqn, invals, outs):
+  """Roles after a reduction over `axes`: the reduced axes are gone."""
+  axes = set(eqn.params['axes'])
+  return [tuple(r for i, r in enumerate(invals[0].roles) if i not in axes)]
+
+
+def resized_roles(eqn, invals, outs):
+  """Roles after padding, slicing, concatenation or reversal: axes keep their
+  identity when their size changes; the batch axis only while it is whole."""
+  v, out = invals[0], np.shape(outs[0])
+  return [tuple(None if (r == 'b' and v.shape[i] != out[i]) else r
+                for i, r in enumerate(v.roles))]
+
+
+# Reductions with no kernel rule still fold constants (`jnp.max(x)` of an input).
+for _prim in (P.reduce_max_p, P.reduce_min_p, P.reduce_prod_p, P.argmax_p, P.argmin_p,
+              P.reduce_and_p, P.reduce_or_p):
+  register_primitive(_prim, family='reduction', det_roles=reduced_roles)
+del _prim
 
 
 # ----------------------------------------------------------------------------
@@ -130,7 +143,8 @@ def _param_reshape(p: A.ParamRef, new):
   return dataclasses.replace(p, shape=tuple(new), axes=axes)
 
 
-@register(P.broadcast_in_dim_p)
+@register(P.broadcast_in_dim_p, family='structural', det_roles=_broadcast_roles,
+          structured='permutation')
 def broadcast_in_dim_rule(ctx, operand, *dyn, shape, broadcast_dimensions, **_):
   shape = tuple(shape)
   if isinstance(operand, A.ParamRef):
@@ -143,13 +157,14 @@ def broadcast_in_dim_rule(ctx, operand, *dyn, shape, broadcast_dimensions, **_):
     roles[d] = operand.roles[i]
   for d, n in enumerate(shape):
     if roles[d] is None and n != 1:
-      raise InfwidthError(
+      raise UnsupportedValueError(
           f'a wide value is broadcast along a new axis of size {n}; copies of one '
           'wide value along an axis are not supported yet.')
   return relayout(operand, tuple(roles), shape)
 
 
-@register(P.reshape_p)
+@register(P.reshape_p, family='structural', det_roles=_reshape_roles,
+          structured='permutation')
 def reshape_rule(ctx, operand, *dyn, new_sizes, dimensions=None, **_):
   new = tuple(new_sizes)
   if isinstance(operand, A.ParamRef):
@@ -168,12 +183,12 @@ def reshape_rule(ctx, operand, *dyn, new_sizes, dimensions=None, **_):
       hidden += [(operand.roles[i], operand.shape[i]) for i in group
                  if operand.roles[i] not in ('c', None)]
     else:
-      raise InfwidthError(
+      raise UnsupportedValueError(
           f'reshape of a wide value from {operand.shape} to {new} splits its channel '
           'axis or merges the batch axis with others; only merging spatial axes into '
           'the channel axis (Flatten) is supported.')
   if 'c' not in roles:
-    raise InfwidthError('internal: reshape dropped the channel axis')
+    raise InternalError('reshape dropped the channel axis')
   return relayout(operand, tuple(roles), new, hidden)
 
 
@@ -200,7 +215,8 @@ def _reshape_groups(old, new):
   return groups
 
 
-@register(P.transpose_p)
+@register(P.transpose_p, family='structural', det_roles=_transpose_roles,
+          structured='permutation')
 def transpose_rule(ctx, operand, *, permutation, **_):
   perm = tuple(permutation)
   shape = tuple(operand.shape[i] for i in perm)
@@ -209,7 +225,8 @@ def transpose_rule(ctx, operand, *, permutation, **_):
   return relayout(operand, tuple(operand.roles[i] for i in perm), shape)
 
 
-@register(P.squeeze_p)
+@register(P.squeeze_p, family='structural', det_roles=_squeeze_roles,
+          structured='permutation')
 def squeeze_rule(ctx, operand, *, dimensions, **_):
   dims = set(d % len(operand.shape) for d in dimensions)
   shape = tuple(n for i, n in enumerate(operand.shape) if i not in dims)

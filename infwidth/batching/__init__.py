@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from infwidth import _batching_io as bio
+from infwidth.batching import tiles as bio
 from infwidth.kernel import Kernel
 
 _ROW_FIELDS = ('cov1', 'mask1')

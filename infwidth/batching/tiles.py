@@ -22,8 +22,9 @@ import time
 import warnings
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
-import jax
 import numpy as np
+
+from infwidth.interpreters.walker import trace
 
 _FORMAT_VERSION = 1
 _HEX_ADDRESS = re.compile(r'0x[0-9a-fA-F]+')
@@ -53,7 +54,7 @@ def kernel_fingerprint(fn: Callable[..., Any], *example_args: Any) -> str:
   Tracing costs no compilation. The text may change with the JAX version; a
   directory written under another version is then refused, never misused.
   """
-  closed = jax.make_jaxpr(fn)(*example_args)
+  closed = trace(fn, *example_args)
   hasher = hashlib.sha256(stable_repr(closed.jaxpr).encode())
   hash_arrays(hasher, [c for c in closed.consts if hasattr(c, 'shape')])
   return hasher.hexdigest()

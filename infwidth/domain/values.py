@@ -27,14 +27,37 @@ import dataclasses
 import itertools
 from typing import Any, Optional, Sequence, Tuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
-from infwidth.errors import InfwidthError
-from infwidth.rules.chain import Chain
+from infwidth.domain.errors import InternalError
+from infwidth.domain.chain import Chain
 
 Array = Any
 _ids = itertools.count()
+
+
+# ----------------------------------------------------------------------------
+# Deterministic arrays.
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Det:
+  """A deterministic array over the joint batch, with per-axis roles.
+
+  roles[i]: 'b' (batch), a spatial role id from the input, or None.
+  """
+  value: Any
+  roles: Tuple[Any, ...]
+  # The same values with size-1 axes where `value` is a broadcast (a constant
+  # along that axis), or None: lets a constant broadcast along the channel
+  # axis (`jnp.where(h > 0, h, 0.)`) be used elementwise.
+  compact: Any = None
+
+  @property
+  def shape(self):
+    return tuple(jnp.shape(self.value))
 
 
 # ----------------------------------------------------------------------------
@@ -101,20 +124,24 @@ class LinearSource(Source):
   """
 
   def __init__(self, param: ParamRef, inputs, spatial, width: int = 1, transform=None,
-               traced=()):
+               traced=(), input_moment=None):
     super().__init__()
     self.param = param
     self.leaf = param.leaf
     self.inputs = inputs
     self.spatial = tuple(spatial)
     self.width = width
-    self.random = param.leaf.var > 0
+    self.random = _maybe_positive(param.leaf.var)
     # transform(block, n_lead): maps input-layout moment blocks to this
     # source's layout (a convolution's joint window sums); None for dense.
     self.transform = transform
     # Spatial roles of a wide input summed together with its channel axis
     # (a dense readout after flattening): the moment is traced over them.
     self.traced = tuple(traced)
+    # input_moment(moments, xa, xb) -> PairStats: the contraction of two
+    # deterministic inputs where it is not a plain sum over their last axes
+    # (a convolution's patches); None for the plain sum.
+    self.input_moment = input_moment
 
 
 class MappedSource(Source):
@@ -173,7 +200,7 @@ class ParamSource(Source):
     self.param = param
     self.leaf = param.leaf
     self.spatial = ()
-    self.random = param.leaf.var > 0
+    self.random = _maybe_positive(param.leaf.var)
 
   @property
   def mean(self) -> float:
@@ -220,7 +247,21 @@ class Combo:
 
 def combo_of(source: Source, spatial) -> Combo:
   mean = source.mean if isinstance(source, ParamSource) else 0.0
-  return Combo((source,), (1.0,), tuple(spatial), float(mean))
+  if _is_traced(mean):  # moments traced under jit: a canonical-layout array
+    mean = jnp.reshape(mean, (1,) * (1 + len(spatial)))
+  else:
+    mean = float(mean)
+  return Combo((source,), (1.0,), tuple(spatial), mean)
+
+
+def _is_traced(x) -> bool:
+  return isinstance(x, jax.core.Tracer)
+
+
+def _maybe_positive(var) -> bool:
+  """Whether a variance may be nonzero: a traced one (parameters passed under
+  `jax.jit`) is treated as random, which is exact whatever its value."""
+  return True if _is_traced(var) else var > 0
 
 
 def add_combos(a: Combo, b: Combo, sign: float = 1.0) -> Combo:
@@ -340,7 +381,7 @@ class Wide:
 
   def canonical_shape(self, batch: int) -> Tuple[int, ...]:
     if self.hidden:
-      raise InfwidthError('internal: canonical shape of a flattened value')
+      raise InternalError('canonical shape of a flattened value')
     b = batch if 'b' in self.roles else 1
     return (b,) + tuple(self.shape[i] for i, r in enumerate(self.roles)
                         if r not in ('b', 'c', None))
@@ -402,7 +443,7 @@ def align(arr, src: Sequence[str], dst: Sequence[str]):
     # Axes of size one may disappear (a squeeze or reshape); others may not.
     drop = [1 + src.index(r) for r in missing]
     if any(arr.shape[i] != 1 for i in drop):
-      raise InfwidthError(f'internal: spatial axes {missing} dropped without a reduction')
+      raise InternalError(f'spatial axes {missing} dropped without a reduction')
     arr = jnp.squeeze(arr, axis=tuple(drop))
     src = [r for r in src if r not in missing]
   perm = [0] + [1 + src.index(r) for r in dst if r in src]

@@ -1,7 +1,7 @@
 """Gaussian expectations as the interpreter needs them.
 
 `expect_pair` and `expect_single` take `Chain`s (closed forms where
-recognised, quadrature otherwise; see `infwidth.rules.gaussian`).
+recognised, quadrature otherwise; see `infwidth.domain.gaussian`).
 `expect_pair_fn` takes arbitrary callables and always integrates numerically:
 the interpreter uses it for derivatives with respect to chain arguments
 (the NTK terms of a LayerNorm scale inside a nonlinearity).
@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from infwidth.rules import gaussian
-from infwidth.rules.chain import Chain
+from infwidth.domain import gaussian
+from infwidth.domain.chain import Chain
 
 _DEGREE = 48
 

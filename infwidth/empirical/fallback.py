@@ -1,9 +1,10 @@
-"""Fallbacks for functions with a primitive that has no closed-form kernel rule.
+"""Fallbacks for functions with something that has no analytic kernel rule.
 
 `monte_carlo`: empirical kernels averaged over `n_samples` draws of the
 parameters, each leaf Gaussian with the moments kernelize uses (at the given
 widths). `empirical`: the empirical kernels at the given parameters, with the
-NNGP of that single draw, `f(x1)·f(x2)ᵀ / C`.
+NNGP of that single draw, `f(x1)·f(x2)ᵀ / C`. Both give the same `Kernel`
+fields and shapes as the analytic path (one per output of the function).
 """
 
 from __future__ import annotations
@@ -12,16 +13,17 @@ import warnings
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from infwidth.empirical import empirical_kernels
-from infwidth.errors import InfwidthError
-from infwidth.kernel import Kernel
+from infwidth.domain.errors import InfwidthError
+from infwidth.domain.kernel import Kernel, build_kernel
+from infwidth.empirical.ntk import empirical_kernels
 
 
 def fallback_kernel(err, fallback, apply_fn, params, leaves_info, x1, x2, x1_is_x2,
-                    n_samples, key, apply_kwargs) -> Kernel:
-  """The `Kernel` of `apply_fn` by the chosen fallback; warns naming the cause."""
+                    n_samples, key, apply_kwargs):
+  """The `Kernel`s of `apply_fn` by the chosen fallback; warns naming the cause."""
+  if isinstance(x1, Kernel):
+    raise InfwidthError('the fallbacks need inputs, not a Kernel in place of x1.') from err
   leaves, treedef = jax.tree_util.tree_flatten(params)
   weights = jax.tree_util.tree_unflatten(treedef, [l.ntk_weight for l in leaves_info])
   if fallback == 'empirical':
@@ -29,8 +31,6 @@ def fallback_kernel(err, fallback, apply_fn, params, leaves_info, x1, x2, x1_is_
       raise InfwidthError('fallback="empirical" needs parameter values, not ShapeDtypeStructs.') from err
     warnings.warn(f'kernelize: {_cause(err)}; returning the empirical kernels at the given '
                   'parameters (fallback="empirical").', stacklevel=3)
-    kernels = lambda p, a, b: empirical_kernels(apply_fn, p, a, b, ('nngp', 'ntk'), weights,
-                                                **apply_kwargs)
     sample = lambda k: params
     n = 1
   else:
@@ -41,34 +41,43 @@ def fallback_kernel(err, fallback, apply_fn, params, leaves_info, x1, x2, x1_is_
 
     def sample(k):
       ks = jax.random.split(k, len(leaves_info))
-      draws = [l.mean + np.sqrt(l.var) * jax.random.normal(kk, l.shape, _dtype(leaf))
+      draws = [l.mean + jnp.sqrt(l.var) * jax.random.normal(kk, l.shape, _dtype(leaf))
                for l, kk, leaf in zip(leaves_info, ks, leaves)]
       return jax.tree_util.tree_unflatten(treedef, draws)
 
-    kernels = lambda p, a, b: empirical_kernels(apply_fn, p, a, b, ('nngp', 'ntk'), weights,
-                                                **apply_kwargs)
     n = int(n_samples)
     if n < 1:
       raise InfwidthError(f'n_samples must be a positive integer, got {n_samples}.')
 
+  kernels = lambda p, a, b: empirical_kernels(apply_fn, p, a, b, ('nngp', 'ntk'), weights,
+                                              **apply_kwargs)
+  is_pair = lambda v: hasattr(v, 'nngp') and hasattr(v, 'ntk')
   b = None if x1_is_x2 else x2
   keys = jax.random.split(key, n) if fallback == 'monte_carlo' else jnp.zeros((1, 2), jnp.uint32)
 
   def one(k):
     p = sample(k)
-    k12 = kernels(p, x1, b)
-    d1 = _diag(kernels(p, x1, None).nngp)
-    d2 = d1 if x1_is_x2 else _diag(kernels(p, x2, None).nngp)
-    return k12.nngp, k12.ntk, d1, d2
+    k12 = jax.tree_util.tree_leaves(kernels(p, x1, b), is_leaf=is_pair)
+    d1 = [_diag(k.nngp) for k in jax.tree_util.tree_leaves(kernels(p, x1, None), is_leaf=is_pair)]
+    d2 = d1 if x1_is_x2 else [
+        _diag(k.nngp) for k in jax.tree_util.tree_leaves(kernels(p, x2, None), is_leaf=is_pair)]
+    return [(k.nngp, k.ntk, c1, c2) for k, c1, c2 in zip(k12, d1, d2)]
 
   def body(acc, k):
     return jax.tree_util.tree_map(jnp.add, acc, one(k)), None
 
   first = one(keys[0])
   total, _ = jax.lax.scan(body, first, keys[1:]) if n > 1 else (first, None)
-  nngp, ntk, cov1, cov2 = jax.tree_util.tree_map(lambda a: a / n, total)
-  return Kernel(nngp, ntk, cov1, None if x1_is_x2 else cov2, x1_is_x2=x1_is_x2,
-                shape1=tuple(np.shape(x1)), shape2=tuple(np.shape(x1 if x1_is_x2 else x2)))
+  means = jax.tree_util.tree_map(lambda a: a / n, total)
+  out1 = jax.eval_shape(lambda x: apply_fn(params, x, **apply_kwargs), x1)
+  out2 = out1 if x1_is_x2 else jax.eval_shape(lambda x: apply_fn(params, x, **apply_kwargs), x2)
+  shapes1, out_tree = jax.tree_util.tree_flatten(out1)
+  shapes2 = jax.tree_util.tree_leaves(out2)
+  kernels_out = [
+      build_kernel(nngp, ntk, cov1, cov2, shape1=tuple(s1.shape), shape2=tuple(s2.shape),
+                   x1_is_x2=x1_is_x2, spatial_shape=tuple(s1.shape[1:-1]))
+      for (nngp, ntk, cov1, cov2), s1, s2 in zip(means, shapes1, shapes2)]
+  return jax.tree_util.tree_unflatten(out_tree, kernels_out)
 
 
 def _dtype(leaf):
@@ -81,4 +90,5 @@ def _diag(k):
 
 
 def _cause(err) -> str:
-  return f'no kernel rule for `{err.primitive}` at {err.source or "unknown location"}'
+  what = f'`{err.primitive}`' if err.primitive is not None else err.reason
+  return f'no kernel rule for {what} at {err.source or "unknown location"}'

@@ -19,43 +19,17 @@ one-sided derivatives there, in closed forms and quadrature alike.
 from __future__ import annotations
 
 import functools
-from typing import Callable, Optional, Tuple
+from typing import Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from infwidth.interpreters.chain_interpreter import chain_of_jaxpr
-from infwidth.rules import closed_forms as cf
-from infwidth.rules import quadrature as quad
-from infwidth.rules.chain import Chain
+from infwidth.domain import closed_forms as cf
+from infwidth.domain import quadrature as quad
+from infwidth.domain.chain import Chain
 
-__all__ = ['expect_pair', 'expect_single', 'chain_from_fn']
-
-
-# ----------------------------------------------------------------------------
-# Chains from Python functions.
-
-def chain_from_fn(fn: Callable, n_args: int = 0, dtype=None) -> Chain:
-  """The `Chain` of a scalar function φ(u, *args) (`n_args` arguments), by tracing.
-
-  Calls (`jit`, `custom_jvp_call`, `custom_vjp_call`, ...) are inlined (their
-  primal jaxpr), copies and float-to-float casts dropped, dead nodes pruned
-  (`infwidth.interpreters.chain_interpreter` reads the jaxpr).
-
-  Args:
-    fn: scalar elementwise function of `1 + n_args` scalars.
-    n_args: number of per-input arguments after `u`.
-    dtype: the dtype to trace with (default: the default float dtype), which
-      sets the precision of the function's literal constants.
-
-  Returns:
-    A `Chain` with `n_args` arguments; `Chain()` for the identity.
-  """
-  dtype = dtype or jnp.result_type(float)
-  x = jnp.zeros((), dtype)
-  closed = jax.make_jaxpr(fn)(*([x] * (1 + n_args)))
-  return chain_of_jaxpr(closed, n_args)
+__all__ = ['expect_pair', 'expect_single']
 
 
 # ----------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 `Moments` computes, for two batches of inputs, the per-channel covariances
 (`PairStats`: cross and same-input blocks) and NTKs of sources, Gaussian
 combinations, terms and wide values, memoised per call (DESIGN §2, §5).
-Elementwise chains go to `infwidth.rules.gaussian_engine`.
+Elementwise chains go to `infwidth.domain.gaussian_engine`.
 """
 
 from __future__ import annotations
@@ -15,11 +15,12 @@ from typing import Any, Dict, Optional
 import jax
 import jax.numpy as jnp
 
-from infwidth.algebra import (ZERO, ChannelConcat, Combo, KernelSource, LinearSource,
+from infwidth.domain.values import (ZERO, ChannelConcat, Combo, KernelSource, LinearSource,
                               MappedSource, NeedFullSpatial, PairStats, ParamSource, Source, Term, Wide,
                               _add, _is_zero, _mul, align, batch_diagonal)
-from infwidth.errors import InfwidthError
-from infwidth.rules.chain import Chain
+from infwidth.domain.errors import UnsupportedValueError
+from infwidth.domain import gaussian_engine
+from infwidth.domain.chain import Chain
 
 
 class Moments:
@@ -124,7 +125,7 @@ class Moments:
       return PairStats(v, v, v)
     if isinstance(a, LinearSource) and isinstance(b, LinearSource):
       return _scale_stats(self.input_moment(a, b), c * leaf.var)
-    raise InfwidthError(
+    raise UnsupportedValueError(
         f'parameter {leaf.name!r} is used both as a weight and elementwise; '
         'pass wide_axes= or restructure the model.')
 
@@ -135,7 +136,7 @@ class Moments:
       return self._cache[key]
     ya, yb = a.inputs, b.inputs
     if (a.transform is None) != (b.transform is None) or a.traced != b.traced:
-      raise InfwidthError(f'parameter {a.leaf.name!r} is used in two different kinds of '
+      raise UnsupportedValueError(f'parameter {a.leaf.name!r} is used in two different kinds of '
                           'linear map; weight sharing needs the same map.')
     if isinstance(ya, Wide) and isinstance(yb, Wide):
       st = self.wide_pair(ya, yb)
@@ -143,13 +144,12 @@ class Moments:
         st = PairStats(*(_trace_spatial(x, lead, ya.spatial, yb.spatial, a.traced, self.diag)
                          for x, lead in ((st.cross, 2), (st.diag1, 1), (st.diag2, 1))))
       out = _scale_stats(st, float(a.width))
-    elif hasattr(a, 'k') and hasattr(b, 'k'):  # a convolution of the input
-      from infwidth.rules.conv import det_conv_moment
-      out = det_conv_moment(self, ya, yb, a.k)
+    elif a.input_moment is not None and a.input_moment is b.input_moment:
+      out = a.input_moment(self, ya, yb)  # e.g. a convolution's patches of the input
     elif not isinstance(ya, Wide) and not isinstance(yb, Wide):
       out = self._det_contraction(ya, len(a.spatial), yb, len(b.spatial))
     else:
-      raise InfwidthError(
+      raise UnsupportedValueError(
           f'parameter {a.leaf.name!r} contracts both an input axis and a wide axis; '
           'weight tying between an embedding and a readout needs wide_axes=.')
     if a.transform is not None:
@@ -197,7 +197,7 @@ class Moments:
     else:
       # DESIGN §2: Θ_z = c²·M·w (W's own gradient) + c²·n·v·Θ_y (through W).
       out = _mul(c * leaf.ntk_weight, self.input_moment(a, b).cross)
-      if isinstance(a.inputs, Wide) and leaf.var > 0:
+      if isinstance(a.inputs, Wide) and a.random:
         t = self.wide_ntk(a.inputs, b.inputs)
         if a.traced and not isinstance(t, float):
           t = _trace_spatial(t, 2, a.inputs.spatial, b.inputs.spatial, a.traced, self.diag)
@@ -320,7 +320,7 @@ class Moments:
     if term.chain.is_identity:
       return _mul(fac, mean)
     var = self._var(term.combo, which)
-    return _mul(fac, _engine().expect_single(term.chain, self._args(term, which), mean, var))
+    return _mul(fac, gaussian_engine.expect_single(term.chain, self._args(term, which), mean, var))
 
   def wide_first_moment(self, w: Wide, which: str):
     out = 0.0 if w.offset is None else (self.rows(w.offset) if which == 'rows' else self.cols(w.offset))
@@ -332,7 +332,7 @@ class Moments:
     """Second moment `E[ta tb]` (mode 'cross', 'diag1' or 'diag2') and, for 'cross', the NTK."""
     ka, kb = len(sa), len(sb)
     fac_m, fac_ntk = _factor_moments(ta.factors, tb.factors)
-    if fac_m == 0.0:
+    if _is_zero(fac_m):
       return 0.0, None
     st = self.combo_pair(ta.combo, tb.combo)
     cov = {'cross': st.cross, 'diag1': st.diag1, 'diag2': st.diag2}[mode]
@@ -349,7 +349,7 @@ class Moments:
       second = _add(cov, _mul(ma, mb))
       dd = 1.0
     else:
-      second, dd = _engine().expect_pair(ta.chain, aa, tb.chain, ab, ma, mb, va, vb, cov,
+      second, dd = gaussian_engine.expect_pair(ta.chain, aa, tb.chain, ab, ma, mb, va, vb, cov,
                                                ntk=(mode == 'cross'))
     value = _mul(fac_m, second)
     if mode != 'cross':
@@ -363,13 +363,13 @@ class Moments:
         t = self.combo_ntk(pa, pb)
         if _is_zero(t):
           continue
-        e = _engine().expect_pair_fn(_arg_derivative(ta.chain, i), aa, _arg_derivative(tb.chain, j), ab,
+        e = gaussian_engine.expect_pair_fn(_arg_derivative(ta.chain, i), aa, _arg_derivative(tb.chain, j), ab,
                                            ma, mb, va, vb, cov)
         ntk = _add(ntk, _mul(fac_m, _mul(e, t)))
     if ta.pargs or tb.pargs:
       for i, pa in enumerate(ta.pargs):
         if not _is_zero(self.combo_ntk(pa, tb.combo)):
-          raise InfwidthError('a parameter enters a nonlinearity both inside and outside '
+          raise UnsupportedValueError('a parameter enters a nonlinearity both inside and outside '
                               'its Gaussian argument; this is not supported yet.')
     if fac_ntk:
       ntk = _add(ntk, _mul(fac_ntk, second))
@@ -459,12 +459,6 @@ def _trace_spatial(block, lead, sa, sb, traced, diag=False):
   return jnp.einsum(f'{src}->{out}', block)
 
 
-def _engine():
-  # Imported on use: modules of the rules package may import this one.
-  from infwidth.rules import gaussian_engine
-  return gaussian_engine
-
-
 def term_first_moment_aligned(m: Moments, t: Term, which: str, w: Wide):
   fm = m.term_first_moment(t, which)
   return align(fm, t.combo.spatial, w.spatial) if not isinstance(fm, float) else fm
@@ -494,7 +488,7 @@ def _factor_moments(fa, fb):
   la = {id(p.leaf): p for p in fa}
   lb = {id(p.leaf): p for p in fb}
   if len(la) != len(fa) or len(lb) != len(fb):
-    raise InfwidthError('a parameter multiplies the same value twice; not supported yet.')
+    raise UnsupportedValueError('a parameter multiplies the same value twice; not supported yet.')
   shared = []
   for k, p in la.items():
     if k in lb:
@@ -509,7 +503,7 @@ def _factor_moments(fa, fb):
       moment *= q.mean
   # d/dp of Π factors on each side, paired: w·c·c'·Π_{others}.
   for p, q, e in shared:
-    rest = moment / e if e != 0 else _product_without(fa, fb, p.leaf)
+    rest = _product_without(fa, fb, p.leaf)
     ntk += p.leaf.ntk_weight * p.param.scale * q.param.scale * rest
   return moment, ntk
 
@@ -582,7 +576,7 @@ def _concat_parts(a: Wide, b: Wide):
   """`(n_k / n, a_k, b_k)` for two values concatenated from matching channel blocks."""
   if not (isinstance(a, ChannelConcat) and isinstance(b, ChannelConcat)
           and [p.width for p in a.parts] == [p.width for p in b.parts]):
-    raise InfwidthError(
+    raise UnsupportedValueError(
         'a value concatenated along its channel axis meets another value whose channels '
         'are not concatenated from blocks of the same sizes (for example a residual sum of '
         'a concatenation and a single branch); this is not supported yet.')

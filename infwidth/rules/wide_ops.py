@@ -1,4 +1,4 @@
-"""Value helpers shared by the rules: deterministic arrays, parameter views,
+"""Value helpers shared by the rules: parameter views,
 conversion between a value's axes and the canonical `(B, *S)` layout, and
 collapsing a wide value into one elementwise chain of one Gaussian."""
 
@@ -11,27 +11,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from infwidth import algebra as A
-from infwidth.errors import InfwidthError
-from infwidth.rules.chain import Chain, ChainBuilder, U, const
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Det:
-  """A deterministic array over the joint batch, with per-axis roles.
-
-  roles[i]: 'b' (batch), a spatial role id from the input, or None.
-  """
-  value: Any
-  roles: Tuple[Any, ...]
-  # The same values with size-1 axes where `value` is a broadcast (a constant
-  # along that axis), or None: lets a constant broadcast along the channel
-  # axis (`jnp.where(h > 0, h, 0.)`) be used elementwise.
-  compact: Any = None
-
-  @property
-  def shape(self):
-    return tuple(jnp.shape(self.value))
+from infwidth.domain import values as A
+from infwidth.domain.values import Det
+from infwidth.domain.errors import InternalError, UnsupportedValueError
+from infwidth.domain.chain import Chain, ChainBuilder, U, const
 
 
 def merge_roles(shape, *operands) -> Tuple[Any, ...]:
@@ -61,17 +44,17 @@ def det_to_canonical(d: Det, roles: Sequence[Any], what: str = 'a deterministic 
   if v.ndim == 0:
     return v.reshape((1,) * (1 + n_spatial))
   if v.ndim != len(roles):
-    raise InfwidthError(f'internal: {what} of rank {v.ndim} against a value of rank {len(roles)}')
+    raise InternalError(f'{what} of rank {v.ndim} against a value of rank {len(roles)}')
   for i, r in enumerate(roles):
     if v.shape[i] == 1:
       continue
     if r == 'c':
-      raise InfwidthError(
+      raise UnsupportedValueError(
           f'{what} varies along the channel (wide) axis, so channels are not '
           'i.i.d. and no infinite-width limit exists; fixed per-channel masks or '
           'mixing matrices on a wide axis are not supported.')
     if d.roles[i] != r and d.roles[i] is not None:
-      raise InfwidthError(f'internal: axis {i} of {what} has role {d.roles[i]}, expected {r}')
+      raise InternalError(f'axis {i} of {what} has role {d.roles[i]}, expected {r}')
   spatial = [i for i, r in enumerate(roles) if r not in ('b', 'c', None)]
   b = [i for i, r in enumerate(roles) if r == 'b']
   perm = b + spatial + [i for i in range(len(roles)) if i not in b + spatial]
@@ -103,12 +86,12 @@ def param_to_wide(p: A.ParamRef) -> A.Wide:
   from_leaf = [i for i, a in enumerate(p.axes) if a is not None]
   big = [i for i in from_leaf if p.shape[i] != 1] or from_leaf[-1:]
   if len(big) > 1:
-    raise InfwidthError(
+    raise UnsupportedValueError(
         f'parameter {p.leaf.name!r} of shape {p.leaf.shape} is used elementwise with '
         f'{len(big)} non-trivial axes; only per-channel vectors (biases, scales) are '
         'supported elementwise.')
   if not big:
-    raise InfwidthError(
+    raise UnsupportedValueError(
         f'parameter {p.leaf.name!r} is a scalar shared by all channels, so channels '
         'are not independent; pass it as a constant (closed over) instead.')
   roles = tuple('c' if i in big else None for i in range(len(p.shape)))
@@ -161,7 +144,7 @@ def map_terms_scale(w: A.Wide, c) -> A.Wide:
 
 
 def A_arg(i):
-  from infwidth.rules.chain import arg
+  from infwidth.domain.chain import arg
   return arg(i)
 
 
@@ -207,7 +190,7 @@ def collapse(w: A.Wide, b: ChainBuilder, pargs: list, dargs: list,
   Returns:
     (reference to the value in `b`, the chosen combination).
   Raises:
-    InfwidthError: if the value depends on two different random combinations
+    UnsupportedValueError: if the value depends on two different random combinations
       (a product of independent Gaussians, e.g. gating).
   """
   whole = combo
@@ -226,7 +209,7 @@ def collapse(w: A.Wide, b: ChainBuilder, pargs: list, dargs: list,
   return _collapse(w, b, pargs, dargs, combo, split=True), combo
 
 
-class NotGaussian(InfwidthError):
+class NotGaussian(UnsupportedValueError):
   """An elementwise map of a value that is not Gaussian: the calling rule
   reports it as unsupported, so that the fallbacks apply."""
 
@@ -262,7 +245,7 @@ def _collapse(w, b, pargs, dargs, combo, split: bool):
     if rnd is not None:
       ratio = A.combo_ratio(rnd, combo) if combo is not None else None
       if ratio is None:
-        raise InfwidthError(
+        raise UnsupportedValueError(
             'an elementwise operation combines two different random Gaussian '
             'values (e.g. a product of independent pre-activations, as in gating); '
             'kernels of such products are not supported yet; use '
@@ -272,12 +255,12 @@ def _collapse(w, b, pargs, dargs, combo, split: bool):
       d = new_parg(det)
       u = d if u is None else b.binary('add', u, d)
     if u is None:
-      raise InfwidthError('internal: empty combination')
+      raise InternalError('empty combination')
     args = [new_parg(p) for p in t.pargs] + [new_darg(d) for d in t.dargs]
     r = b.inline(t.chain, u, args)
     for f in t.factors:
       if f.random:
-        raise InfwidthError(
+        raise UnsupportedValueError(
             f'parameter {f.leaf.name!r} (with nonzero variance) multiplies a value '
             'inside a nonlinearity; this needs a higher-dimensional Gaussian '
             'expectation and is not supported yet.')
@@ -286,7 +269,7 @@ def _collapse(w, b, pargs, dargs, combo, split: bool):
   if w.offset is not None:
     refs.append(new_darg(w.offset))
   if not refs:
-    raise InfwidthError('internal: empty wide value')
+    raise InternalError('empty wide value')
   out = refs[0]
   for r in refs[1:]:
     out = b.binary('add', out, r)
@@ -297,7 +280,7 @@ def finish_term(b: ChainBuilder, out, combo: Optional[A.Combo], pargs: list, dar
                 spatial) -> A.Term:
   """Builds the term `chain(u, *pargs, *dargs)`, renumbering arguments so that
   parameter arguments come first (the order `Term` evaluates them in)."""
-  from infwidth.rules.chain import Node, arg
+  from infwidth.domain.chain import Node, arg
   new_index = {}
   for k, (i, _) in enumerate(pargs):
     new_index[i] = k

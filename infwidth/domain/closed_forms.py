@@ -26,15 +26,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.extend.core import primitives as _p
 from jax.scipy.special import erf as _erf, ndtr as _ndtr
 
-from infwidth.rules.chain import Chain
+from infwidth.domain.chain import Chain
 
 _TWO_PI = 2 * math.pi
 # Multiplying by 1/(2π) rather than dividing by 2π: XLA keeps divisions by
@@ -373,72 +372,126 @@ def _apply(prim, params, ops) -> Form:
     return OTHER
   if all(o.is_const for o in ops):
     return _eval_const(prim, params, ops)
+  rule = FORM_RULES.get(prim)
+  return OTHER if rule is None else rule(ops, params)
+
+
+#: `primitive -> rule(ops, params) -> Form`: how each elementwise primitive
+#: maps the forms of its operands (not all constant, none `other`). Filled by
+#: the primitives' registrations (`infwidth.rules.elementwise`); a primitive
+#: without a rule makes the chain `other` (quadrature).
+FORM_RULES: Dict[Any, Callable[..., Form]] = {}
+
+
+def cast_form(ops, params) -> Form:
+  """convert_element_type and copy: the same form (a predicate becomes its step)."""
   x = ops[0]
-  if prim in (_p.convert_element_type_p, _p.copy_p):
-    if prim is _p.convert_element_type_p and x.kind == 'pred':
-      if not jnp.issubdtype(params['new_dtype'], jnp.floating):
-        return OTHER
-      return Form('hom0', tuple(np.asarray(c, float) if _static(c) else c.astype(float)
-                                for c in x.c), 0.0)
-    if prim is _p.convert_element_type_p and not jnp.issubdtype(params['new_dtype'], jnp.floating):
-      return OTHER
+  new_dtype = params.get('new_dtype')
+  if new_dtype is None:  # copy
     return x
-  if prim is _p.neg_p:
-    return x.scaled(-1)
-  if prim is _p.add_p:
-    return _add(*ops)
-  if prim is _p.sub_p:
-    return _add(ops[0], ops[1].scaled(-1))
-  if prim is _p.mul_p:
-    a, b = ops
-    if a.is_const:
-      return b.scaled(a.c0)
-    if b.is_const:
-      return a.scaled(b.c0)
+  if x.kind == 'pred':
+    if not jnp.issubdtype(new_dtype, jnp.floating):
+      return OTHER
+    return Form('hom0', tuple(np.asarray(c, float) if _static(c) else c.astype(float)
+                              for c in x.c), 0.0)
+  if not jnp.issubdtype(new_dtype, jnp.floating):
     return OTHER
-  if prim is _p.div_p:
-    a, b = ops
-    return a.scaled(1 / b.c0) if b.is_const else OTHER
-  if prim is _p.max_p:
-    return _extremum(*ops, is_max=True)
-  if prim is _p.min_p:
-    return _extremum(*ops, is_max=False)
-  if prim is _p.clamp_p:
-    lo, v, hi = ops
-    return _extremum(_extremum(v, lo, True), hi, False)
-  if prim is _p.abs_p:
-    h = _hom1_zero(x)
-    if h is None:
-      return OTHER
-    lib = _lib(*h.c)
-    return Form('hom1', (-lib.abs(h.c[0]), lib.abs(h.c[1])), 0.0)
-  if prim is _p.sign_p:
-    h = _hom1_zero(x)
-    if h is None:
-      return OTHER
-    lib = _lib(*h.c)
-    return Form('hom0', (-lib.sign(h.c[0]), lib.sign(h.c[1]), 0.0), 0.0)
-  if prim is _p.gt_p:
-    return _compare(ops[0], ops[1], True)
-  if prim is _p.ge_p:
-    return _compare(ops[0], ops[1], False)
-  if prim is _p.lt_p:
-    return _compare(ops[1], ops[0], True)
-  if prim is _p.le_p:
-    return _compare(ops[1], ops[0], False)
-  if prim is _p.select_n_p:
-    return _select(*ops) if len(ops) == 3 else OTHER
-  if prim is _p.erf_p:
-    return _unary_of_affine('erf', x)
-  if prim is _p.erfc_p:
-    return _unary_of_affine('erf', x, alpha=-1.0, c0=1.0)
-  if prim is _p.cos_p:
-    return _unary_of_affine('cos', x)
-  if prim is _p.sin_p:
-    return _unary_of_affine('cos', x, shift=-math.pi / 2)
-  if prim is _p.exp_p:
-    return _unary_of_affine('exp', x)
+  return x
+
+
+def neg_form(ops, params) -> Form:
+  return ops[0].scaled(-1)
+
+
+def add_form(ops, params) -> Form:
+  return _add(*ops)
+
+
+def sub_form(ops, params) -> Form:
+  return _add(ops[0], ops[1].scaled(-1))
+
+
+def mul_form(ops, params) -> Form:
+  a, b = ops
+  if a.is_const:
+    return b.scaled(a.c0)
+  if b.is_const:
+    return a.scaled(b.c0)
   return OTHER
+
+
+def div_form(ops, params) -> Form:
+  a, b = ops
+  return a.scaled(1 / b.c0) if b.is_const else OTHER
+
+
+def max_form(ops, params) -> Form:
+  return _extremum(*ops, is_max=True)
+
+
+def min_form(ops, params) -> Form:
+  return _extremum(*ops, is_max=False)
+
+
+def clamp_form(ops, params) -> Form:
+  lo, v, hi = ops
+  return _extremum(_extremum(v, lo, True), hi, False)
+
+
+def abs_form(ops, params) -> Form:
+  h = _hom1_zero(ops[0])
+  if h is None:
+    return OTHER
+  lib = _lib(*h.c)
+  return Form('hom1', (-lib.abs(h.c[0]), lib.abs(h.c[1])), 0.0)
+
+
+def sign_form(ops, params) -> Form:
+  h = _hom1_zero(ops[0])
+  if h is None:
+    return OTHER
+  lib = _lib(*h.c)
+  return Form('hom0', (-lib.sign(h.c[0]), lib.sign(h.c[1]), 0.0), 0.0)
+
+
+def gt_form(ops, params) -> Form:
+  return _compare(ops[0], ops[1], True)
+
+
+def ge_form(ops, params) -> Form:
+  return _compare(ops[0], ops[1], False)
+
+
+def lt_form(ops, params) -> Form:
+  return _compare(ops[1], ops[0], True)
+
+
+def le_form(ops, params) -> Form:
+  return _compare(ops[1], ops[0], False)
+
+
+def select_form(ops, params) -> Form:
+  return _select(*ops) if len(ops) == 3 else OTHER
+
+
+def erf_form(ops, params) -> Form:
+  return _unary_of_affine('erf', ops[0])
+
+
+def erfc_form(ops, params) -> Form:
+  return _unary_of_affine('erf', ops[0], alpha=-1.0, c0=1.0)
+
+
+def cos_form(ops, params) -> Form:
+  return _unary_of_affine('cos', ops[0])
+
+
+def sin_form(ops, params) -> Form:
+  return _unary_of_affine('cos', ops[0], shift=-math.pi / 2)
+
+
+def exp_form(ops, params) -> Form:
+  return _unary_of_affine('exp', ops[0])
 
 
 # ----------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from infwidth.kernel import Kernel
+from infwidth.domain.kernel import Kernel
 
 #: Per-pair intermediate entries aimed at for one block (1 MiB in float32).
 TARGET_BLOCK_ENTRIES = 2 ** 18

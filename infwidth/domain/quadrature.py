@@ -40,17 +40,16 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import scipy.special
 from jax import lax
-from jax.extend.core import primitives as _p
 
-from infwidth.rules.chain import Chain
-from infwidth.rules.closed_forms import correlation, safe_sqrt
+from infwidth.domain.chain import Chain
+from infwidth.domain.closed_forms import correlation, safe_sqrt
 
 #: Gauss–Hermite nodes per dimension for chains without kinks (polynomials:
 #: exact) or with a `degree` given by the caller.
@@ -137,75 +136,154 @@ def _union(*lists) -> List[Tuple[Any, Any]]:
   return out
 
 
-_COMPARE = (_p.max_p, _p.min_p, _p.gt_p, _p.ge_p, _p.lt_p, _p.le_p, _p.eq_p, _p.ne_p)
-_PASS = (_p.convert_element_type_p, _p.copy_p)
-_POLYNOMIAL = (_p.integer_pow_p, _p.square_p)
-_JUMPY = (_p.floor_p, _p.ceil_p, _p.round_p, _p.rem_p, _p.is_finite_p, _p.nextafter_p)
+#: `primitive -> rule(ops, refs) -> _Kinks`: where each elementwise primitive
+#: puts kinks, given its operands' kinks and affine branches (`refs`:
+#: `(operands, params)` of the chain node). Filled by the primitives'
+#: registrations (`infwidth.rules.elementwise`); a primitive without a rule is
+#: taken as smooth where its operands are (`smooth_kinks`).
+KINK_RULES: Dict[Any, Callable[..., _Kinks]] = {}
 
 
 def _kink_rule(prim, ops: List[_Kinks], refs) -> _Kinks:
-  kinks = _union(*(o.kinks for o in ops))
-  br = [o.branches for o in ops]
-  if prim in _PASS:
-    if (prim is _p.convert_element_type_p and not ops[0].is_const and
-        jnp.issubdtype(dict(refs[1])['new_dtype'], jnp.integer)):
-      raise _Unknown
-    return ops[0]
-  if prim in (_p.add_p, _p.sub_p):
-    if None in br:
-      return _Kinks(kinks, None)
-    sgn = 1 if prim is _p.add_p else -1
-    new = [(a1 + sgn * a2, b1 + sgn * b2) for a1, b1 in br[0] for a2, b2 in br[1]]
-    return _Kinks(kinks, new if len(new) <= 16 else None)
-  if prim is _p.neg_p:
-    return _Kinks(kinks, None if br[0] is None else [(-a, -b) for a, b in br[0]])
-  if prim in (_p.mul_p, _p.div_p):
-    x, y = ops
-    if y.is_const:
-      k = y.branches[0][1]
-      k = 1 / k if prim is _p.div_p else k
-      return _Kinks(kinks, None if br[0] is None else [(a * k, b * k) for a, b in br[0]])
-    if x.is_const and prim is _p.mul_p:
-      k = x.branches[0][1]
-      return _Kinks(kinks, None if br[1] is None else [(a * k, b * k) for a, b in br[1]])
-    if prim is _p.div_p:
-      raise _Unknown
-    return _Kinks(kinks, None)
-  if prim in _COMPARE:
-    x, y = ops
-    if refs[0][0] == refs[0][1]:       # ne(x, x): a NaN test
-      return _Kinks(kinks, [(0.0, 0.0), (0.0, 1.0)])
-    if None in br:
-      raise _Unknown
-    kinks = _union(kinks, _roots(br[0], br[1]))
-    if prim in (_p.max_p, _p.min_p):
-      return _Kinks(kinks, br[0] + br[1])
-    return _Kinks(kinks, [(0.0, 0.0), (0.0, 1.0)])
-  if prim is _p.clamp_p:
-    lo, x, hi = br
-    if None in br:
-      raise _Unknown
-    return _Kinks(_union(kinks, _roots(x, lo), _roots(x, hi)), lo + x + hi)
-  if prim is _p.select_n_p:
-    cases = br[1:]
-    return _Kinks(kinks, None if None in cases else [b for c in cases for b in c])
-  if prim in (_p.abs_p, _p.sign_p):
-    if br[0] is None:
-      raise _Unknown
-    kinks = _union(kinks, _roots(br[0], [(0.0, 0.0)]))
-    if prim is _p.abs_p:
-      return _Kinks(kinks, br[0] + [(-a, -b) for a, b in br[0]])
-    return _Kinks(kinks, [(0.0, -1.0), (0.0, 0.0), (0.0, 1.0)])
-  if prim in (_p.and_p, _p.or_p, _p.not_p, _p.xor_p):
-    return _Kinks(kinks, [(0.0, 0.0), (0.0, 1.0)])
-  if prim in _JUMPY:
+  return KINK_RULES.get(prim, smooth_kinks)(ops, refs)
+
+
+def _operand_kinks(ops):
+  return _union(*(o.kinks for o in ops)), [o.branches for o in ops]
+
+
+def cast_kinks(ops, refs) -> _Kinks:
+  """convert_element_type and copy: the operand's kinks, unless cast to integers."""
+  params = dict(refs[1])
+  if (not ops[0].is_const and 'new_dtype' in params
+      and jnp.issubdtype(params['new_dtype'], jnp.integer)):
     raise _Unknown
-  # Any other elementwise primitive: smooth where its operands are. A smooth
-  # saturating function of an affine argument (tanh, logistic, erf, ...) is
-  # a soft kink where its argument is 0, of width ~1/|a| in u: a cut there
-  # keeps quadrature accurate at large variances, where Gauss–Hermite is not.
-  # Of a non-affine argument (gelu's tanh of a cubic), cut at u = 0.
-  if len(ops) == 1 and prim not in _POLYNOMIAL:
+  return ops[0]
+
+
+def _sum_kinks(ops, sgn):
+  kinks, br = _operand_kinks(ops)
+  if None in br:
+    return _Kinks(kinks, None)
+  new = [(a1 + sgn * a2, b1 + sgn * b2) for a1, b1 in br[0] for a2, b2 in br[1]]
+  return _Kinks(kinks, new if len(new) <= 16 else None)
+
+
+def add_kinks(ops, refs) -> _Kinks:
+  return _sum_kinks(ops, 1)
+
+
+def sub_kinks(ops, refs) -> _Kinks:
+  return _sum_kinks(ops, -1)
+
+
+def neg_kinks(ops, refs) -> _Kinks:
+  kinks, br = _operand_kinks(ops)
+  return _Kinks(kinks, None if br[0] is None else [(-a, -b) for a, b in br[0]])
+
+
+def _scale_kinks(ops, divide: bool) -> _Kinks:
+  kinks, br = _operand_kinks(ops)
+  x, y = ops
+  if y.is_const:
+    k = y.branches[0][1]
+    k = 1 / k if divide else k
+    return _Kinks(kinks, None if br[0] is None else [(a * k, b * k) for a, b in br[0]])
+  if x.is_const and not divide:
+    k = x.branches[0][1]
+    return _Kinks(kinks, None if br[1] is None else [(a * k, b * k) for a, b in br[1]])
+  if divide:
+    raise _Unknown
+  return _Kinks(kinks, None)
+
+
+def mul_kinks(ops, refs) -> _Kinks:
+  return _scale_kinks(ops, divide=False)
+
+
+def div_kinks(ops, refs) -> _Kinks:
+  return _scale_kinks(ops, divide=True)
+
+
+def _crossing_kinks(ops, refs):
+  kinks, br = _operand_kinks(ops)
+  if refs[0][0] == refs[0][1]:       # ne(x, x): a NaN test
+    return None, kinks, br
+  if None in br:
+    raise _Unknown
+  return _union(kinks, _roots(br[0], br[1])), kinks, br
+
+
+def extremum_kinks(ops, refs) -> _Kinks:
+  """max, min: kinks where the operands' branches cross."""
+  crossed, kinks, br = _crossing_kinks(ops, refs)
+  if crossed is None:
+    return _Kinks(kinks, [(0.0, 0.0), (0.0, 1.0)])
+  return _Kinks(crossed, br[0] + br[1])
+
+
+def compare_kinks(ops, refs) -> _Kinks:
+  """Comparisons: a step where the operands' branches cross."""
+  crossed, kinks, _ = _crossing_kinks(ops, refs)
+  return _Kinks(kinks if crossed is None else crossed, [(0.0, 0.0), (0.0, 1.0)])
+
+
+def clamp_kinks(ops, refs) -> _Kinks:
+  kinks, br = _operand_kinks(ops)
+  lo, x, hi = br
+  if None in br:
+    raise _Unknown
+  return _Kinks(_union(kinks, _roots(x, lo), _roots(x, hi)), lo + x + hi)
+
+
+def select_kinks(ops, refs) -> _Kinks:
+  kinks, br = _operand_kinks(ops)
+  cases = br[1:]
+  return _Kinks(kinks, None if None in cases else [b for c in cases for b in c])
+
+
+def abs_kinks(ops, refs) -> _Kinks:
+  kinks, br = _operand_kinks(ops)
+  if br[0] is None:
+    raise _Unknown
+  kinks = _union(kinks, _roots(br[0], [(0.0, 0.0)]))
+  return _Kinks(kinks, br[0] + [(-a, -b) for a, b in br[0]])
+
+
+def sign_kinks(ops, refs) -> _Kinks:
+  kinks, br = _operand_kinks(ops)
+  if br[0] is None:
+    raise _Unknown
+  kinks = _union(kinks, _roots(br[0], [(0.0, 0.0)]))
+  return _Kinks(kinks, [(0.0, -1.0), (0.0, 0.0), (0.0, 1.0)])
+
+
+def logical_kinks(ops, refs) -> _Kinks:
+  kinks, _ = _operand_kinks(ops)
+  return _Kinks(kinks, [(0.0, 0.0), (0.0, 1.0)])
+
+
+def jump_kinks(ops, refs) -> _Kinks:
+  """floor, round, rem, …: jumps at unknown places; quadrature cannot cut there."""
+  raise _Unknown
+
+
+def polynomial_kinks(ops, refs) -> _Kinks:
+  """integer_pow, square: smooth, with no soft kink (not saturating)."""
+  kinks, _ = _operand_kinks(ops)
+  return _Kinks(kinks, None)
+
+
+def smooth_kinks(ops, refs) -> _Kinks:
+  """Any other elementwise primitive: smooth where its operands are.
+
+  A smooth saturating function of an affine argument (tanh, logistic, erf,
+  ...) is a soft kink where its argument is 0, of width ~1/|a| in u: a cut
+  there keeps quadrature accurate at large variances, where Gauss–Hermite is
+  not. Of a non-affine argument (gelu's tanh of a cubic), cut at u = 0.
+  """
+  kinks, br = _operand_kinks(ops)
+  if len(ops) == 1:
     if br[0] is not None and len(br[0]) == 1:
       a = br[0][0][0]
       width = (1 / abs(float(a)) if not _is_zero(a) else None) if _lib(a) is np else \

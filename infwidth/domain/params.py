@@ -1,0 +1,118 @@
+"""Parameter leaves as the domain sees them: moments, NTK weights, wide axes.
+
+Each leaf of `params` becomes a `ParamLeaf` whose entries are i.i.d. with the
+leaf's mean and variance (DESIGN §3): given exactly (`ParamStats`) or
+estimated from the sample. Estimates from small leaves are reported, so that
+kernelize can warn.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, List, NamedTuple, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from infwidth.domain.errors import InfwidthError
+from infwidth.domain.values import ParamLeaf
+
+#: Relative sampling error of an estimated variance above which kernelize warns.
+SAMPLING_ERROR_WARN = 0.05
+
+
+class ParamStats(NamedTuple):
+  """Exact moments of a parameter tensor's entries (treated as i.i.d.)."""
+  mean: float
+  var: float
+
+
+def _is_stats(x) -> bool:
+  return isinstance(x, ParamStats)
+
+
+def leaf_names(params) -> List[str]:
+  paths, _ = jax.tree_util.tree_flatten_with_path(params)
+  return [jax.tree_util.keystr(p) or '<params>' for p, _ in paths]
+
+
+def _is_tracer(x) -> bool:
+  return isinstance(x, jax.core.Tracer)
+
+
+def leaf_moments(params, param_stats=None, ntk_weights=None
+                 ) -> Tuple[List[ParamLeaf], List[Tuple[str, int, float]]]:
+  """One `ParamLeaf` per parameter leaf, and the leaves whose estimate is noisy
+  as `(name, entries, relative error)`.
+
+  A leaf that is a tracer (the transform form under `jax.jit`) without exact
+  stats gets traced moments: its mean and variance are computed in the trace.
+  """
+  leaves, treedef = jax.tree_util.tree_flatten(params)
+  names = leaf_names(params)
+  if param_stats is None:
+    stats = [None] * len(leaves)
+  else:
+    stats = treedef.flatten_up_to(param_stats) if not _is_stats(param_stats) else None
+    if stats is None:
+      raise InfwidthError('param_stats must be a pytree matching params with ParamStats leaves.')
+  if ntk_weights is None:
+    weights = [1.0] * len(leaves)
+  else:
+    weights = [float(w) for w in treedef.flatten_up_to(ntk_weights)]
+  out, noisy = [], []
+  for i, (leaf, name, st, w) in enumerate(zip(leaves, names, stats, weights)):
+    shape = tuple(np.shape(leaf))
+    if isinstance(leaf, jax.ShapeDtypeStruct):
+      if st is None:
+        raise InfwidthError(
+            f'parameter {name} is a ShapeDtypeStruct without moments: pass '
+            'param_stats with an infwidth.ParamStats(mean, var) for every such leaf.')
+    elif not hasattr(leaf, 'shape') or not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
+      raise InfwidthError(
+          f'parameter {name} is {type(leaf).__name__}, not a floating-point array; '
+          'params must be a pytree of arrays (use eqx.partition / nnx.split to '
+          'separate static parts).')
+    if st is not None:
+      mean, var = float(st.mean), float(st.var)
+      if var < 0:
+        raise InfwidthError(f'param_stats for {name}: variance {var} is negative.')
+    elif _is_tracer(leaf):
+      a = jnp.asarray(leaf)
+      mean, var = jnp.mean(a), jnp.var(a)
+    else:
+      a = np.asarray(leaf, dtype=np.float64)
+      mean, var = float(a.mean()), float(a.var())
+    if st is None and math.sqrt(2.0 / max(math.prod(shape), 1)) > SAMPLING_ERROR_WARN and (
+        _is_tracer(var) or var > 0):
+      # Relative error of a variance estimate from `size` Gaussian entries.
+      size = math.prod(shape)
+      noisy.append((name, size, math.sqrt(2.0 / size)))
+    leaf_obj = ParamLeaf(i, name, shape, mean, var, w)
+    leaf_obj.exact = st is not None
+    out.append(leaf_obj)
+  return out, noisy
+
+
+def set_wide_axes(leaves_info: List[ParamLeaf], params, wide_axes: Optional[Any]) -> None:
+  """Records explicit wide (channel) axes per leaf: a pytree of axis tuples or None."""
+  for leaf in leaves_info:
+    leaf.wide_axes = None
+  if wide_axes is None:
+    return
+  treedef = jax.tree_util.tree_structure(params)
+  try:
+    specs = treedef.flatten_up_to(wide_axes)
+  except (ValueError, TypeError) as e:
+    raise InfwidthError(f'wide_axes must be a pytree matching params with a tuple of axes '
+                        f'(or None) per parameter: {e}') from None
+  for leaf, spec in zip(leaves_info, specs):
+    if spec is None:
+      continue
+    spec = (spec,) if isinstance(spec, int) else tuple(spec)
+    nd = len(leaf.shape)
+    if any(not isinstance(a, int) or not -nd <= a < nd for a in spec):
+      raise InfwidthError(f'wide_axes for {leaf.name}: {spec} are not axes of a '
+                          f'parameter of shape {leaf.shape}.')
+    leaf.wide_axes = tuple(a % nd for a in spec)

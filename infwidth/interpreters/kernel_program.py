@@ -1,0 +1,186 @@
+"""The kernel computation of a function, traced once per batch shape.
+
+`analytic_kernels` interprets `apply_fn`'s jaxpr on abstract values (the
+kernel interpreter), turns each output into a `Kernel` through the moment
+engine, and evaluates the resulting kernel computation with its repeated
+blocks rolled into loops and, for spatial kernels, on blocks of input pairs.
+Which values need full spatial blocks is decided before interpretation by
+the requirements pass (`requirements.py`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from infwidth.domain import moments as M
+from infwidth.domain import pair_blocks
+from infwidth.domain import values as A
+from infwidth.domain.chain import Chain
+from infwidth.domain.errors import InfwidthError, UnsupportedValueError
+from infwidth.domain.joint_outputs import joint
+from infwidth.domain.kernel import Kernel, build_kernel, interleave
+from infwidth.domain.values import Det
+from infwidth.interpreters.kernel_interpreter import interpret
+from infwidth.interpreters.loop_rolling import eval_rolled
+from infwidth.interpreters.sizes import largest_value
+from infwidth.interpreters.walker import trace
+
+#: Track only equal spatial positions where the output allows (DESIGN §5).
+#: Setting it to False tracks full spatial blocks: same values, more cost.
+DIAGONAL_SPATIAL = True
+
+
+def analytic_kernels(apply_fn, shapes, leaves_info, x1, x2, x1_is_x2, apply_kwargs,
+                     gets=None):
+  """The `Kernel`s (a pytree like the outputs) of `apply_fn` at `x1`, `x2`."""
+  if isinstance(x1, Kernel):
+    moments, xj, x_val = _kernel_input(x1)
+    return _joint(_interpret(apply_fn, shapes, leaves_info, moments, xj, x_val, apply_kwargs),
+                  gets)
+  x1 = jnp.asarray(x1)
+  dtype = x1.dtype if jnp.issubdtype(x1.dtype, jnp.floating) else jnp.float32
+  x1 = x1.astype(dtype)
+  x2 = None if x1_is_x2 else jnp.asarray(x2, dtype)
+  n1, n2 = x1.shape[0], (x1 if x2 is None else x2).shape[0]
+  traces = {}
+
+  def traced(r1, r2, same):
+    """The kernel computation for batches of r1 and r2 inputs (memoised)."""
+    if (r1, r2, same) not in traces:
+      traces[r1, r2, same] = _trace_kernels(apply_fn, shapes, leaves_info, apply_kwargs,
+                                            x1.shape[1:], r1, r2, same, dtype)
+    return traces[r1, r2, same]
+
+  def pair_kernels(a, b):
+    return _eval_kernels(*traced(a.shape[0], b.shape[0], False), jnp.concatenate([a, b]), gets)
+
+  # Spatial kernels are computed on blocks of input pairs, sized from the
+  # entries of each pair's largest intermediate.
+  whole = traced(n1, n2, x2 is None)
+  per_pair = largest_value(whole[0].jaxpr, lead=(n1, n2)) // (n1 * n2)
+  rows = pair_blocks.block_rows(n1, n2, per_pair)
+  if rows is not None:
+    return pair_blocks.blocked_kernel(pair_kernels, x1, x2, rows)
+  return _eval_kernels(*whole, x1 if x2 is None else jnp.concatenate([x1, x2]), gets)
+
+
+def _trace_kernels(apply_fn, shapes, leaves_info, apply_kwargs, feature_shape, n1, n2,
+                   x1_is_x2, dtype):
+  """The kernel computation for `n1` and `n2` inputs of shape `feature_shape`
+  (the same inputs if `x1_is_x2`) as a jaxpr of their joint batch:
+  `(closed jaxpr, output treedef)`."""
+  out_tree = []
+
+  def kernels_of(xj):
+    moments = M.Moments(n1, n2, x1_is_x2, dtype, diag=DIAGONAL_SPATIAL and xj.ndim > 2)
+    x_val = Det(xj, ('b',) + tuple(f'x{i}' for i in range(1, xj.ndim)))
+    k = _interpret(apply_fn, shapes, leaves_info, moments, xj, x_val, apply_kwargs)
+    leaves, tree = jax.tree_util.tree_flatten(k)
+    out_tree.append(tree)
+    return leaves
+
+  n_joint = n1 if x1_is_x2 else n1 + n2
+  xj = jax.ShapeDtypeStruct((n_joint,) + tuple(feature_shape), dtype)
+  closed = trace(kernels_of, xj)
+  return closed, out_tree[0]
+
+
+def _eval_kernels(closed, out_tree, xj, gets):
+  # Evaluated with its repeated blocks (one per layer of a deep network) as
+  # scans: XLA:CPU compiles a long unrolled program slowly and recomputes
+  # across its layers.
+  return _joint(jax.tree_util.tree_unflatten(out_tree, eval_rolled(closed, xj)), gets)
+
+
+def _joint(kernels, gets):
+  """Each kernel's NNGP and NTK from one fused loop, which computes what their
+  recursions share once (under a trace, when both are asked for: `gets`).
+
+  Only on CPU: XLA's GPU and TPU compilers fuse loops with several outputs
+  themselves.
+  """
+  if gets is not None and not {'nngp', 'ntk'} <= set(gets):
+    return kernels
+  if jax.default_backend() != 'cpu':
+    return kernels
+
+  def one(k: Kernel):
+    if k.ntk is None or not isinstance(k.nngp, jax.core.Tracer):
+      return k
+    nngp, ntk = joint((k.nngp, k.ntk))
+    return k.replace(nngp=nngp, ntk=ntk)
+  return jax.tree_util.tree_map(one, kernels, is_leaf=lambda v: isinstance(v, Kernel))
+
+
+def _interpret(apply_fn, shapes, leaves_info, moments, xj, x_val, apply_kwargs) -> Kernel:
+  """The kernels of `apply_fn`'s outputs for the joint batch `xj` (abstract value `x_val`)."""
+  n1, n2, x1_is_x2, dtype = moments.n1, moments.n2, moments.x1_is_x2, moments.dtype
+  closed, out_shapes = trace(lambda p, x: apply_fn(p, x, **apply_kwargs), shapes, xj,
+                             return_shape=True)
+  param_vals = [A.ParamRef(l, l.shape, tuple(range(len(l.shape)))) for l in leaves_info]
+  args = param_vals + [x_val]
+  # The requirements decision (DESIGN §5): values are tracked at equal spatial
+  # positions where everything after them allows it; the moment engine tracks
+  # the values below a pooling in full blocks. An output that keeps spatial
+  # axes (or values on different grids paired) abandons the diagonal attempt
+  # (nothing of it is left in the trace that is used) and all blocks are full.
+  if moments.diag:
+    try:
+      outs = interpret(closed.jaxpr, closed.consts, args, moments)
+      if any(isinstance(o, A.Wide) and o.spatial for o in outs):
+        raise A.NeedFullSpatial()
+      return _kernels(outs, out_shapes, moments)
+    except A.NeedFullSpatial:
+      moments = M.Moments(n1, n2, x1_is_x2, dtype, diag=False)
+  outs = interpret(closed.jaxpr, closed.consts, args, moments)
+  return _kernels(outs, out_shapes, moments)
+
+
+def _kernels(outs, out_shapes, moments):
+  kernels = [_output_kernel(out, moments) for out in outs]
+  return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shapes), kernels)
+
+
+def _kernel_input(k: Kernel):
+  """A Kernel in place of x1: a Gaussian input whose channel axis is wide (NT's
+  composition `kernel_fn(kernel_fn_prev(x1, x2))`)."""
+  if k.nngp is None or jnp.ndim(k.nngp) != 2:
+    raise InfwidthError('a Kernel in place of x1 must have an (N1, N2) nngp (no spatial '
+                        f'axes yet); got shape {None if k.nngp is None else jnp.shape(k.nngp)}.')
+  if k.cov1 is None:
+    raise InfwidthError('a Kernel in place of x1 needs cov1 (and cov2 unless x1_is_x2).')
+  n1, n2 = jnp.shape(k.nngp)
+  dtype = jnp.result_type(k.nngp)
+  n_joint = n1 if k.x1_is_x2 else n1 + n2
+  shape = (n_joint,) + tuple(k.shape1[1:]) if k.shape1 else (n_joint, 1)
+  if len(shape) != 2:
+    raise InfwidthError(f'a Kernel in place of x1 must describe (N, C) outputs; got {k.shape1}.')
+  src = A.KernelSource(k)
+  x_val = A.Wide(shape, ('b', 'c'), (A.Term(Chain(), A.combo_of(src, ())),))
+  return M.Moments(n1, n2, k.x1_is_x2, dtype), jax.ShapeDtypeStruct(shape, dtype), x_val
+
+
+def _output_kernel(out, moments: M.Moments) -> Kernel:
+  """The `Kernel` of one output of the function (per output channel)."""
+  n1, n2, x1_is_x2, dtype = moments.n1, moments.n2, moments.x1_is_x2, moments.dtype
+  if not isinstance(out, A.Wide):
+    raise UnsupportedValueError(
+        'the output of apply_fn does not depend on any parameter through a linear '
+        'map with a channel axis, so it has no infinite-width limit (no wide axis found)')
+  st = moments.wide_pair(out, out)
+  ntk = moments.wide_ntk(out, out)
+  sp = _spatial_shape(out)
+  return build_kernel(interleave(st.cross, (n1, n2), sp, dtype),
+                      interleave(ntk, (n1, n2), sp, dtype),
+                      interleave(st.diag1, (n1,), sp, dtype),
+                      None if x1_is_x2 else interleave(st.diag2, (n2,), sp, dtype),
+                      shape1=(n1,) + tuple(out.shape[1:]), shape2=(n2,) + tuple(out.shape[1:]),
+                      x1_is_x2=x1_is_x2, spatial_shape=sp,
+                      batch_axis=out.roles.index('b') if 'b' in out.roles else 0,
+                      channel_axis=out.channel_axis, dtype=dtype)
+
+
+def _spatial_shape(w: A.Wide):
+  return tuple(w.shape[i] for i, r in enumerate(w.roles) if r not in ('b', 'c', None))
+
