@@ -49,13 +49,13 @@ def mlp_case(key):
 
 
 def norm_gelu_case(key):
-  """LayerNorm statistics, a sampled bias and a quadrature nonlinearity."""
+  """LayerNorm statistics, quadrature nonlinearities and a residual sum."""
   k = jax.random.split(key, 5)
-  params = {'w0': _normal(k[0], (8, 256), 1 / np.sqrt(8)), 'b0': _normal(k[1], (256,), 0.2),
+  params = {'w0': _normal(k[0], (8, 256), 1 / np.sqrt(8)),
             'w1': _normal(k[2], (256, 256), 1 / 16), 'w2': _normal(k[3], (256, 4), 1 / 16)}
 
   def net(p, x):
-    h = jax.nn.gelu(x @ p['w0'] + p['b0'])
+    h = jax.nn.gelu(x @ p['w0'])
     h = (h - h.mean(-1, keepdims=True)) / jnp.sqrt(h.var(-1, keepdims=True) + 1e-5)
     h = jnp.tanh(h @ p['w1']) + h
     return h @ p['w2']
@@ -80,15 +80,15 @@ def cnn_case(readout):
 
 
 def stax_zoo_case(key):
-  """Strided and pooled convolutions, a residual sum and a channel concat."""
+  """Strided and pooled convolutions, a residual sum, a channel concatenation."""
   block = stax.serial(stax.Conv(16, (3, 3), padding='SAME'), stax.Relu(),
                       stax.Conv(16, (3, 3), padding='SAME'))
   init_fn, apply_fn, _ = stax.serial(
-      stax.Conv(16, (3, 3), strides=(2, 2), padding='SAME'), stax.Relu(),
-      stax.FanOut(2), stax.parallel(block, stax.Identity()), stax.FanInSum(), stax.Erf(),
+      stax.Conv(16, (3, 3), strides=(2, 2), padding='SAME'), stax.Erf(),
+      stax.FanOut(2), stax.parallel(block, stax.Identity()), stax.FanInSum(),
+      stax.AvgPool((2, 2), padding='SAME'), stax.Relu(),
       stax.FanOut(2), stax.parallel(stax.Conv(8, (1, 1)), stax.Conv(8, (3, 3), padding='SAME')),
-      stax.FanInConcat(), stax.AvgPool((2, 2), padding='SAME'), stax.Relu(),
-      stax.GlobalAvgPool(), stax.Dense(3))
+      stax.FanInConcat(), stax.Relu(), stax.Flatten(), stax.Dense(3))
   x = _normal(key, (3, 8, 8, 3))
   _, params = init_fn(key, x.shape)
   return apply_fn, params, {}, x

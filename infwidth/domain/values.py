@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from infwidth.domain.errors import InternalError
+from infwidth.domain.errors import InternalError, UnsupportedValueError
 from infwidth.domain.chain import Chain
 
 Array = Any
@@ -474,8 +474,15 @@ class PairStats:
 ZERO = PairStats(0.0, 0.0, 0.0)
 
 
-class NeedFullSpatial(Exception):
-  """Raised in spatially diagonal mode by a map that mixes positions (pooling)."""
+class NeedFullSpatial(UnsupportedValueError):
+  """Values on different spatial grids paired while only equal positions are
+  tracked: the requirements pass (which decides full blocks for spatial
+  outputs) did not foresee it."""
+
+  def __init__(self):
+    super().__init__('values on different spatial grids are paired while only equal '
+                     'spatial positions are tracked; no spatial output asked for full '
+                     'blocks')
 
 
 def batch_diagonal(cross):

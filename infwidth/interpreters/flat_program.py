@@ -44,8 +44,8 @@ class Program:
   avals: Dict[int, Any]
 
 
-def flatten(closed: jcore.ClosedJaxpr) -> Program:
-  """`closed` as a `Program`."""
+def flatten(closed: jcore.ClosedJaxpr, inline: Tuple[Any, ...] = INLINED) -> Program:
+  """`closed` as a `Program`, the calls in `inline` inlined."""
   avals, ops = {}, []
   counter = itertools.count()
 
@@ -62,7 +62,7 @@ def flatten(closed: jcore.ClosedJaxpr) -> Program:
   jaxpr = closed.jaxpr
   in_ids = [new(v) for v in jaxpr.invars]
   out_atoms = walk(jaxpr, closed.consts, in_ids, visit, literal=lambda v: Lit(v.val),
-                   const=Lit, inline=INLINED)
+                   const=Lit, inline=inline)
   return Program(in_ids, out_atoms, ops, avals)
 
 

@@ -23,6 +23,7 @@ from infwidth.domain.kernel import Kernel, build_kernel, interleave
 from infwidth.domain.values import Det
 from infwidth.interpreters.kernel_interpreter import interpret
 from infwidth.interpreters.loop_rolling import eval_rolled
+from infwidth.interpreters.requirements import requirements
 from infwidth.interpreters.sizes import largest_value
 from infwidth.interpreters.walker import trace
 
@@ -73,9 +74,9 @@ def _trace_kernels(apply_fn, shapes, leaves_info, apply_kwargs, feature_shape, n
   out_tree = []
 
   def kernels_of(xj):
-    moments = M.Moments(n1, n2, x1_is_x2, dtype, diag=DIAGONAL_SPATIAL and xj.ndim > 2)
     x_val = Det(xj, ('b',) + tuple(f'x{i}' for i in range(1, xj.ndim)))
-    k = _interpret(apply_fn, shapes, leaves_info, moments, xj, x_val, apply_kwargs)
+    k = _interpret(apply_fn, shapes, leaves_info, (n1, n2, x1_is_x2, dtype), xj, x_val,
+                   apply_kwargs)
     leaves, tree = jax.tree_util.tree_flatten(k)
     out_tree.append(tree)
     return leaves
@@ -113,27 +114,20 @@ def _joint(kernels, gets):
   return jax.tree_util.tree_map(one, kernels, is_leaf=lambda v: isinstance(v, Kernel))
 
 
-def _interpret(apply_fn, shapes, leaves_info, moments, xj, x_val, apply_kwargs) -> Kernel:
-  """The kernels of `apply_fn`'s outputs for the joint batch `xj` (abstract value `x_val`)."""
-  n1, n2, x1_is_x2, dtype = moments.n1, moments.n2, moments.x1_is_x2, moments.dtype
+def _interpret(apply_fn, shapes, leaves_info, batches, xj, x_val, apply_kwargs) -> Kernel:
+  """The kernels of `apply_fn`'s outputs for the joint batch `xj` (abstract
+  value `x_val`); `batches` is `(n1, n2, x1_is_x2, dtype)`, or a `Moments`."""
   closed, out_shapes = trace(lambda p, x: apply_fn(p, x, **apply_kwargs), shapes, xj,
                              return_shape=True)
+  if isinstance(batches, M.Moments):
+    moments = batches
+  else:
+    # Pixel diagonals only where no output keeps spatial axes (DESIGN §5);
+    # the moment engine then tracks full blocks below pooling only.
+    diag = DIAGONAL_SPATIAL and len(xj.shape) > 2 and requirements(closed).pixel_diagonal
+    moments = M.Moments(*batches, diag=diag)
   param_vals = [A.ParamRef(l, l.shape, tuple(range(len(l.shape)))) for l in leaves_info]
-  args = param_vals + [x_val]
-  # The requirements decision (DESIGN §5): values are tracked at equal spatial
-  # positions where everything after them allows it; the moment engine tracks
-  # the values below a pooling in full blocks. An output that keeps spatial
-  # axes (or values on different grids paired) abandons the diagonal attempt
-  # (nothing of it is left in the trace that is used) and all blocks are full.
-  if moments.diag:
-    try:
-      outs = interpret(closed.jaxpr, closed.consts, args, moments)
-      if any(isinstance(o, A.Wide) and o.spatial for o in outs):
-        raise A.NeedFullSpatial()
-      return _kernels(outs, out_shapes, moments)
-    except A.NeedFullSpatial:
-      moments = M.Moments(n1, n2, x1_is_x2, dtype, diag=False)
-  outs = interpret(closed.jaxpr, closed.consts, args, moments)
+  outs = interpret(closed.jaxpr, closed.consts, param_vals + [x_val], moments)
   return _kernels(outs, out_shapes, moments)
 
 

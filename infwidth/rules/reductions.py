@@ -21,11 +21,21 @@ from infwidth.domain import values as A
 from infwidth.rules.registry import register, register_value_kind
 from infwidth.rules.spatial import spatial_sum
 from infwidth.rules.structural import reduced_roles
+from infwidth.domain.needs import Need
 from infwidth.domain.values import Det
 from infwidth.rules.wide_ops import canonical_to_value
 
 
-@register(P.reduce_sum_p, family='reduction', det_roles=reduced_roles)
+def _sum_requirement(eqn, out_need: Need) -> Need:
+  """A sum over the last (channel) axis is a per-input statistic of its
+  operand; a sum over other axes (global pooling) mixes positions."""
+  if tuple(eqn.params['axes']) == (len(eqn.invars[0].aval.shape) - 1,):
+    return Need.BATCH_DIAGONAL
+  return Need.FULL
+
+
+@register(P.reduce_sum_p, family='reduction', det_roles=reduced_roles,
+          requirement=_sum_requirement)
 def reduce_sum_rule(ctx, operand, *, axes, **_):
   axes = tuple(a % len(operand.shape) for a in axes)
   if isinstance(operand, A.ParamRef):

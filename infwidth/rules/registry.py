@@ -21,6 +21,9 @@ The facts kept beside the rule:
   contracted without being built ('dot', 'conv' for a filter, 'gather' for
   an embedding table), 'permutation' (moves entries: `L Lᵀ = I`) or 'scale'
   (multiplies by a scalar).
+* `requirement(eqn, out_need) -> Need`: what of its operands' moments the
+  primitive needs when its output needs `out_need` (`infwidth.domain.needs`;
+  default: the same). A map that mixes positions (pooling) needs full blocks.
 * `form`, `kinks` (elementwise primitives): its closed-form rule for Gaussian
   expectations (`infwidth.domain.closed_forms.FORM_RULES`) and where it puts
   kinks for quadrature (`infwidth.domain.quadrature.KINK_RULES`); the
@@ -52,6 +55,7 @@ class Registration:
   structured: Optional[str] = None
   form: Optional[Callable] = None
   kinks: Optional[Callable] = None
+  requirement: Optional[Callable] = None
 
 
 #: Every primitive infwidth knows, keyed by the primitive object.
@@ -86,12 +90,13 @@ def register_primitive(prim, rule: Optional[Rule] = None, **facts) -> Registrati
 def register(*prims, family: str = '', accepts: Tuple[type, ...] = (),
              body: Optional[Tuple[Any, ...]] = None, det_roles: Optional[Callable] = None,
              structured: Optional[str] = None, form: Optional[Callable] = None,
-             kinks: Optional[Callable] = None):
+             kinks: Optional[Callable] = None, requirement: Optional[Callable] = None):
   """Decorator: registers a kernel rule, with its facts, for one or more primitives."""
   def wrap(rule):
     for p in prims:
       register_primitive(p, rule, family=family, accepts=tuple(accepts), body=body,
-                         det_roles=det_roles, structured=structured, form=form, kinks=kinks)
+                         det_roles=det_roles, structured=structured, form=form, kinks=kinks,
+                         requirement=requirement)
     return rule
   return wrap
 

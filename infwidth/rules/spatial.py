@@ -21,8 +21,14 @@ from infwidth.domain.chain import Chain
 from infwidth.rules.conv import grid_role
 from infwidth.rules.registry import register
 from infwidth.rules.structural import resized_roles
+from infwidth.domain.needs import Need
 from infwidth.domain.values import Det
 
+
+
+def mixes_positions(eqn, out_need: Need) -> Need:
+  """The `requirement` of a map that mixes positions (pooling): full blocks."""
+  return Need.FULL
 
 
 def mapped_parts(w: A.Wide):
@@ -159,14 +165,14 @@ def _pool(ctx, operand, window_dimensions, window_strides, padding, base_dilatio
   return map_axes(ctx, operand, per_axis, out_shape)
 
 
-@register(P.reduce_window_sum_p, family='spatial')
+@register(P.reduce_window_sum_p, family='spatial', requirement=mixes_positions)
 def reduce_window_sum_rule(ctx, operand, *, window_dimensions, window_strides, padding,
                            base_dilation, window_dilation, **_):
   return _pool(ctx, operand, window_dimensions, window_strides, padding, base_dilation,
                window_dilation)
 
 
-@register(P.reduce_window_p, family='spatial', body=(P.add_p,))
+@register(P.reduce_window_p, family='spatial', body=(P.add_p,), requirement=mixes_positions)
 def reduce_window_rule(ctx, operand, init, *, jaxpr, consts=(), window_dimensions,
                        window_strides, padding, base_dilation, window_dilation, **_):
   # The interpreter has checked the body is one addition (the `body` fact).
