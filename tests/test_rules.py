@@ -330,6 +330,51 @@ def _gain_closed(x, k0):
   return g2 * k0, (2 * g2 + 1) * k0
 
 
+def _gated_shapes(d):
+  return dict(_dense_shapes(d), w1b=(d, HIDDEN), b1b=(HIDDEN,))
+
+
+def _gated_net(p, x):
+  # tanh(h1)·h2 with independent pre-activations h1, h2 (a gated unit).
+  h2 = x @ p['w1b'] / math.sqrt(x.shape[-1]) + SB * p['b1b']
+  return _readout(p, jnp.tanh(_pre(p, x)) * h2)
+
+
+def _gated_closed(x, k0):
+  # Independent sources factorise: NNGP T·K0 with T = E[tanh tanh']; NTK adds
+  # Ṫ·K0·Θ0 (through h1) and T·Θ0 (through h2), Θ0 = K0.
+  t = O.trapezoid_pairs(jnp.tanh, jnp.tanh, k0)
+  d = O.derivative(jnp.tanh)
+  tdot = O.trapezoid_pairs(d, d, k0)
+  return t * k0, 2 * t * k0 + tdot * k0 * k0
+
+
+def _select_other_net(p, x):
+  # The predicate from an independent source: jnp.where(h2 > 0, h1, 0).
+  h2 = x @ p['w1b'] / math.sqrt(x.shape[-1]) + SB * p['b1b']
+  return _readout(p, jnp.where(h2 > 0, _pre(p, x), 0.0))
+
+
+def _select_other_closed(x, k0):
+  # E[1(v>0)1(v'>0)] = 1/4 + asin(ρ)/2π (Sheppard); the mask has zero derivative.
+  q = np.sqrt(np.diag(k0))
+  m = 0.25 + np.arcsin(np.clip(k0 / np.outer(q, q), -1, 1)) / (2 * np.pi)
+  return m * k0, 2 * m * k0
+
+
+def _concat_chains_net(p, x):
+  h = _pre(p, x)
+  return _readout(p, jnp.concatenate([jax.nn.relu(h), h], axis=-1))
+
+
+def _concat_chains_closed(x, k0):
+  # Two channel blocks of equal width: the mean of their kernels.
+  d = np.diag(k0)
+  t, tdot = O.relu_kernels(k0, d[:, None], d[None, :])
+  nngp = (t + k0) / 2
+  return nngp, nngp + (tdot + 1) * k0 / 2
+
+
 def _weight_left_net(p, x):
   # Weights of shape (out, in) on the left: W·xᵀ, the batch axis second.
   h = (p['w1'] @ x.T / math.sqrt(x.shape[-1])).T + SB * p['b1']
@@ -392,6 +437,11 @@ def _xfail(case, reason):
 #: the NNGP is off by percents, far outside the sampling error.
 JUMPS = 'a chain with jumps from floor/ceil/round/rem is integrated inaccurately; '
 
+#: DESIGN §2 asks for elementwise maps of two different sources (2 Gaussians).
+GATING = ('not implemented yet: an elementwise map of two independent Gaussian sources '
+          'raises InfwidthError "an elementwise operation combines two different random '
+          'Gaussian values ... not supported yet"')
+
 leaky = lambda h: jnp.where(h > 0, h, 0.1 * h)
 
 RULE_CASES = {
@@ -403,7 +453,8 @@ RULE_CASES = {
                Custom('param_gain', _gain_net, lambda d: dict(_dense_shapes(d), g=(HIDDEN,)),
                       _gain_closed, _prim_probe(lambda h: h * jnp.ones(HIDDEN, h.dtype),
                                                 lambda n: (n, HIDDEN))),
-               Elementwise('h_tanh_h', lambda h: h * jnp.tanh(h))],
+               Elementwise('h_tanh_h', lambda h: h * jnp.tanh(h)),
+               _xfail(Custom('gated', _gated_net, _gated_shapes, _gated_closed), GATING)],
     P['div']: [Elementwise('by_const', lambda h: h / 3.0),
                # Poles at ±i: the rule's Gauss–Hermite converges slowly there
                # (measured 1.2e-5 relative on the NTK, 3.6e-7 on the NNGP).
@@ -443,7 +494,9 @@ RULE_CASES = {
     P['abs']: [Elementwise('abs', jnp.abs, 'mc')],
     P['sign']: [Elementwise('sign', jnp.sign, 'mc')],
     P['clamp']: [Elementwise('clamp', lambda h: lax.clamp(-1.0, h, 1.0), 'mc')],
-    P['select_n']: [Elementwise('leaky_where', leaky, 'mc')],
+    P['select_n']: [Elementwise('leaky_where', leaky, 'mc'),
+                    _xfail(Custom('other_source_predicate', _select_other_net,
+                                  _gated_shapes, _select_other_closed), GATING)],
     P['gt']: [Elementwise('leaky_where', leaky, 'mc')],
     P['ge']: [Elementwise('step_ge', lambda h: jnp.where(h >= 0.5, 1.0, h), 'mc')],
     P['lt']: [Elementwise('clip_lt', lambda h: jnp.where(h < -0.3, -0.3, h), 'mc')],
@@ -546,7 +599,9 @@ RULE_CASES = {
     P['concatenate']: [
         Spatial('with_reversed', op=lambda y: jnp.concatenate([y, y[:, ::-1]], axis=1)),
         Spatial('wrap_pad', op=lambda y: jnp.pad(y, ((0, 0), (1, 1), (0, 0)), mode='wrap')),
-        Spatial('channels', blocks=(lambda y: y, lambda y: y[:, ::-1]))],
+        Spatial('channels', blocks=(lambda y: y, lambda y: y[:, ::-1])),
+        Custom('channels_of_two_chains', _concat_chains_net,
+               lambda d: dict(_dense_shapes(d), w2=(2 * HIDDEN, 1)), _concat_chains_closed)],
     # Reductions and pooling.
     P['reduce_sum']: [
         Custom('rms_norm', _rms_norm_net, _dense_shapes, _rms_closed,
@@ -584,7 +639,8 @@ DEFAULT_ROWS = {
     'conv_general_dilated-conv_of_wide', 'transpose-ncw_to_nwc', 'reshape-flatten',
     'squeeze-squeeze', 'broadcast_in_dim-expand_dims', 'slice-crop', 'slice-channels',
     'dynamic_slice-dynamic', 'pad-zero_pad', 'rev-flip', 'concatenate-with_reversed',
-    'concatenate-channels', 'reduce_sum-layer_norm_of_relu', 'reduce_sum-global_mean',
+    'concatenate-channels', 'concatenate-channels_of_two_chains', 'mul-gated',
+    'reduce_sum-layer_norm_of_relu', 'reduce_sum-global_mean',
     'reduce_window_sum-avg_pool', 'reduce_window-jnp_add_traced_init',
 }
 #: Rows also run in float32 (shape 1) by default.
