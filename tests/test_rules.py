@@ -19,7 +19,9 @@ use infwidth (see tests/rule_oracles.py):
   entrywise, and the spatial map as the matrix P obtained by applying the
   same JAX function to basis vectors: K ↦ P K Pᵀ.
 * Custom rows: dense layers with the weight on either side, LayerNorm-type
-  statistics (means over the channel axis), with closed forms.
+  statistics (means over the channel axis), a per-channel gain parameter,
+  with closed forms, themselves checked against Monte Carlo of width-512
+  networks (`test_custom_closed_forms_against_finite_networks`).
 
 Each row runs on two input shapes, in float64 and float32: the default run
 takes one row or more per primitive family (`DEFAULT_ROWS`, one shape, float64,
@@ -764,3 +766,57 @@ def test_every_registered_rule_has_a_case():
   assert not set(NOT_TESTABLE) & set(RULE_CASES)
   for prim, reason in NOT_TESTABLE.items():
     assert prim in KERNEL_RULES and reason
+
+
+# ----------------------------------------------------------------------------
+# The hand-written closed forms of the custom rows against finite networks.
+
+MC_WIDTH, MC_SAMPLES, MC_LOGITS = 512, 64, 128
+
+
+def _finite_kernels(net, shapes, x, seed=0):
+  """Per-draw NNGP f fᵀ/C (over MC_LOGITS logits) and NTK of logit 0, (S, N, N)."""
+  def ntk0(p):
+    jac = jax.jacrev(lambda q: net(q, x)[:, 0])(p)
+    flat = jnp.concatenate([j.reshape(x.shape[0], -1) for j in jax.tree.leaves(jac)], axis=1)
+    return flat @ flat.T
+
+  @jax.jit
+  def one(p):
+    f = net(p, x)
+    return f @ f.T / f.shape[1], ntk0(p)
+
+  rng = np.random.default_rng(seed)
+  stats = _unit_stats(shapes)
+  draws = []
+  for _ in range(MC_SAMPLES):
+    p = {k: stats[k].mean + math.sqrt(stats[k].var) * rng.standard_normal(s)
+         for k, s in shapes.items()}
+    draws.append(one(p))
+  return np.stack([d[0] for d in draws]), np.stack([d[1] for d in draws])
+
+
+def _wide_shapes(shapes):
+  """The case's parameter shapes at width MC_WIDTH with MC_LOGITS logits."""
+  out = {}
+  for k, s in shapes.items():
+    s = tuple(MC_WIDTH if n == HIDDEN else 2 * MC_WIDTH if n == 2 * HIDDEN else n for n in s)
+    if k == 'w2':
+      s = tuple(MC_LOGITS if n == 1 else n for n in s)
+    out[k] = s
+  return out
+
+
+@pytest.mark.parametrize('name', ['param_gain', 'weight_left', 'rms_norm', 'layer_norm_of_relu',
+                                  'channels_of_two_chains'])
+def test_custom_closed_forms_against_finite_networks(name):
+  # Oracle of the oracles: each closed form is the mean over 64 Gaussian draws
+  # of a width-512 network, within 4 SE plus a width term 2/512 of the
+  # largest entry (tests/mc_check.py), a check that would catch 15% errors.
+  import mc_check
+  case = next(c for _, c in _all_cases() if isinstance(c, Custom) and c.name == name)
+  x, _ = case.inputs(0, jnp.float64)
+  nngp, ntk = case.closed_form(x, x @ x.T / x.shape[1] + SB ** 2)
+  draws_k, draws_t = _finite_kernels(case.net, _wide_shapes(case.shapes(0)), jnp.asarray(x))
+  mc_check.check_against_mc(nngp, draws_k, 1, MC_WIDTH, 4.0, 2.0)
+  mc_check.check_against_mc(ntk, draws_t, 1, MC_WIDTH, 4.0, 2.0)
