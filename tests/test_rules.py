@@ -44,7 +44,7 @@ from jax.scipy.special import erf, erfc, erfinv
 
 import infwidth as iw
 import rule_oracles as O
-from infwidth.rules.registry import KERNEL_RULES
+from infwidth.rules.registry import KERNEL_RULES   # the only import of the registry
 
 
 
@@ -544,7 +544,8 @@ RULE_CASES = {
                'linear fast path for convert_element_type): TypeError "mul does not accept '
                'dtype bool" when the chain is evaluated')],
     # Identities and near-identities.
-    P['is_finite']: [Elementwise('isfinite', lambda h: jnp.where(jnp.isfinite(h), jnp.tanh(h), 0.0))],
+    P['is_finite']: [Elementwise('isfinite',
+                                 lambda h: jnp.where(jnp.isfinite(h), jnp.tanh(h), 0.0))],
     P['copy']: [Elementwise('copy', lambda h: jnp.copy(jnp.tanh(h)))],
     P['stop_gradient']: [Elementwise('stop_gradient', lambda h: lax.stop_gradient(jnp.tanh(h)))],
     P['reduce_precision']: [
