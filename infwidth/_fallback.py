@@ -68,7 +68,14 @@ def fallback_kernel(err, fallback, apply_fn, params, leaves_info, x1, x2, x1_is_
   total, _ = jax.lax.scan(body, first, keys[1:]) if n > 1 else (first, None)
   nngp, ntk, cov1, cov2 = jax.tree_util.tree_map(lambda a: a / n, total)
   return Kernel(nngp, ntk, cov1, None if x1_is_x2 else cov2, x1_is_x2=x1_is_x2,
-                shape1=tuple(np.shape(x1)), shape2=tuple(np.shape(x1 if x1_is_x2 else x2)))
+                shape1=_out_shape(apply_fn, params, x1, apply_kwargs),
+                shape2=_out_shape(apply_fn, params, x1 if x1_is_x2 else x2, apply_kwargs))
+
+
+def _out_shape(apply_fn, params, x, apply_kwargs):
+  """The shape of `apply_fn(params, x)` (NT's `shape1`/`shape2`), `()` for a pytree."""
+  out = jax.eval_shape(lambda p, xx: apply_fn(p, xx, **apply_kwargs), params, x)
+  return tuple(out.shape) if isinstance(out, jax.ShapeDtypeStruct) else ()
 
 
 def _dtype(leaf):

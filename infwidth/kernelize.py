@@ -20,12 +20,11 @@ from infwidth.interpreters.loop_rolling import eval_rolled
 from infwidth.interpreters.sizes import largest_value
 from infwidth import pair_blocks
 from infwidth.joint_outputs import joint
-from infwidth.kernel import Kernel
+from infwidth.kernel import FIELDS as KERNEL_FIELDS, Kernel
 from infwidth.rules.values import Det
 
 #: Relative sampling error of an estimated variance above which kernelize warns.
 SAMPLING_ERROR_WARN = 0.05
-_GETS = ('nngp', 'ntk')
 #: Track only equal spatial positions where the output allows (DESIGN §5).
 #: Setting it to False tracks full spatial blocks: same values, more cost.
 DIAGONAL_SPATIAL = True
@@ -113,12 +112,19 @@ def _set_wide_axes(leaves_info, params, wide_axes):
 
 
 def _check_get(get):
+  """`get` as a tuple of lower-case `Kernel` field names (NT's rules), or None."""
   if get is None:
     return None
   gets = (get,) if isinstance(get, str) else tuple(get)
+  if not gets:
+    raise InfwidthError('get must be non-empty: a field name, a tuple of them, or None.')
+  gets = tuple(g.lower() if isinstance(g, str) else g for g in gets)
   for g in gets:
-    if g not in _GETS:
-      raise InfwidthError(f'get={get!r}: each entry must be one of {_GETS} (or get=None for a Kernel).')
+    if g not in KERNEL_FIELDS:
+      raise InfwidthError(f'get={get!r}: each entry must be a Kernel field, one of '
+                          f'{KERNEL_FIELDS} (or get=None for the whole Kernel).')
+  if len(set(gets)) < len(gets):
+    raise InfwidthError(f'get={get!r}: all entries must be unique.')
   return gets
 
 
@@ -362,7 +368,18 @@ def _output_kernel(out, moments: M.Moments) -> Kernel:
   shape2 = (n2,) + tuple(out.shape[1:])
   return Kernel(nngp, ntk, cov1, cov2, x1_is_x2=x1_is_x2, shape1=shape1, shape2=shape2,
                 batch_axis=out.roles.index('b') if 'b' in out.roles else 0,
-                channel_axis=out.channel_axis)
+                channel_axis=out.channel_axis, is_gaussian=_is_gaussian(out))
+
+
+def _is_gaussian(w: A.Wide) -> bool:
+  """NT's `is_gaussian`: Gaussian sources combined linearly, plus a deterministic
+  offset (no nonlinearity), and not flattened (whose channels are not i.i.d.)."""
+  if isinstance(w, A.ChannelConcat):
+    return all(_is_gaussian(p) for p in w.parts)
+  gaussian = lambda s: (s.gaussian if isinstance(s, A.MappedSource) else
+                        s.kernel.is_gaussian if isinstance(s, A.KernelSource) else True)
+  return not w.hidden and bool(w.terms) and all(
+      t.is_gaussian and all(gaussian(s) for s in t.combo.sources) for t in w.terms)
 
 
 def _spatial_shape(w: A.Wide):

@@ -36,8 +36,12 @@ Differences from Neural Tangents:
 * `Gelu(approximate=True)` gets the kernel of the tanh approximation itself;
   NT returns the exact-GELU kernel for both settings (they differ by ~1e-4).
 * `kernel_fn` accepts arrays or an `infwidth.Kernel` (without spatial axes) in
-  place of `x1`; masking, `diagonal_batch`/`diagonal_spatial`, and a list of
-  inputs (a network that starts with `parallel`) are not supported.
+  place of `x1`; masking and a list of inputs (a network that starts with
+  `parallel`) are not supported. `diagonal_spatial=True` and
+  `diagonal_batch=False` give NT's shapes, computed from the full kernel (also
+  where NT raises because a pooling needs the full spatial covariance).
+  `Kernel.is_reversed` is always `False` (NT reverses spatial axes internally
+  after some layers; infwidth's arrays are always in order).
 * Layers whose finite network uses an operation kernelize cannot interpret
   make `kernel_fn` raise `infwidth.InfwidthError` naming the operation; no
   approximate kernel is substituted. Currently: `Flatten` that is not
@@ -59,9 +63,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from infwidth import kernel_layout
 from infwidth.errors import InfwidthError, UnsupportedPrimitiveError
 from infwidth.kernel import Kernel
-from infwidth.kernelize import ParamStats, kernelize
+from infwidth.kernelize import ParamStats, _check_get, kernelize
 
 __all__ = [
     'Layer', 'serial', 'parallel', 'FanOut', 'FanInSum', 'FanInConcat', 'Identity',
@@ -129,10 +134,9 @@ def _kernel_fn(init_fn: Callable, apply_fn: Callable, stats_fn: StatsFn) -> Call
     params = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), shapes)
     return kernelize(apply_fn, params, param_stats=stats_fn(params))
 
-  def kernel_fn(x1, x2=None, get=None, **kwargs):
-    """NNGP/NTK of the infinite-width network: `(N1, N2)` per output channel,
-    `(N1, N2, H, H', W, W')` for spatial outputs, a namedtuple for a tuple
-    `get`, or a `Kernel` for `get=None`."""
+  def full_fn(x1, x2, get, **kwargs):
+    if isinstance(x1, Kernel):
+      x1 = kernel_layout.input_kernel(x1)
     input_shape, dtype = _input_shape(x1)
     try:
       return build(input_shape, jnp.dtype(dtype))(x1, x2, get, **kwargs)
@@ -141,6 +145,26 @@ def _kernel_fn(init_fn: Callable, apply_fn: Callable, stats_fn: StatsFn) -> Call
           f'infwidth.stax: kernelize has no infinite-width rule for `{e.primitive}`, '
           'which this network\'s apply_fn uses, so its kernel is not available '
           '(no approximation is substituted).\n' + str(e)) from e
+
+  def kernel_fn(x1, x2=None, get=None, *, diagonal_batch: Optional[bool] = None,
+                diagonal_spatial: Optional[bool] = None,
+                mask_constant: Optional[float] = None, **kwargs):
+    """NNGP/NTK of the infinite-width network: `(N1, N2)` per output channel,
+    `(N1, N2, H, H', W, W')` for spatial outputs (`(N1, N2, H, W)` with
+    `diagonal_spatial=True`), a namedtuple for a tuple `get`, or a `Kernel`
+    for `get=None`. `diagonal_batch=False` gives `(N1, N1, ...)` `cov1`
+    (and `(N2, N2, ...)` `cov2`), as in NT."""
+    if mask_constant is not None:
+      raise InfwidthError('infwidth.stax does not support masking (mask_constant); '
+                          'remove masked entries from the inputs instead.')
+    gets = _check_get(get)
+    if not diagonal_spatial and diagonal_batch is not False:
+      return full_fn(x1, x2, get, **kwargs)
+    k = kernel_layout.with_layout(full_fn, x1, x2, diagonal_batch, diagonal_spatial, **kwargs)
+    if gets is None:
+      return k
+    pick = lambda kk: kk.get(gets[0]) if isinstance(get, str) else kk.get(gets)
+    return jax.tree_util.tree_map(pick, k, is_leaf=lambda v: isinstance(v, Kernel))
 
   return kernel_fn
 
