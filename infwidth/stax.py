@@ -33,6 +33,10 @@ Differences from Neural Tangents:
   derive the kernel from `fn` itself (closed forms where recognised,
   infwidth's Gauss-Hermite quadrature otherwise); `nngp_fn`, `d_nngp_fn`,
   `deg` and `df` are accepted for compatibility and unused.
+* `Hermite(n)` gets `E[He_n(u) He_n(v)] / n!` at the actual variances; NT's
+  kernel `ρ^n` assumes unit-variance inputs (the two agree there).
+* `ExpNormalized` has a finite network (NT's `apply_fn` raises), described in
+  its docstring, whose kernel is NT's.
 * `Gelu(approximate=True)` gets the kernel of the tanh approximation itself;
   NT returns the exact-GELU kernel for both settings (they differ by ~1e-4).
 * `kernel_fn` accepts arrays or an `infwidth.Kernel` (without spatial axes) in
@@ -73,7 +77,8 @@ __all__ = [
     'Dense', 'Conv', 'ConvTranspose', 'AvgPool', 'SumPool', 'GlobalAvgPool',
     'GlobalSumPool', 'Flatten', 'LayerNorm', 'Relu', 'LeakyRelu', 'ABRelu', 'Abs',
     'Sign', 'Erf', 'Gelu', 'Sin', 'Cos', 'Exp', 'Gaussian', 'Rbf', 'Sigmoid_like',
-    'Elementwise', 'ElementwiseNumerical',
+    'Elementwise', 'ElementwiseNumerical', 'Monomial', 'RectifiedMonomial', 'Polynomial',
+    'Hermite', 'Gabor',
 ]
 
 Shape = Tuple[int, ...]
@@ -641,3 +646,76 @@ def Exp(a: float = 1, b: float = 1) -> Layer:
 def Gaussian(a: float = 1, b: float = -1) -> Layer:
   """`a * exp(b * x^2)`."""
   return _no_params(lambda x: a * jnp.exp(b * x**2), lambda s: s)
+
+
+def Monomial(degree: int) -> Layer:
+  """`x ** degree` for `degree` in 0..5 (NT's range)."""
+  if degree not in range(6):
+    raise NotImplementedError('The `degree` must be an integer between `0` and `5`.')
+  return _no_params(lambda x: x**degree, lambda s: s)
+
+
+def RectifiedMonomial(degree: int) -> Layer:
+  """`(x >= 0) * x ** degree` for a non-negative integer `degree`."""
+  if degree < 0:
+    raise NotImplementedError('`degree` must be a non-negative integer.')
+  return _no_params(lambda x: jnp.where(x >= 0, x**degree, jnp.zeros((), x.dtype)), lambda s: s)
+
+
+def Polynomial(coef: Sequence[float]) -> Layer:
+  """`coef[0] + coef[1] * x + … + coef[n] * x ** n`."""
+  return _no_params(functools.partial(_polyval, tuple(float(c) for c in coef[::-1])),
+                    lambda s: s)
+
+
+def Hermite(degree: int) -> Layer:
+  """The probabilists' Hermite polynomial `He_degree(x) / sqrt(degree!)`.
+
+  NT's kernel assumes inputs of unit variance (`E[He_n(u) He_n(v)] / n! = ρ^n`);
+  the kernel here is derived from the polynomial itself, the same at unit
+  variance and exact otherwise.
+  """
+  if degree < 0:
+    raise NotImplementedError('`degree` must be a non-negative integer.')
+  p = np.polynomial.hermite_e.herme2poly([0] * degree + [1])[::-1]
+  norm = math.factorial(degree)**0.5
+  return _no_params(lambda x: _polyval(tuple(float(c) for c in p), x) / norm, lambda s: s)
+
+
+def _polyval(p: Tuple[float, ...], x):
+  """`jnp.polyval(p, x)` (highest degree first) as a sum of powers of `x`
+  (`jnp.polyval` is a `scan`, and in Horner's scheme `(a x + b) · x` multiplies
+  two different combinations of `x`, which kernelize does not recognise as one
+  function of `x`)."""
+  n = len(p) - 1
+  y = jnp.full_like(x, p[n])
+  for k in range(1, n + 1):
+    if p[n - k] != 0:
+      y = y + p[n - k] * x**k
+  return y
+
+
+def Gabor() -> Layer:
+  """`exp(-x^2) * sin(x)`."""
+  return _no_params(lambda x: jnp.exp(-x**2) * jnp.sin(x), lambda s: s)
+
+
+def ExpNormalized(gamma: float = 1, shift: float = -1, do_clip: bool = False) -> Layer:
+  """NT's "Gaussian normalized kernel" `sqrt(q q') exp(gamma (ρ + shift))`
+  (Shankar et al. 2020, p. 6), `q` the per-input variance and `ρ` the
+  correlation of the pre-activations.
+
+  NT defines only the kernel (its `apply_fn` raises). This `apply_fn` is a
+  finite network with that kernel in the limit:
+  `s · exp(gamma (shift - 1) / 2) · exp(sqrt(gamma) x / s)`, with
+  `s = sqrt(mean(x^2))` over the channel (last) axis. `do_clip` is accepted
+  and unused (the correlation of the limit is within [-1, 1]).
+  """
+  scale = math.exp(gamma * (shift - 1) / 2)
+  root = math.sqrt(gamma)
+
+  def fn(x):
+    s = jnp.sqrt(jnp.mean(x**2, axis=-1, keepdims=True))
+    return s * scale * jnp.exp(root * x / s)
+
+  return _no_params(fn, lambda s: s)

@@ -1,0 +1,127 @@
+"""NT 0.6.5 stax layers beyond the core set: kernels against NT fixtures
+(tests/fixtures/make_stax_api_nt.py), shapes against NT's init/apply, and
+Monte Carlo of the finite networks."""
+
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from infwidth import stax
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), 'fixtures'))
+from mc_check import check_against_mc  # noqa: E402
+from stax_architectures import API_ARCHITECTURES, INPUTS  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+_NT = np.load(os.path.join(os.path.dirname(__file__), 'fixtures', 'stax_api_nt.npz'))
+_META = json.loads(str(_NT['meta']))
+
+# Where infwidth's kernel is not NT's by design (tested separately below).
+_NOT_NT = {
+    'hermite3_not_unit',  # NT's Hermite kernel assumes unit-variance inputs.
+}
+
+
+def _layer(name):
+  expr, inputs = API_ARCHITECTURES[name]
+  return eval(expr, dict(vars(stax), jnp=jnp)), INPUTS[inputs]()  # noqa: S307
+
+
+def _rel_err(a, b):
+  a, b = np.asarray(a), np.asarray(b)
+  return np.max(np.abs(a - b)) / np.max(np.abs(b))
+
+
+@pytest.mark.parametrize('name', [n for n in API_ARCHITECTURES if n not in _NOT_NT])
+def test_kernel_matches_nt(name):
+  (_, _, kernel_fn), (x1, x2) = _layer(name)
+  k = kernel_fn(x1, x2, ('nngp', 'ntk'))
+  for g in ('nngp', 'ntk'):
+    ref = _NT[f'{name}/{g}']
+    assert getattr(k, g).shape == ref.shape
+    assert _rel_err(getattr(k, g), ref) < 1e-6, (g, _rel_err(getattr(k, g), ref))
+
+
+@pytest.mark.parametrize('name', list(API_ARCHITECTURES))
+def test_init_and_apply_shapes_match_nt(name):
+  (init_fn, apply_fn, _), (x1, _) = _layer(name)
+  box = {}
+
+  def init(key):
+    box['out_shape'], params = init_fn(key, x1.shape)
+    return params
+
+  params = jax.eval_shape(init, jax.random.PRNGKey(1))
+  meta = _META[name]
+  assert list(box['out_shape']) == meta['out_shape']
+  assert [list(np.shape(p)) for p in jax.tree_util.tree_leaves(params)] == meta['param_shapes']
+  # NT's ExpNormalized has no finite network (its apply_fn raises); ours does.
+  want = meta['apply_shape'] or meta['out_shape']
+  assert list(jax.eval_shape(apply_fn, params, x1).shape) == want
+
+
+def _gauss_expect(f, g, cov, deg=80):
+  """E[f(u) g(v)] for (u, v) ~ N(0, cov) by tensor Gauss-Hermite quadrature."""
+  t, w = np.polynomial.hermite_e.hermegauss(deg)
+  w = w / w.sum()
+  z = np.stack(np.meshgrid(t, t, indexing='ij'), -1) @ np.linalg.cholesky(cov).T
+  return np.sum(np.outer(w, w) * f(z[..., 0]) * g(z[..., 1]))
+
+
+def test_hermite_exact_at_any_variance():
+  """NT's Hermite kernel is ρ^n, exact only for unit-variance inputs; infwidth's
+  is E[He_n(u) He_n(v)] / n! at the actual variances (quadrature oracle)."""
+  (_, _, kernel_fn), (x1, x2) = _layer('hermite3_not_unit')
+  k = kernel_fn(x1, x2, ('nngp', 'ntk'))
+  he3 = lambda z: (z**3 - 3 * z) / np.sqrt(6)
+  dhe3 = lambda z: (3 * z**2 - 3) / np.sqrt(6)
+  for i, j in ((0, 0), (1, 0), (2, 1)):
+    k11 = 1.69 * x1[i] @ x1[i] / 5 + 0.04
+    k22 = 1.69 * x2[j] @ x2[j] / 5 + 0.04
+    k12 = 1.69 * x1[i] @ x2[j] / 5 + 0.04
+    cov = np.array([[k11, k12], [k12, k22]])
+    nngp = 0.81 * _gauss_expect(he3, he3, cov) + 0.01
+    np.testing.assert_allclose(k.nngp[i, j], nngp, rtol=1e-9)
+    # NTK: σ²·T + σ_b² + σ²·Ṫ·Θ₁ with Θ₁ = K₁ (first layer, NTK parameterization).
+    ntk = nngp + 0.81 * _gauss_expect(dhe3, dhe3, cov) * k12
+    np.testing.assert_allclose(k.ntk[i, j], ntk, rtol=1e-9)
+  assert _rel_err(k.nngp, _NT['hermite3_not_unit/nngp']) > 0.1
+
+
+# Monte Carlo of the finite networks: NNGP of a readout of width-`n` hidden
+# layers, averaged over draws (DESIGN §6).
+_MC = {
+    'monomial3': 'Monomial(3)',
+    'rectified_monomial2': 'RectifiedMonomial(2)',
+    'polynomial': 'Polynomial([0.3, -0.5, 0.2, 0.1])',
+    'hermite3': 'Hermite(3)',
+    'gabor': 'Gabor()',
+    'exp_normalized': 'ExpNormalized(0.5, -0.3)',
+}
+
+
+@pytest.mark.parametrize('name', list(_MC))
+def test_monte_carlo_nngp(name):
+  width, n_draws = 512, 1024
+  pre = 'LayerNorm(), ' if name == 'hermite3' else ''
+  init_fn, apply_fn, kernel_fn = eval(  # noqa: S307
+      f'serial(Dense({width}, 1.3, 0.2), {pre}{_MC[name]}, Dense(4, 0.9, 0.1))', vars(stax))
+  x1, x2 = INPUTS['vec']()
+  x = np.concatenate([x1, x2])
+  nngp = kernel_fn(x, None, 'nngp')
+
+  def draw(key):
+    _, params = init_fn(key, x.shape)
+    f = apply_fn(params, x)
+    return f @ f.T / f.shape[-1]
+
+  draws = jax.vmap(draw)(jax.random.split(jax.random.PRNGKey(0), n_draws))
+  # One hidden layer: the mean over draws is the kernel up to O(1/n) (from the
+  # normalisation statistics of LayerNorm and ExpNormalized, nothing otherwise).
+  check_against_mc(nngp, draws, n_hidden=1, width=width, k_se=5, c_width=1.0, per_entry=False)
