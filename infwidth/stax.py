@@ -78,7 +78,7 @@ __all__ = [
     'GlobalSumPool', 'Flatten', 'LayerNorm', 'Relu', 'LeakyRelu', 'ABRelu', 'Abs',
     'Sign', 'Erf', 'Gelu', 'Sin', 'Cos', 'Exp', 'Gaussian', 'Rbf', 'Sigmoid_like',
     'Elementwise', 'ElementwiseNumerical', 'Monomial', 'RectifiedMonomial', 'Polynomial',
-    'Hermite', 'Gabor',
+    'Hermite', 'Gabor', 'ExpNormalized', 'FanInProd',
 ]
 
 Shape = Tuple[int, ...]
@@ -237,6 +237,13 @@ def FanOut(num: int) -> Layer:
 def FanInSum() -> Layer:
   """The sum of a list of inputs."""
   return _no_params(lambda xs: functools.reduce(lambda a, b: a + b, xs), lambda s: s[0])
+
+
+def FanInProd() -> Layer:
+  """The elementwise product of a list of inputs. Where the inputs are
+  correlated (`FanOut` then the same value twice) the kernel is the true one;
+  NT multiplies the inputs' kernels as if they were independent."""
+  return _no_params(lambda xs: functools.reduce(lambda a, b: a * b, xs), lambda s: s[0])
 
 
 def FanInConcat(axis: int = -1) -> Layer:

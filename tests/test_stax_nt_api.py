@@ -25,6 +25,9 @@ _META = json.loads(str(_NT['meta']))
 # Where infwidth's kernel is not NT's by design (tested separately below).
 _NOT_NT = {
     'hermite3_not_unit',  # NT's Hermite kernel assumes unit-variance inputs.
+    'fan_in_prod_square',  # NT's FanInProd assumes independent inputs.
+    'fan_in_prod_relu_erf',
+    'fan_in_prod_independent',  # Products of independent Gaussians: not yet.
 }
 
 
@@ -103,13 +106,14 @@ _MC = {
     'hermite3': 'Hermite(3)',
     'gabor': 'Gabor()',
     'exp_normalized': 'ExpNormalized(0.5, -0.3)',
+    'fan_in_prod': 'FanOut(2), parallel(Relu(), Erf()), FanInProd()',
 }
 
 
 @pytest.mark.parametrize('name', list(_MC))
 def test_monte_carlo_nngp(name):
   width, n_draws = 512, 1024
-  pre = 'LayerNorm(), ' if name == 'hermite3' else ''
+  pre = 'LayerNorm(), ' if name == 'hermite3' else ''  # NT's unit-variance inputs
   init_fn, apply_fn, kernel_fn = eval(  # noqa: S307
       f'serial(Dense({width}, 1.3, 0.2), {pre}{_MC[name]}, Dense(4, 0.9, 0.1))', vars(stax))
   x1, x2 = INPUTS['vec']()
@@ -125,3 +129,48 @@ def test_monte_carlo_nngp(name):
   # One hidden layer: the mean over draws is the kernel up to O(1/n) (from the
   # normalisation statistics of LayerNorm and ExpNormalized, nothing otherwise).
   check_against_mc(nngp, draws, n_hidden=1, width=width, k_se=5, c_width=1.0, per_entry=False)
+
+
+def _first_layer_cov(x1, x2, i, j):
+  """Covariance of Dense(8, 1.3, 0.2)'s outputs at x1[i], x2[j] (NTK parameterization)."""
+  k = lambda a, b: 1.69 * a @ b / 5 + 0.04
+  return np.array([[k(x1[i], x1[i]), k(x1[i], x2[j])], [k(x1[i], x2[j]), k(x2[j], x2[j])]])
+
+
+def test_fan_in_prod_of_correlated_branches():
+  """`h * h` has kernel E[h² h'²] = K₁₁K₂₂ + 2K₁₂² (Isserlis); NT's FanInProd
+  multiplies the branches' kernels as if independent: K₁₂²."""
+  (_, _, kernel_fn), (x1, x2) = _layer('fan_in_prod_square')
+  k = kernel_fn(x1, x2, ('nngp', 'ntk'))
+  for i in range(3):
+    for j in range(2):
+      c = _first_layer_cov(x1, x2, i, j)
+      nngp = 0.81 * (c[0, 0] * c[1, 1] + 2 * c[0, 1]**2) + 0.01
+      np.testing.assert_allclose(k.nngp[i, j], nngp, rtol=1e-10)
+      # Readout terms plus 0.81·E[2h·2h']·Θ₁ with Θ₁ = K₁₂ (first layer).
+      np.testing.assert_allclose(k.ntk[i, j], nngp + 0.81 * 4 * c[0, 1]**2, rtol=1e-10)
+      np.testing.assert_allclose(_NT['fan_in_prod_square/nngp'][i, j],
+                                 0.81 * c[0, 1]**2 + 0.01, rtol=1e-10)
+  (_, _, kernel_fn), (x1, x2) = _layer('fan_in_prod_relu_erf')
+  nngp = kernel_fn(x1, x2, 'nngp')
+  for i, j in ((0, 0), (2, 1)):
+    want = 0.81 * _relu_erf_expect(_first_layer_cov(x1, x2, i, j)) + 0.01
+    np.testing.assert_allclose(nngp[i, j], want, rtol=1e-7)
+  assert _rel_err(nngp, _NT['fan_in_prod_relu_erf/nngp']) > 0.1
+
+
+def _relu_erf_expect(cov):
+  """E[f(u) f(v)], f(z) = relu(z) erf(z), (u, v) ~ N(0, cov): adaptive 2-D
+  quadrature over u > 0, v > 0 (f vanishes elsewhere)."""
+  from scipy import integrate, special, stats
+  f = lambda z: z * special.erf(z)
+  dist = stats.multivariate_normal(np.zeros(2), cov)
+  val, _ = integrate.dblquad(lambda v, u: f(u) * f(v) * dist.pdf([u, v]), 0, np.inf, 0, np.inf,
+                             epsabs=1e-12, epsrel=1e-10)
+  return val
+
+
+def test_fan_in_prod_of_independent_branches_is_a_clear_error():
+  (_, _, kernel_fn), (x1, x2) = _layer('fan_in_prod_independent')
+  with pytest.raises(Exception, match='two different random Gaussian values'):
+    kernel_fn(x1, x2, 'nngp')
