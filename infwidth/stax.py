@@ -78,7 +78,7 @@ __all__ = [
     'GlobalSumPool', 'Flatten', 'LayerNorm', 'Relu', 'LeakyRelu', 'ABRelu', 'Abs',
     'Sign', 'Erf', 'Gelu', 'Sin', 'Cos', 'Exp', 'Gaussian', 'Rbf', 'Sigmoid_like',
     'Elementwise', 'ElementwiseNumerical', 'Monomial', 'RectifiedMonomial', 'Polynomial',
-    'Hermite', 'Gabor', 'ExpNormalized', 'FanInProd',
+    'Hermite', 'Gabor', 'ExpNormalized', 'FanInProd', 'DotGeneral',
 ]
 
 Shape = Tuple[int, ...]
@@ -449,6 +449,79 @@ def ConvTranspose(out_chan: int, filter_shape: Sequence[int],
   """Transpose convolution (`lax.conv_transpose`), arguments as for `Conv`."""
   return _conv_layer(out_chan, filter_shape, strides, padding, W_std, b_std,
                      dimension_numbers, parameterization, s, transpose=True)
+
+
+def DotGeneral(*, lhs=None, rhs=None,
+               dimension_numbers=(((), ()), ((), ())), precision=None,
+               batch_axis: int = 0, channel_axis: int = -1) -> Layer:
+  """`lax.dot_general(x, rhs, ...)` or `lax.dot_general(lhs, x, ...)` with a
+  constant (non-trainable) `lhs` or `rhs`; the identity if both are None.
+  The channel axis must not be contracted."""
+  if rhs is not None and lhs is not None:
+    raise ValueError('At most one of constant `rhs` and `lhs` can be non-`None`, since '
+                     'the other factor is considered to be the layer `inputs`.')
+  if rhs is None and lhs is None:
+    return Identity()
+  is_lhs = rhs is None
+  other = np.asarray(lhs if is_lhs else rhs)
+
+  def fn(x):
+    return _dot_general_const(x, jnp.asarray(other, x.dtype), dimension_numbers, is_lhs,
+                              batch_axis, channel_axis)
+
+  def shape_fn(input_shape):
+    return jax.eval_shape(fn, jax.ShapeDtypeStruct(input_shape, jnp.float32)).shape
+
+  return _no_params(fn, shape_fn)
+
+
+def _dot_general_const(x, other, dimension_numbers, x_is_rhs: bool, batch_axis: int = 0,
+                       channel_axis: int = -1):
+  """`lax.dot_general` of `x` with a constant `other`, written as products with
+  constants, sums over the contracted axes and a concatenation over the free
+  axes of `other` (the same values; kernelize interprets these, not a
+  `dot_general` without a parameter operand, nor copies of a wide value along
+  a new axis)."""
+  (lc, rc), (lb, rb) = dimension_numbers
+  (xc, oc), (xb, ob) = ((rc, lc), (rb, lb)) if x_is_rhs else ((lc, rc), (lb, rb))
+  xc, oc, xb, ob = (tuple(a % n for a in ax) for ax, n in
+                    ((xc, x.ndim), (oc, other.ndim), (xb, x.ndim), (ob, other.ndim)))
+  x_free = tuple(i for i in range(x.ndim) if i not in xc + xb)
+  o_free = tuple(i for i in range(other.ndim) if i not in oc + ob)
+  nb, nx, no = len(xb), len(x_free), len(o_free)
+  # x as (batch, x_free, contracted); other as (batch, o_free, contracted).
+  xt = jnp.transpose(x, xb + x_free + xc)
+  ot = jnp.transpose(other, ob + o_free + oc)
+  o_shape = ot.shape[nb:nb + no]
+  ot = ot.reshape(ot.shape[:nb] + (-1,) + ot.shape[nb + no:])
+  pieces = []
+  for j in range(ot.shape[nb]):
+    oj = ot[(slice(None),) * nb + (j,)]
+    oj = oj.reshape(oj.shape[:nb] + (1,) * nx + oj.shape[nb:])
+    piece = xt * oj
+    if xc:
+      piece = piece.sum(tuple(range(nb + nx, piece.ndim)))
+    pieces.append(piece)
+  if no:
+    # Stacked along a spatial axis of x that stays (kernelize concatenates
+    # wide values along spatial axes), then split off as other's free axes.
+    keep = [k for k, i in enumerate(xb + x_free) if i not in (batch_axis % x.ndim,
+                                                               channel_axis % x.ndim)]
+    a = keep[0] if keep else len(pieces[0].shape)
+    if not keep:
+      pieces = [pc[..., None] for pc in pieces]
+    out = jnp.concatenate(pieces, a)
+    out = out.reshape(out.shape[:a] + (len(pieces), -1) + out.shape[a + 1:])
+    out = jnp.moveaxis(out, a, -1)
+    if not keep:
+      out = out[..., 0, :]
+    out = out.reshape(out.shape[:nb + nx] + o_shape)
+  else:
+    out = pieces[0]
+  if x_is_rhs:  # dot_general's order: batch, lhs free (other), rhs free (x).
+    out = jnp.transpose(out, tuple(range(nb)) + tuple(range(nb + nx, nb + nx + no)) +
+                        tuple(range(nb, nb + nx)))
+  return out
 
 
 # Pooling, flattening, normalisation.

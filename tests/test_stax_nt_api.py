@@ -28,6 +28,8 @@ _NOT_NT = {
     'fan_in_prod_square',  # NT's FanInProd assumes independent inputs.
     'fan_in_prod_relu_erf',
     'fan_in_prod_independent',  # Products of independent Gaussians: not yet.
+    'dot_general_lhs',  # Free axes of the constant: not yet (see below).
+    'dot_general_spatial_out',
 }
 
 
@@ -174,3 +176,37 @@ def test_fan_in_prod_of_independent_branches_is_a_clear_error():
   (_, _, kernel_fn), (x1, x2) = _layer('fan_in_prod_independent')
   with pytest.raises(Exception, match='two different random Gaussian values'):
     kernel_fn(x1, x2, 'nngp')
+
+
+@pytest.mark.parametrize('name', ['dot_general_lhs', 'dot_general_spatial_out'])
+def test_dot_general_with_free_constant_axes_is_a_clear_error(name):
+  """A constant with free axes stacks differently weighted copies of the input
+  along a new axis: kernelize does not concatenate different wide values along
+  a spatial axis yet, and says so (the finite network is NT's)."""
+  (init_fn, apply_fn, kernel_fn), (x1, x2) = _layer(name)
+  with pytest.raises(Exception, match='concatenat'):
+    kernel_fn(x1, x2, 'nngp')
+  _, params = init_fn(jax.random.PRNGKey(0), x1.shape)
+  y = apply_fn(params, x1)
+  assert list(y.shape) == _META[name]['apply_shape']
+
+
+def test_monte_carlo_dot_general():
+  """Conv, ReLU, a constant weighting of the positions (DotGeneral), readout."""
+  width, n_draws = 256, 512
+  w = [1., -1., 0.5, 0., 2., 0.3]
+  init_fn, apply_fn, kernel_fn = stax.serial(
+      stax.Conv(width, (2,), W_std=1.3, b_std=0.2), stax.Relu(),
+      stax.DotGeneral(rhs=jnp.array(w), dimension_numbers=(((1,), (0,)), ((), ()))),
+      stax.Dense(64, 0.9, 0.1))  # 64 readout channels average the per-draw NNGP
+  x1, x2 = INPUTS['seq']()
+  x = np.concatenate([x1, x2])
+  nngp = kernel_fn(x, None, 'nngp')
+
+  def draw(key):
+    _, params = init_fn(key, x.shape)
+    f = apply_fn(params, x)
+    return f @ f.T / f.shape[-1]
+
+  draws = jax.vmap(draw)(jax.random.split(jax.random.PRNGKey(0), n_draws))
+  check_against_mc(nngp, draws, n_hidden=1, width=width, k_se=5, c_width=1.0, per_entry=False)
