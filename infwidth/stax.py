@@ -78,7 +78,7 @@ __all__ = [
     'GlobalSumPool', 'Flatten', 'LayerNorm', 'Relu', 'LeakyRelu', 'ABRelu', 'Abs',
     'Sign', 'Erf', 'Gelu', 'Sin', 'Cos', 'Exp', 'Gaussian', 'Rbf', 'Sigmoid_like',
     'Elementwise', 'ElementwiseNumerical', 'Monomial', 'RectifiedMonomial', 'Polynomial',
-    'Hermite', 'Gabor', 'ExpNormalized', 'FanInProd', 'DotGeneral',
+    'Hermite', 'Gabor', 'ExpNormalized', 'FanInProd', 'DotGeneral', 'Index', 'Slice',
 ]
 
 Shape = Tuple[int, ...]
@@ -522,6 +522,29 @@ def _dot_general_const(x, other, dimension_numbers, x_is_rhs: bool, batch_axis: 
     out = jnp.transpose(out, tuple(range(nb)) + tuple(range(nb + nx, nb + nx + no)) +
                         tuple(range(nb, nb + nx)))
   return out
+
+
+def Index(idx, batch_axis: int = 0, channel_axis: int = -1) -> Layer:
+  """`x[idx]`, NumPy indexing; build `idx` with `stax.Slice[...]`
+  (`Slice[:, 1:4, ::-1]`). The channel axis must be kept whole (`:` or `...`)."""
+
+  def fn(x):
+    return x[idx]
+
+  def shape_fn(input_shape):
+    return jax.eval_shape(fn, jax.ShapeDtypeStruct(input_shape, jnp.float32)).shape
+
+  return _no_params(fn, shape_fn)
+
+
+class _Slice:
+  """`Slice[1:10, :, ::-1]` is the index `(slice(1, 10), slice(None), slice(None, None, -1))`."""
+
+  def __getitem__(self, idx):
+    return idx
+
+
+Slice = _Slice()
 
 
 # Pooling, flattening, normalisation.

@@ -30,6 +30,7 @@ _NOT_NT = {
     'fan_in_prod_independent',  # Products of independent Gaussians: not yet.
     'dot_general_lhs',  # Free axes of the constant: not yet (see below).
     'dot_general_spatial_out',
+    'index_batch',  # Indexing the batch axis: not yet (see below).
 }
 
 
@@ -191,15 +192,10 @@ def test_dot_general_with_free_constant_axes_is_a_clear_error(name):
   assert list(y.shape) == _META[name]['apply_shape']
 
 
-def test_monte_carlo_dot_general():
-  """Conv, ReLU, a constant weighting of the positions (DotGeneral), readout."""
-  width, n_draws = 256, 512
-  w = [1., -1., 0.5, 0., 2., 0.3]
-  init_fn, apply_fn, kernel_fn = stax.serial(
-      stax.Conv(width, (2,), W_std=1.3, b_std=0.2), stax.Relu(),
-      stax.DotGeneral(rhs=jnp.array(w), dimension_numbers=(((1,), (0,)), ((), ()))),
-      stax.Dense(64, 0.9, 0.1))  # 64 readout channels average the per-draw NNGP
-  x1, x2 = INPUTS['seq']()
+def _check_mc_nngp(layer, inputs, width, n_draws=512):
+  """NNGP of a one-hidden-layer network against the mean of per-draw `f fᵀ / C`."""
+  init_fn, apply_fn, kernel_fn = layer
+  x1, x2 = INPUTS[inputs]()
   x = np.concatenate([x1, x2])
   nngp = kernel_fn(x, None, 'nngp')
 
@@ -210,3 +206,29 @@ def test_monte_carlo_dot_general():
 
   draws = jax.vmap(draw)(jax.random.split(jax.random.PRNGKey(0), n_draws))
   check_against_mc(nngp, draws, n_hidden=1, width=width, k_se=5, c_width=1.0, per_entry=False)
+
+
+def test_monte_carlo_dot_general():
+  """Conv, ReLU, a constant weighting of the positions (DotGeneral), readout
+  (64 channels average the per-draw NNGP)."""
+  _check_mc_nngp(stax.serial(
+      stax.Conv(256, (2,), W_std=1.3, b_std=0.2), stax.Relu(),
+      stax.DotGeneral(rhs=jnp.array([1., -1., 0.5, 0., 2., 0.3]),
+                      dimension_numbers=(((1,), (0,)), ((), ()))),
+      stax.Dense(64, 0.9, 0.1)), 'seq', 256)
+
+
+def test_monte_carlo_index():
+  _check_mc_nngp(stax.serial(
+      stax.Conv(256, (2,), W_std=1.3, b_std=0.2), stax.Relu(), stax.Index(stax.Slice[:, 4:0:-2]),
+      stax.Flatten(), stax.Dense(64, 0.9, 0.1)), 'seq', 256)
+
+
+def test_index_of_the_batch_axis_is_a_clear_error():
+  """kernelize computes both batches as one joint batch, so indexing the batch
+  axis inside the network has no kernel rule yet; the finite network is NT's."""
+  (init_fn, apply_fn, kernel_fn), (x1, x2) = _layer('index_batch')
+  with pytest.raises(Exception, match='slice'):
+    kernel_fn(x1, x2, 'nngp')
+  _, params = init_fn(jax.random.PRNGKey(0), x1.shape)
+  assert list(apply_fn(params, x1).shape) == _META['index_batch']['apply_shape']
