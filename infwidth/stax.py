@@ -46,6 +46,9 @@ Differences from Neural Tangents:
   where NT raises because a pooling needs the full spatial covariance).
   `Kernel.is_reversed` is always `False` (NT reverses spatial axes internally
   after some layers; infwidth's arrays are always in order).
+* `ImageResize(..., 'nearest')` to a non-square size: NT resizes its kernel in
+  its internal reversed spatial order (H gets W's size); infwidth's kernel is
+  the finite network's (checked by Monte Carlo).
 * Layers whose finite network uses an operation kernelize cannot interpret
   make `kernel_fn` raise `infwidth.InfwidthError` naming the operation; no
   approximate kernel is substituted. Currently: `Flatten` that is not
@@ -79,6 +82,7 @@ __all__ = [
     'Sign', 'Erf', 'Gelu', 'Sin', 'Cos', 'Exp', 'Gaussian', 'Rbf', 'Sigmoid_like',
     'Elementwise', 'ElementwiseNumerical', 'Monomial', 'RectifiedMonomial', 'Polynomial',
     'Hermite', 'Gabor', 'ExpNormalized', 'FanInProd', 'DotGeneral', 'Index', 'Slice',
+    'ImageResize',
 ]
 
 Shape = Tuple[int, ...]
@@ -522,6 +526,43 @@ def _dot_general_const(x, other, dimension_numbers, x_is_rhs: bool, batch_axis: 
     out = jnp.transpose(out, tuple(range(nb)) + tuple(range(nb + nx, nb + nx + no)) +
                         tuple(range(nb, nb + nx)))
   return out
+
+
+def ImageResize(shape: Sequence[int], method, antialias: bool = True,
+                precision=lax.Precision.HIGHEST, batch_axis: int = 0,
+                channel_axis: int = -1) -> Layer:
+  """`jax.image.resize` to `shape` (`-1` keeps an axis; the channel axis must be
+  kept). 'nearest' is written as slices and a concatenation (the same values),
+  which kernelize interprets; the other methods resize with constant weight
+  matrices, for which kernelize has no rule yet (their kernel raises)."""
+  nearest = str(getattr(method, 'name', method)).lower() == 'nearest'
+
+  def out_shape(input_shape):
+    return tuple(d if s == -1 else s for s, d in zip(shape, input_shape))
+
+  def fn(x):
+    new_shape = out_shape(x.shape)
+    if not nearest:
+      return jax.image.resize(x, new_shape, method, antialias, precision)
+    for axis, (n_in, n_out) in enumerate(zip(x.shape, new_shape)):
+      if n_in != n_out:
+        x = _take_nearest(x, axis, n_out)
+    return x
+
+  return _no_params(fn, out_shape)
+
+
+def _take_nearest(x, axis: int, n_out: int):
+  """`jax.image.resize(..., 'nearest')` along one axis: output position `j`
+  copies input `floor((j + 1/2) n_in / n_out)`, as runs of slices."""
+  n_in = x.shape[axis]
+  src = np.minimum(np.floor((np.arange(n_out) + 0.5) * n_in / n_out).astype(int), n_in - 1)
+  pieces, start = [], 0
+  for j in range(1, n_out + 1):
+    if j == n_out or src[j] != src[j - 1] + 1:  # a run of consecutive sources ends
+      pieces.append(lax.slice_in_dim(x, int(src[start]), int(src[j - 1]) + 1, axis=axis))
+      start = j
+  return pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces, axis)
 
 
 def Index(idx, batch_axis: int = 0, channel_axis: int = -1) -> Layer:

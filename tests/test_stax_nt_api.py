@@ -31,6 +31,8 @@ _NOT_NT = {
     'dot_general_lhs',  # Free axes of the constant: not yet (see below).
     'dot_general_spatial_out',
     'index_batch',  # Indexing the batch axis: not yet (see below).
+    'resize_linear',  # Constant weight matrices: not yet (see below).
+    'resize_nearest_nonsquare',  # NT resizes H by W's size and W by H's (see below).
 }
 
 
@@ -232,3 +234,45 @@ def test_index_of_the_batch_axis_is_a_clear_error():
     kernel_fn(x1, x2, 'nngp')
   _, params = init_fn(jax.random.PRNGKey(0), x1.shape)
   assert list(apply_fn(params, x1).shape) == _META['index_batch']['apply_shape']
+
+
+def test_image_resize_linear_is_a_clear_error():
+  """'linear' resizing multiplies by constant weight matrices (`dot_general`
+  without a parameter), which kernelize has no rule for yet."""
+  (init_fn, apply_fn, kernel_fn), (x1, x2) = _layer('resize_linear')
+  with pytest.raises(Exception, match='dot_general'):
+    kernel_fn(x1, x2, 'nngp')
+  _, params = init_fn(jax.random.PRNGKey(0), x1.shape)
+  assert list(apply_fn(params, x1).shape) == _META['resize_linear']['apply_shape']
+
+
+def test_monte_carlo_image_resize_nearest():
+  _check_mc_nngp(stax.serial(
+      stax.Conv(256, (2,), W_std=1.3, b_std=0.2), stax.Relu(),
+      stax.ImageResize((-1, 9, -1), 'nearest'), stax.Flatten(), stax.Dense(64, 0.9, 0.1)),
+      'seq', 256)
+
+
+def test_image_resize_nearest_nonsquare():
+  """Resizing 4x4 feature maps to 7x6: Monte Carlo of the finite network agrees
+  with infwidth and tells NT's kernel apart (NT resizes its covariance in its
+  internal reversed spatial order, so H gets W's new size and vice versa)."""
+  width, n_draws = 128, 256
+  init_fn, apply_fn, kernel_fn = stax.serial(
+      stax.Conv(width, (2, 2), b_std=0.1), stax.Relu(),
+      stax.ImageResize((-1, 7, 6, -1), 'nearest'), stax.Conv(64, (2, 2)), stax.GlobalAvgPool())
+  x1, x2 = INPUTS['img']()
+  x = np.concatenate([x1, x2])
+  nngp = kernel_fn(x, None, 'nngp')
+
+  def draw(key):
+    _, params = init_fn(key, x.shape)
+    f = apply_fn(params, x)
+    return f @ f.T / f.shape[-1]
+
+  draws = jax.vmap(draw)(jax.random.split(jax.random.PRNGKey(0), n_draws))
+  check_against_mc(nngp, draws, n_hidden=1, width=width, k_se=5, c_width=1.0, per_entry=False)
+  # The same network with NT's readout Dense(1): infwidth's kernel is off NT's.
+  nt = _NT['resize_nearest_nonsquare/nngp']
+  (_, _, kernel_fn), (x1, x2) = _layer('resize_nearest_nonsquare')
+  assert _rel_err(kernel_fn(x1, x2, 'nngp'), nt) > 0.05
