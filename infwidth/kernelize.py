@@ -21,24 +21,30 @@ import jax.numpy as jnp
 import numpy as np
 
 from infwidth.domain.errors import InfwidthError, UnsupportedPrimitiveError
-from infwidth.domain.kernel import Kernel
+from infwidth.domain.kernel import FIELDS as KERNEL_FIELDS, Kernel
 from infwidth.empirical.fallback import fallback_kernel
 from infwidth.domain.params import SAMPLING_ERROR_WARN, ParamStats, leaf_moments, set_wide_axes
 from infwidth.interpreters.kernel_program import analytic_kernels
 
 __all__ = ['ParamStats', 'SAMPLING_ERROR_WARN', 'kernelize']
 
-_GETS = ('nngp', 'ntk')
 _FALLBACKS = ('error', 'monte_carlo', 'empirical')
 
 
 def _check_get(get):
+  """`get` as a tuple of lower-case `Kernel` field names (NT's rules), or None."""
   if get is None:
     return None
   gets = (get,) if isinstance(get, str) else tuple(get)
+  if not gets:
+    raise InfwidthError('get must be non-empty: a field name, a tuple of them, or None.')
+  gets = tuple(g.lower() if isinstance(g, str) else g for g in gets)
   for g in gets:
-    if g not in _GETS:
-      raise InfwidthError(f'get={get!r}: each entry must be one of {_GETS} (or get=None for a Kernel).')
+    if g not in KERNEL_FIELDS:
+      raise InfwidthError(f'get={get!r}: each entry must be a Kernel field, one of '
+                          f'{KERNEL_FIELDS} (or get=None for the whole Kernel).')
+  if len(set(gets)) < len(gets):
+    raise InfwidthError(f'get={get!r}: all entries must be unique.')
   return gets
 
 

@@ -33,11 +33,22 @@ Differences from Neural Tangents:
   derive the kernel from `fn` itself (closed forms where recognised,
   infwidth's Gauss-Hermite quadrature otherwise); `nngp_fn`, `d_nngp_fn`,
   `deg` and `df` are accepted for compatibility and unused.
+* `Hermite(n)` gets `E[He_n(u) He_n(v)] / n!` at the actual variances; NT's
+  kernel `ρ^n` assumes unit-variance inputs (the two agree there).
+* `ExpNormalized` has a finite network (NT's `apply_fn` raises), described in
+  its docstring, whose kernel is NT's.
 * `Gelu(approximate=True)` gets the kernel of the tanh approximation itself;
   NT returns the exact-GELU kernel for both settings (they differ by ~1e-4).
 * `kernel_fn` accepts arrays or an `infwidth.Kernel` (without spatial axes) in
-  place of `x1`; masking, `diagonal_batch`/`diagonal_spatial`, and a list of
-  inputs (a network that starts with `parallel`) are not supported.
+  place of `x1`; masking and a list of inputs (a network that starts with
+  `parallel`) are not supported. `diagonal_spatial=True` and
+  `diagonal_batch=False` give NT's shapes, computed from the full kernel (also
+  where NT raises because a pooling needs the full spatial covariance).
+  `Kernel.is_reversed` is always `False` (NT reverses spatial axes internally
+  after some layers; infwidth's arrays are always in order).
+* `ImageResize(..., 'nearest')` to a non-square size: NT resizes its kernel in
+  its internal reversed spatial order (H gets W's size); infwidth's kernel is
+  the finite network's (checked by Monte Carlo).
 * Layers whose finite network uses an operation kernelize cannot interpret
   make `kernel_fn` raise `infwidth.InfwidthError` naming the operation; no
   approximate kernel is substituted. Currently: `Flatten` that is not
@@ -59,16 +70,19 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from infwidth import kernel_layout
 from infwidth.errors import InfwidthError, UnsupportedPrimitiveError
 from infwidth.kernel import Kernel
-from infwidth.kernelize import ParamStats, kernelize
+from infwidth.kernelize import ParamStats, _check_get, kernelize
 
 __all__ = [
     'Layer', 'serial', 'parallel', 'FanOut', 'FanInSum', 'FanInConcat', 'Identity',
     'Dense', 'Conv', 'ConvTranspose', 'AvgPool', 'SumPool', 'GlobalAvgPool',
     'GlobalSumPool', 'Flatten', 'LayerNorm', 'Relu', 'LeakyRelu', 'ABRelu', 'Abs',
     'Sign', 'Erf', 'Gelu', 'Sin', 'Cos', 'Exp', 'Gaussian', 'Rbf', 'Sigmoid_like',
-    'Elementwise', 'ElementwiseNumerical',
+    'Elementwise', 'ElementwiseNumerical', 'Monomial', 'RectifiedMonomial', 'Polynomial',
+    'Hermite', 'Gabor', 'ExpNormalized', 'FanInProd', 'DotGeneral', 'Index', 'Slice',
+    'ImageResize',
 ]
 
 Shape = Tuple[int, ...]
@@ -129,10 +143,9 @@ def _kernel_fn(init_fn: Callable, apply_fn: Callable, stats_fn: StatsFn) -> Call
     params = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), shapes)
     return kernelize(apply_fn, params, param_stats=stats_fn(params))
 
-  def kernel_fn(x1, x2=None, get=None, **kwargs):
-    """NNGP/NTK of the infinite-width network: `(N1, N2)` per output channel,
-    `(N1, N2, H, H', W, W')` for spatial outputs, a namedtuple for a tuple
-    `get`, or a `Kernel` for `get=None`."""
+  def full_fn(x1, x2, get, **kwargs):
+    if isinstance(x1, Kernel):
+      x1 = kernel_layout.input_kernel(x1)
     input_shape, dtype = _input_shape(x1)
     try:
       return build(input_shape, jnp.dtype(dtype))(x1, x2, get, **kwargs)
@@ -141,6 +154,26 @@ def _kernel_fn(init_fn: Callable, apply_fn: Callable, stats_fn: StatsFn) -> Call
           f'infwidth.stax: kernelize has no infinite-width rule for `{e.primitive}`, '
           'which this network\'s apply_fn uses, so its kernel is not available '
           '(no approximation is substituted).\n' + str(e)) from e
+
+  def kernel_fn(x1, x2=None, get=None, *, diagonal_batch: Optional[bool] = None,
+                diagonal_spatial: Optional[bool] = None,
+                mask_constant: Optional[float] = None, **kwargs):
+    """NNGP/NTK of the infinite-width network: `(N1, N2)` per output channel,
+    `(N1, N2, H, H', W, W')` for spatial outputs (`(N1, N2, H, W)` with
+    `diagonal_spatial=True`), a namedtuple for a tuple `get`, or a `Kernel`
+    for `get=None`. `diagonal_batch=False` gives `(N1, N1, ...)` `cov1`
+    (and `(N2, N2, ...)` `cov2`), as in NT."""
+    if mask_constant is not None:
+      raise InfwidthError('infwidth.stax does not support masking (mask_constant); '
+                          'remove masked entries from the inputs instead.')
+    gets = _check_get(get)
+    if not diagonal_spatial and diagonal_batch is not False:
+      return full_fn(x1, x2, get, **kwargs)
+    k = kernel_layout.with_layout(full_fn, x1, x2, diagonal_batch, diagonal_spatial, **kwargs)
+    if gets is None:
+      return k
+    pick = lambda kk: kk.get(gets[0]) if isinstance(get, str) else kk.get(gets)
+    return jax.tree_util.tree_map(pick, k, is_leaf=lambda v: isinstance(v, Kernel))
 
   return kernel_fn
 
@@ -208,6 +241,13 @@ def FanOut(num: int) -> Layer:
 def FanInSum() -> Layer:
   """The sum of a list of inputs."""
   return _no_params(lambda xs: functools.reduce(lambda a, b: a + b, xs), lambda s: s[0])
+
+
+def FanInProd() -> Layer:
+  """The elementwise product of a list of inputs. Where the inputs are
+  correlated (`FanOut` then the same value twice) the kernel is the true one;
+  NT multiplies the inputs' kernels as if they were independent."""
+  return _no_params(lambda xs: functools.reduce(lambda a, b: a * b, xs), lambda s: s[0])
 
 
 def FanInConcat(axis: int = -1) -> Layer:
@@ -415,6 +455,139 @@ def ConvTranspose(out_chan: int, filter_shape: Sequence[int],
                      dimension_numbers, parameterization, s, transpose=True)
 
 
+def DotGeneral(*, lhs=None, rhs=None,
+               dimension_numbers=(((), ()), ((), ())), precision=None,
+               batch_axis: int = 0, channel_axis: int = -1) -> Layer:
+  """`lax.dot_general(x, rhs, ...)` or `lax.dot_general(lhs, x, ...)` with a
+  constant (non-trainable) `lhs` or `rhs`; the identity if both are None.
+  The channel axis must not be contracted."""
+  if rhs is not None and lhs is not None:
+    raise ValueError('At most one of constant `rhs` and `lhs` can be non-`None`, since '
+                     'the other factor is considered to be the layer `inputs`.')
+  if rhs is None and lhs is None:
+    return Identity()
+  is_lhs = rhs is None
+  other = np.asarray(lhs if is_lhs else rhs)
+
+  def fn(x):
+    return _dot_general_const(x, jnp.asarray(other, x.dtype), dimension_numbers, is_lhs,
+                              batch_axis, channel_axis)
+
+  def shape_fn(input_shape):
+    return jax.eval_shape(fn, jax.ShapeDtypeStruct(input_shape, jnp.float32)).shape
+
+  return _no_params(fn, shape_fn)
+
+
+def _dot_general_const(x, other, dimension_numbers, x_is_rhs: bool, batch_axis: int = 0,
+                       channel_axis: int = -1):
+  """`lax.dot_general` of `x` with a constant `other`, written as products with
+  constants, sums over the contracted axes and a concatenation over the free
+  axes of `other` (the same values; kernelize interprets these, not a
+  `dot_general` without a parameter operand, nor copies of a wide value along
+  a new axis)."""
+  (lc, rc), (lb, rb) = dimension_numbers
+  (xc, oc), (xb, ob) = ((rc, lc), (rb, lb)) if x_is_rhs else ((lc, rc), (lb, rb))
+  xc, oc, xb, ob = (tuple(a % n for a in ax) for ax, n in
+                    ((xc, x.ndim), (oc, other.ndim), (xb, x.ndim), (ob, other.ndim)))
+  x_free = tuple(i for i in range(x.ndim) if i not in xc + xb)
+  o_free = tuple(i for i in range(other.ndim) if i not in oc + ob)
+  nb, nx, no = len(xb), len(x_free), len(o_free)
+  # x as (batch, x_free, contracted); other as (batch, o_free, contracted).
+  xt = jnp.transpose(x, xb + x_free + xc)
+  ot = jnp.transpose(other, ob + o_free + oc)
+  o_shape = ot.shape[nb:nb + no]
+  ot = ot.reshape(ot.shape[:nb] + (-1,) + ot.shape[nb + no:])
+  pieces = []
+  for j in range(ot.shape[nb]):
+    oj = ot[(slice(None),) * nb + (j,)]
+    oj = oj.reshape(oj.shape[:nb] + (1,) * nx + oj.shape[nb:])
+    piece = xt * oj
+    if xc:
+      piece = piece.sum(tuple(range(nb + nx, piece.ndim)))
+    pieces.append(piece)
+  if no:
+    # Stacked along a spatial axis of x that stays (kernelize concatenates
+    # wide values along spatial axes), then split off as other's free axes.
+    keep = [k for k, i in enumerate(xb + x_free) if i not in (batch_axis % x.ndim,
+                                                               channel_axis % x.ndim)]
+    a = keep[0] if keep else len(pieces[0].shape)
+    if not keep:
+      pieces = [pc[..., None] for pc in pieces]
+    out = jnp.concatenate(pieces, a)
+    out = out.reshape(out.shape[:a] + (len(pieces), -1) + out.shape[a + 1:])
+    out = jnp.moveaxis(out, a, -1)
+    if not keep:
+      out = out[..., 0, :]
+    out = out.reshape(out.shape[:nb + nx] + o_shape)
+  else:
+    out = pieces[0]
+  if x_is_rhs:  # dot_general's order: batch, lhs free (other), rhs free (x).
+    out = jnp.transpose(out, tuple(range(nb)) + tuple(range(nb + nx, nb + nx + no)) +
+                        tuple(range(nb, nb + nx)))
+  return out
+
+
+def ImageResize(shape: Sequence[int], method, antialias: bool = True,
+                precision=lax.Precision.HIGHEST, batch_axis: int = 0,
+                channel_axis: int = -1) -> Layer:
+  """`jax.image.resize` to `shape` (`-1` keeps an axis; the channel axis must be
+  kept). 'nearest' is written as slices and a concatenation (the same values),
+  which kernelize interprets; the other methods resize with constant weight
+  matrices, for which kernelize has no rule yet (their kernel raises)."""
+  nearest = str(getattr(method, 'name', method)).lower() == 'nearest'
+
+  def out_shape(input_shape):
+    return tuple(d if s == -1 else s for s, d in zip(shape, input_shape))
+
+  def fn(x):
+    new_shape = out_shape(x.shape)
+    if not nearest:
+      return jax.image.resize(x, new_shape, method, antialias, precision)
+    for axis, (n_in, n_out) in enumerate(zip(x.shape, new_shape)):
+      if n_in != n_out:
+        x = _take_nearest(x, axis, n_out)
+    return x
+
+  return _no_params(fn, out_shape)
+
+
+def _take_nearest(x, axis: int, n_out: int):
+  """`jax.image.resize(..., 'nearest')` along one axis: output position `j`
+  copies input `floor((j + 1/2) n_in / n_out)`, as runs of slices."""
+  n_in = x.shape[axis]
+  src = np.minimum(np.floor((np.arange(n_out) + 0.5) * n_in / n_out).astype(int), n_in - 1)
+  pieces, start = [], 0
+  for j in range(1, n_out + 1):
+    if j == n_out or src[j] != src[j - 1] + 1:  # a run of consecutive sources ends
+      pieces.append(lax.slice_in_dim(x, int(src[start]), int(src[j - 1]) + 1, axis=axis))
+      start = j
+  return pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces, axis)
+
+
+def Index(idx, batch_axis: int = 0, channel_axis: int = -1) -> Layer:
+  """`x[idx]`, NumPy indexing; build `idx` with `stax.Slice[...]`
+  (`Slice[:, 1:4, ::-1]`). The channel axis must be kept whole (`:` or `...`)."""
+
+  def fn(x):
+    return x[idx]
+
+  def shape_fn(input_shape):
+    return jax.eval_shape(fn, jax.ShapeDtypeStruct(input_shape, jnp.float32)).shape
+
+  return _no_params(fn, shape_fn)
+
+
+class _Slice:
+  """`Slice[1:10, :, ::-1]` is the index `(slice(1, 10), slice(None), slice(None, None, -1))`."""
+
+  def __getitem__(self, idx):
+    return idx
+
+
+Slice = _Slice()
+
+
 # Pooling, flattening, normalisation.
 
 
@@ -617,3 +790,76 @@ def Exp(a: float = 1, b: float = 1) -> Layer:
 def Gaussian(a: float = 1, b: float = -1) -> Layer:
   """`a * exp(b * x^2)`."""
   return _no_params(lambda x: a * jnp.exp(b * x**2), lambda s: s)
+
+
+def Monomial(degree: int) -> Layer:
+  """`x ** degree` for `degree` in 0..5 (NT's range)."""
+  if degree not in range(6):
+    raise NotImplementedError('The `degree` must be an integer between `0` and `5`.')
+  return _no_params(lambda x: x**degree, lambda s: s)
+
+
+def RectifiedMonomial(degree: int) -> Layer:
+  """`(x >= 0) * x ** degree` for a non-negative integer `degree`."""
+  if degree < 0:
+    raise NotImplementedError('`degree` must be a non-negative integer.')
+  return _no_params(lambda x: jnp.where(x >= 0, x**degree, jnp.zeros((), x.dtype)), lambda s: s)
+
+
+def Polynomial(coef: Sequence[float]) -> Layer:
+  """`coef[0] + coef[1] * x + … + coef[n] * x ** n`."""
+  return _no_params(functools.partial(_polyval, tuple(float(c) for c in coef[::-1])),
+                    lambda s: s)
+
+
+def Hermite(degree: int) -> Layer:
+  """The probabilists' Hermite polynomial `He_degree(x) / sqrt(degree!)`.
+
+  NT's kernel assumes inputs of unit variance (`E[He_n(u) He_n(v)] / n! = ρ^n`);
+  the kernel here is derived from the polynomial itself, the same at unit
+  variance and exact otherwise.
+  """
+  if degree < 0:
+    raise NotImplementedError('`degree` must be a non-negative integer.')
+  p = np.polynomial.hermite_e.herme2poly([0] * degree + [1])[::-1]
+  norm = math.factorial(degree)**0.5
+  return _no_params(lambda x: _polyval(tuple(float(c) for c in p), x) / norm, lambda s: s)
+
+
+def _polyval(p: Tuple[float, ...], x):
+  """`jnp.polyval(p, x)` (highest degree first) as a sum of powers of `x`
+  (`jnp.polyval` is a `scan`, and in Horner's scheme `(a x + b) · x` multiplies
+  two different combinations of `x`, which kernelize does not recognise as one
+  function of `x`)."""
+  n = len(p) - 1
+  y = jnp.full_like(x, p[n])
+  for k in range(1, n + 1):
+    if p[n - k] != 0:
+      y = y + p[n - k] * x**k
+  return y
+
+
+def Gabor() -> Layer:
+  """`exp(-x^2) * sin(x)`."""
+  return _no_params(lambda x: jnp.exp(-x**2) * jnp.sin(x), lambda s: s)
+
+
+def ExpNormalized(gamma: float = 1, shift: float = -1, do_clip: bool = False) -> Layer:
+  """NT's "Gaussian normalized kernel" `sqrt(q q') exp(gamma (ρ + shift))`
+  (Shankar et al. 2020, p. 6), `q` the per-input variance and `ρ` the
+  correlation of the pre-activations.
+
+  NT defines only the kernel (its `apply_fn` raises). This `apply_fn` is a
+  finite network with that kernel in the limit:
+  `s · exp(gamma (shift - 1) / 2) · exp(sqrt(gamma) x / s)`, with
+  `s = sqrt(mean(x^2))` over the channel (last) axis. `do_clip` is accepted
+  and unused (the correlation of the limit is within [-1, 1]).
+  """
+  scale = math.exp(gamma * (shift - 1) / 2)
+  root = math.sqrt(gamma)
+
+  def fn(x):
+    s = jnp.sqrt(jnp.mean(x**2, axis=-1, keepdims=True))
+    return s * scale * jnp.exp(root * x / s)
+
+  return _no_params(fn, lambda s: s)

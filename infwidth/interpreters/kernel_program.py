@@ -172,7 +172,18 @@ def _output_kernel(out, moments: M.Moments) -> Kernel:
                       shape1=(n1,) + tuple(out.shape[1:]), shape2=(n2,) + tuple(out.shape[1:]),
                       x1_is_x2=x1_is_x2, spatial_shape=sp,
                       batch_axis=out.roles.index('b') if 'b' in out.roles else 0,
-                      channel_axis=out.channel_axis, dtype=dtype)
+                      channel_axis=out.channel_axis, is_gaussian=_is_gaussian(out), dtype=dtype)
+
+
+def _is_gaussian(w: A.Wide) -> bool:
+  """NT's `is_gaussian`: Gaussian sources combined linearly, plus a deterministic
+  offset (no nonlinearity), and not flattened (whose channels are not i.i.d.)."""
+  if isinstance(w, A.ChannelConcat):
+    return all(_is_gaussian(p) for p in w.parts)
+  gaussian = lambda s: (s.gaussian if isinstance(s, A.MappedSource) else
+                        s.kernel.is_gaussian if isinstance(s, A.KernelSource) else True)
+  return not w.hidden and bool(w.terms) and all(
+      t.is_gaussian and all(gaussian(s) for s in t.combo.sources) for t in w.terms)
 
 
 def _spatial_shape(w: A.Wide):

@@ -1,0 +1,278 @@
+"""NT 0.6.5 stax layers beyond the core set: kernels against NT fixtures
+(tests/fixtures/make_stax_api_nt.py), shapes against NT's init/apply, and
+Monte Carlo of the finite networks."""
+
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from infwidth import stax
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), 'fixtures'))
+from mc_check import check_against_mc  # noqa: E402
+from stax_architectures import API_ARCHITECTURES, INPUTS  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+_NT = np.load(os.path.join(os.path.dirname(__file__), 'fixtures', 'stax_api_nt.npz'))
+_META = json.loads(str(_NT['meta']))
+
+# Where infwidth's kernel is not NT's by design (tested separately below).
+_NOT_NT = {
+    'hermite3_not_unit',  # NT's Hermite kernel assumes unit-variance inputs.
+    'fan_in_prod_square',  # NT's FanInProd assumes independent inputs.
+    'fan_in_prod_relu_erf',
+    'fan_in_prod_independent',  # Products of independent Gaussians: not yet.
+    'dot_general_lhs',  # Free axes of the constant: not yet (see below).
+    'dot_general_spatial_out',
+    'index_batch',  # Indexing the batch axis: not yet (see below).
+    'resize_linear',  # Constant weight matrices: not yet (see below).
+    'resize_nearest_nonsquare',  # NT resizes H by W's size and W by H's (see below).
+}
+
+
+def _layer(name):
+  expr, inputs = API_ARCHITECTURES[name]
+  return eval(expr, dict(vars(stax), jnp=jnp)), INPUTS[inputs]()  # noqa: S307
+
+
+def _rel_err(a, b):
+  a, b = np.asarray(a), np.asarray(b)
+  return np.max(np.abs(a - b)) / np.max(np.abs(b))
+
+
+@pytest.mark.parametrize('name', [n for n in API_ARCHITECTURES if n not in _NOT_NT])
+def test_kernel_matches_nt(name):
+  (_, _, kernel_fn), (x1, x2) = _layer(name)
+  k = kernel_fn(x1, x2, ('nngp', 'ntk'))
+  for g in ('nngp', 'ntk'):
+    ref = _NT[f'{name}/{g}']
+    assert getattr(k, g).shape == ref.shape
+    assert _rel_err(getattr(k, g), ref) < 1e-6, (g, _rel_err(getattr(k, g), ref))
+
+
+@pytest.mark.parametrize('name', list(API_ARCHITECTURES))
+def test_init_and_apply_shapes_match_nt(name):
+  (init_fn, apply_fn, _), (x1, _) = _layer(name)
+  box = {}
+
+  def init(key):
+    box['out_shape'], params = init_fn(key, x1.shape)
+    return params
+
+  params = jax.eval_shape(init, jax.random.PRNGKey(1))
+  meta = _META[name]
+  assert list(box['out_shape']) == meta['out_shape']
+  assert [list(np.shape(p)) for p in jax.tree_util.tree_leaves(params)] == meta['param_shapes']
+  # NT's ExpNormalized has no finite network (its apply_fn raises); ours does.
+  want = meta['apply_shape'] or meta['out_shape']
+  assert list(jax.eval_shape(apply_fn, params, x1).shape) == want
+
+
+def _gauss_expect(f, g, cov, deg=80):
+  """E[f(u) g(v)] for (u, v) ~ N(0, cov) by tensor Gauss-Hermite quadrature."""
+  t, w = np.polynomial.hermite_e.hermegauss(deg)
+  w = w / w.sum()
+  z = np.stack(np.meshgrid(t, t, indexing='ij'), -1) @ np.linalg.cholesky(cov).T
+  return np.sum(np.outer(w, w) * f(z[..., 0]) * g(z[..., 1]))
+
+
+def test_hermite_exact_at_any_variance():
+  """NT's Hermite kernel is ρ^n, exact only for unit-variance inputs; infwidth's
+  is E[He_n(u) He_n(v)] / n! at the actual variances (quadrature oracle)."""
+  (_, _, kernel_fn), (x1, x2) = _layer('hermite3_not_unit')
+  k = kernel_fn(x1, x2, ('nngp', 'ntk'))
+  he3 = lambda z: (z**3 - 3 * z) / np.sqrt(6)
+  dhe3 = lambda z: (3 * z**2 - 3) / np.sqrt(6)
+  for i, j in ((0, 0), (1, 0), (2, 1)):
+    k11 = 1.69 * x1[i] @ x1[i] / 5 + 0.04
+    k22 = 1.69 * x2[j] @ x2[j] / 5 + 0.04
+    k12 = 1.69 * x1[i] @ x2[j] / 5 + 0.04
+    cov = np.array([[k11, k12], [k12, k22]])
+    nngp = 0.81 * _gauss_expect(he3, he3, cov) + 0.01
+    np.testing.assert_allclose(k.nngp[i, j], nngp, rtol=1e-9)
+    # NTK: σ²·T + σ_b² + σ²·Ṫ·Θ₁ with Θ₁ = K₁ (first layer, NTK parameterization).
+    ntk = nngp + 0.81 * _gauss_expect(dhe3, dhe3, cov) * k12
+    np.testing.assert_allclose(k.ntk[i, j], ntk, rtol=1e-9)
+  assert _rel_err(k.nngp, _NT['hermite3_not_unit/nngp']) > 0.1
+
+
+# Monte Carlo of the finite networks: NNGP of a readout of width-`n` hidden
+# layers, averaged over draws (DESIGN §6).
+_MC = {
+    'monomial3': 'Monomial(3)',
+    'rectified_monomial2': 'RectifiedMonomial(2)',
+    'polynomial': 'Polynomial([0.3, -0.5, 0.2, 0.1])',
+    'hermite3': 'Hermite(3)',
+    'gabor': 'Gabor()',
+    'exp_normalized': 'ExpNormalized(0.5, -0.3)',
+    'fan_in_prod': 'FanOut(2), parallel(Relu(), Erf()), FanInProd()',
+}
+
+
+@pytest.mark.parametrize('name', list(_MC))
+def test_monte_carlo_nngp(name):
+  width, n_draws = 512, 1024
+  pre = 'LayerNorm(), ' if name == 'hermite3' else ''  # NT's unit-variance inputs
+  init_fn, apply_fn, kernel_fn = eval(  # noqa: S307
+      f'serial(Dense({width}, 1.3, 0.2), {pre}{_MC[name]}, Dense(4, 0.9, 0.1))', vars(stax))
+  x1, x2 = INPUTS['vec']()
+  x = np.concatenate([x1, x2])
+  nngp = kernel_fn(x, None, 'nngp')
+
+  def draw(key):
+    _, params = init_fn(key, x.shape)
+    f = apply_fn(params, x)
+    return f @ f.T / f.shape[-1]
+
+  draws = jax.vmap(draw)(jax.random.split(jax.random.PRNGKey(0), n_draws))
+  # One hidden layer: the mean over draws is the kernel up to O(1/n) (from the
+  # normalisation statistics of LayerNorm and ExpNormalized, nothing otherwise).
+  check_against_mc(nngp, draws, n_hidden=1, width=width, k_se=5, c_width=1.0, per_entry=False)
+
+
+def _first_layer_cov(x1, x2, i, j):
+  """Covariance of Dense(8, 1.3, 0.2)'s outputs at x1[i], x2[j] (NTK parameterization)."""
+  k = lambda a, b: 1.69 * a @ b / 5 + 0.04
+  return np.array([[k(x1[i], x1[i]), k(x1[i], x2[j])], [k(x1[i], x2[j]), k(x2[j], x2[j])]])
+
+
+def test_fan_in_prod_of_correlated_branches():
+  """`h * h` has kernel E[h² h'²] = K₁₁K₂₂ + 2K₁₂² (Isserlis); NT's FanInProd
+  multiplies the branches' kernels as if independent: K₁₂²."""
+  (_, _, kernel_fn), (x1, x2) = _layer('fan_in_prod_square')
+  k = kernel_fn(x1, x2, ('nngp', 'ntk'))
+  for i in range(3):
+    for j in range(2):
+      c = _first_layer_cov(x1, x2, i, j)
+      nngp = 0.81 * (c[0, 0] * c[1, 1] + 2 * c[0, 1]**2) + 0.01
+      np.testing.assert_allclose(k.nngp[i, j], nngp, rtol=1e-10)
+      # Readout terms plus 0.81·E[2h·2h']·Θ₁ with Θ₁ = K₁₂ (first layer).
+      np.testing.assert_allclose(k.ntk[i, j], nngp + 0.81 * 4 * c[0, 1]**2, rtol=1e-10)
+      np.testing.assert_allclose(_NT['fan_in_prod_square/nngp'][i, j],
+                                 0.81 * c[0, 1]**2 + 0.01, rtol=1e-10)
+  (_, _, kernel_fn), (x1, x2) = _layer('fan_in_prod_relu_erf')
+  nngp = kernel_fn(x1, x2, 'nngp')
+  for i, j in ((0, 0), (2, 1)):
+    want = 0.81 * _relu_erf_expect(_first_layer_cov(x1, x2, i, j)) + 0.01
+    np.testing.assert_allclose(nngp[i, j], want, rtol=1e-7)
+  assert _rel_err(nngp, _NT['fan_in_prod_relu_erf/nngp']) > 0.1
+
+
+def _relu_erf_expect(cov):
+  """E[f(u) f(v)], f(z) = relu(z) erf(z), (u, v) ~ N(0, cov): adaptive 2-D
+  quadrature over u > 0, v > 0 (f vanishes elsewhere)."""
+  from scipy import integrate, special, stats
+  f = lambda z: z * special.erf(z)
+  dist = stats.multivariate_normal(np.zeros(2), cov)
+  val, _ = integrate.dblquad(lambda v, u: f(u) * f(v) * dist.pdf([u, v]), 0, np.inf, 0, np.inf,
+                             epsabs=1e-12, epsrel=1e-10)
+  return val
+
+
+def test_fan_in_prod_of_independent_branches_is_a_clear_error():
+  (_, _, kernel_fn), (x1, x2) = _layer('fan_in_prod_independent')
+  with pytest.raises(Exception, match='two different random Gaussian values'):
+    kernel_fn(x1, x2, 'nngp')
+
+
+@pytest.mark.parametrize('name', ['dot_general_lhs', 'dot_general_spatial_out'])
+def test_dot_general_with_free_constant_axes_is_a_clear_error(name):
+  """A constant with free axes stacks differently weighted copies of the input
+  along a new axis: kernelize does not concatenate different wide values along
+  a spatial axis yet, and says so (the finite network is NT's)."""
+  (init_fn, apply_fn, kernel_fn), (x1, x2) = _layer(name)
+  with pytest.raises(Exception, match='concatenat'):
+    kernel_fn(x1, x2, 'nngp')
+  _, params = init_fn(jax.random.PRNGKey(0), x1.shape)
+  y = apply_fn(params, x1)
+  assert list(y.shape) == _META[name]['apply_shape']
+
+
+def _check_mc_nngp(layer, inputs, width, n_draws=512):
+  """NNGP of a one-hidden-layer network against the mean of per-draw `f fᵀ / C`."""
+  init_fn, apply_fn, kernel_fn = layer
+  x1, x2 = INPUTS[inputs]()
+  x = np.concatenate([x1, x2])
+  nngp = kernel_fn(x, None, 'nngp')
+
+  def draw(key):
+    _, params = init_fn(key, x.shape)
+    f = apply_fn(params, x)
+    return f @ f.T / f.shape[-1]
+
+  draws = jax.vmap(draw)(jax.random.split(jax.random.PRNGKey(0), n_draws))
+  check_against_mc(nngp, draws, n_hidden=1, width=width, k_se=5, c_width=1.0, per_entry=False)
+
+
+def test_monte_carlo_dot_general():
+  """Conv, ReLU, a constant weighting of the positions (DotGeneral), readout
+  (64 channels average the per-draw NNGP)."""
+  _check_mc_nngp(stax.serial(
+      stax.Conv(256, (2,), W_std=1.3, b_std=0.2), stax.Relu(),
+      stax.DotGeneral(rhs=jnp.array([1., -1., 0.5, 0., 2., 0.3]),
+                      dimension_numbers=(((1,), (0,)), ((), ()))),
+      stax.Dense(64, 0.9, 0.1)), 'seq', 256)
+
+
+def test_monte_carlo_index():
+  _check_mc_nngp(stax.serial(
+      stax.Conv(256, (2,), W_std=1.3, b_std=0.2), stax.Relu(), stax.Index(stax.Slice[:, 4:0:-2]),
+      stax.Flatten(), stax.Dense(64, 0.9, 0.1)), 'seq', 256)
+
+
+def test_index_of_the_batch_axis_is_a_clear_error():
+  """kernelize computes both batches as one joint batch, so indexing the batch
+  axis inside the network has no kernel rule yet; the finite network is NT's."""
+  (init_fn, apply_fn, kernel_fn), (x1, x2) = _layer('index_batch')
+  with pytest.raises(Exception, match='slice'):
+    kernel_fn(x1, x2, 'nngp')
+  _, params = init_fn(jax.random.PRNGKey(0), x1.shape)
+  assert list(apply_fn(params, x1).shape) == _META['index_batch']['apply_shape']
+
+
+def test_image_resize_linear_is_a_clear_error():
+  """'linear' resizing multiplies by constant weight matrices (`dot_general`
+  without a parameter), which kernelize has no rule for yet."""
+  (init_fn, apply_fn, kernel_fn), (x1, x2) = _layer('resize_linear')
+  with pytest.raises(Exception, match='dot_general'):
+    kernel_fn(x1, x2, 'nngp')
+  _, params = init_fn(jax.random.PRNGKey(0), x1.shape)
+  assert list(apply_fn(params, x1).shape) == _META['resize_linear']['apply_shape']
+
+
+def test_monte_carlo_image_resize_nearest():
+  _check_mc_nngp(stax.serial(
+      stax.Conv(256, (2,), W_std=1.3, b_std=0.2), stax.Relu(),
+      stax.ImageResize((-1, 9, -1), 'nearest'), stax.Flatten(), stax.Dense(64, 0.9, 0.1)),
+      'seq', 256)
+
+
+def test_image_resize_nearest_nonsquare():
+  """Resizing 4x4 feature maps to 7x6: Monte Carlo of the finite network agrees
+  with infwidth and tells NT's kernel apart (NT resizes its covariance in its
+  internal reversed spatial order, so H gets W's new size and vice versa)."""
+  width, n_draws = 128, 256
+  init_fn, apply_fn, kernel_fn = stax.serial(
+      stax.Conv(width, (2, 2), b_std=0.1), stax.Relu(),
+      stax.ImageResize((-1, 7, 6, -1), 'nearest'), stax.Conv(64, (2, 2)), stax.GlobalAvgPool())
+  x1, x2 = INPUTS['img']()
+  x = np.concatenate([x1, x2])
+  nngp = kernel_fn(x, None, 'nngp')
+
+  def draw(key):
+    _, params = init_fn(key, x.shape)
+    f = apply_fn(params, x)
+    return f @ f.T / f.shape[-1]
+
+  draws = jax.vmap(draw)(jax.random.split(jax.random.PRNGKey(0), n_draws))
+  check_against_mc(nngp, draws, n_hidden=1, width=width, k_se=5, c_width=1.0, per_entry=False)
+  # The same network with NT's readout Dense(1): infwidth's kernel is off NT's.
+  nt = _NT['resize_nearest_nonsquare/nngp']
+  (_, _, kernel_fn), (x1, x2) = _layer('resize_nearest_nonsquare')
+  assert _rel_err(kernel_fn(x1, x2, 'nngp'), nt) > 0.05
