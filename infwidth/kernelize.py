@@ -139,7 +139,7 @@ def _check_inputs(x1, x2):
     if x is None or _is_tracer(x):
       continue
     a = np.asarray(x)
-    if not np.issubdtype(a.dtype, np.floating):
+    if not np.issubdtype(a.dtype, np.floating) or a.size == 0:
       continue
     bad = ~np.isfinite(a.reshape(a.shape[0], -1)).all(axis=1)
     if bad.any():
@@ -238,7 +238,7 @@ def _analytic(apply_fn, shapes, treedef, leaves_info, x1, x2, x1_is_x2, apply_kw
   # Spatial kernels are computed on blocks of input pairs, sized from the
   # entries of each pair's largest intermediate.
   whole = traced(n1, n2, x2 is None)
-  per_pair = largest_value(whole[0].jaxpr, lead=(n1, n2)) // (n1 * n2)
+  per_pair = largest_value(whole[0].jaxpr, lead=(n1, n2)) // max(n1 * n2, 1)
   rows = pair_blocks.block_rows(n1, n2, per_pair)
   if rows is not None:
     return pair_blocks.blocked_kernel(pair_kernels, x1, x2, rows)

@@ -1,0 +1,159 @@
+"""Bad input, as a new user would try it: each case gives the correct value or
+an error raised by infwidth (before the computation) that names the problem
+and the fix.
+
+One table row per case: `Raises(type, words)` for an error, or a check of
+the value (shapes and numbers against closed forms or clean kernels).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import warnings
+from typing import Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import infwidth as iw
+
+D = 3
+SW, SB = 1.3, 0.4
+KEY = jax.random.PRNGKey(0)
+X = jax.random.normal(KEY, (5, D))
+
+
+def mlp(params, x):
+  """NTK-parameterised ReLU MLP: `[(w, b), ...]`, weights N(0, 1)."""
+  for w, b in params[:-1]:
+    x = jax.nn.relu(SW / np.sqrt(w.shape[0]) * (x @ w) + SB * b)
+  w, b = params[-1]
+  return SW / np.sqrt(w.shape[0]) * (x @ w) + SB * b
+
+
+def init_mlp(key, widths: Sequence[int], bias_scale=1.0):
+  params = []
+  for a, b in zip(widths[:-1], widths[1:]):
+    key, kw, kb = jax.random.split(key, 3)
+    params.append((jax.random.normal(kw, (a, b)), bias_scale * jax.random.normal(kb, (b,))))
+  return params
+
+
+def unit_stats(params):
+  """Exact moments N(0, 1) for every leaf."""
+  return jax.tree_util.tree_map(lambda _: iw.ParamStats(0.0, 1.0), params)
+
+
+def relu_pair(k11, k22, k12):
+  """E[relu(u) relu(v)] and P(u > 0, v > 0) for centred (u, v) (Cho & Saul)."""
+  c = np.clip(k12 / np.sqrt(k11 * k22), -1, 1)
+  t = np.arccos(c)
+  return (np.sqrt(k11 * k22) * (np.sin(t) + (np.pi - t) * c) / (2 * np.pi),
+          (np.pi - t) / (2 * np.pi))
+
+
+@dataclasses.dataclass
+class Raises:
+  """The case raises `exc` (or warns, for a Warning class) with all `words` in its message."""
+  exc: type
+  words: Sequence[str]
+
+
+# ----------------------------------------------------------------------------
+# Cases: each returns the value to check (or raises).
+
+
+def zero_hidden_weight():
+  # A legal, degenerate network: the second layer's weight is all zeros, so
+  # its pre-activation is its bias alone (the same for every input).
+  params = init_mlp(KEY, (D, 64, 64, 1))
+  params[1] = (jnp.zeros_like(params[1][0]), params[1][1])
+  stats = unit_stats(params)
+  stats[1] = (None, stats[1][1])            # the zero weight's moments: estimated (0)
+  return iw.kernelize(mlp, params, param_stats=stats)(X, None, ('nngp', 'ntk'))
+
+
+def check_zero_hidden_weight(k):
+  # Layer 1: K0 = SW²/D x·x' + SB²; layer 2's pre-activation is SB·b1, the same
+  # N(0, SB²) variable for every input: E[relu²] = SB²/2, P(> 0) = 1/2.
+  # NNGP = SW²·SB²/2 + SB².
+  # NTK = SW²·SB²/2 (W2) + SW²·½·Θ2 + SB² (b2), Θ2 = SW²·E[relu(h1) relu(h1')] (W1) + SB² (b1).
+  x = np.asarray(X)
+  k0 = SW ** 2 / D * x @ x.T + SB ** 2
+  d = np.diag(k0)
+  e1, _ = relu_pair(d[:, None], d[None], k0)
+  nngp = SW ** 2 * SB ** 2 / 2 + SB ** 2
+  ntk = SW ** 2 * SB ** 2 / 2 + SW ** 2 / 2 * (SW ** 2 * e1 + SB ** 2) + SB ** 2
+  assert k.nngp.shape == k.ntk.shape == (5, 5)
+  np.testing.assert_allclose(k.nngp, np.full((5, 5), nngp), rtol=1e-12)
+  np.testing.assert_allclose(k.ntk, ntk, rtol=1e-12)
+
+
+def empty_x2():
+  params = init_mlp(KEY, (D, 64, 1))
+  kf = iw.kernelize(mlp, params, param_stats=unit_stats(params))
+  full = kf(X, None, None)
+  empty = kf(X, X[:0], None)
+  return full, empty, kf(X[:0], X, 'ntk'), jax.jit(kf, static_argnames='get')(X, X[:0], 'nngp')
+
+
+def check_empty_x2(out):
+  full, k, k_rows, k_jit = out
+  assert k.nngp.shape == k.ntk.shape == k_jit.shape == (5, 0)
+  assert k_rows.shape == (0, 5)
+  assert k.cov2.shape == (0,) and k.shape2 == (0, 1) and k.shape1 == (5, 1)
+  np.testing.assert_allclose(k.cov1, full.cov1, rtol=1e-12)
+
+
+def nan_input_under_jit():
+  params = init_mlp(KEY, (D, 128, 128, 1), bias_scale=0.3)   # sampled biases
+  kf = jax.jit(iw.kernelize(mlp, params), static_argnames='get')
+  with warnings.catch_warnings():
+    warnings.simplefilter('ignore')                          # estimated moments
+    clean = kf(X, None, 'nngp')
+    bad = kf(X.at[2, 1].set(jnp.nan), None, 'nngp')
+  return np.asarray(clean), np.asarray(bad)
+
+
+def check_nan_input_under_jit(out):
+  clean, bad = out
+  nan = np.zeros(bad.shape, bool)
+  nan[2] = nan[:, 2] = True
+  assert np.isnan(bad[nan]).all()                  # that input's row and column
+  np.testing.assert_allclose(bad[~nan], clean[~nan], rtol=1e-12)
+  assert np.isfinite(clean).all()
+
+
+@dataclasses.dataclass
+class Case:
+  name: str
+  run: Callable
+  expect: object   # Raises(...) or a check of the value
+
+
+CASES = [
+    Case('all-zero hidden weight', zero_hidden_weight, check_zero_hidden_weight),
+    Case('empty x2', empty_x2, check_empty_x2),
+    Case('NaN input under jit', nan_input_under_jit, check_nan_input_under_jit),
+]
+
+
+@pytest.mark.parametrize('case', CASES, ids=[c.name for c in CASES])
+def test_bad_input(case: Case):
+  if isinstance(case.expect, Raises):
+    if issubclass(case.expect.exc, Warning):
+      with pytest.warns(case.expect.exc) as rec:
+        case.run()
+      msg = ' '.join(str(w.message) for w in rec if issubclass(w.category, case.expect.exc))
+    else:
+      with pytest.raises(case.expect.exc) as info:
+        case.run()
+      msg = str(info.value)
+    for word in case.expect.words:
+      assert re.search(word, msg), f'{word!r} not in: {msg}'
+  else:
+    case.expect(case.run())
