@@ -68,7 +68,15 @@ def fallback_kernel(err, fallback, apply_fn, params, leaves_info, x1, x2, x1_is_
   total, _ = jax.lax.scan(body, first, keys[1:]) if n > 1 else (first, None)
   nngp, ntk, cov1, cov2 = jax.tree_util.tree_map(lambda a: a / n, total)
   return Kernel(nngp, ntk, cov1, None if x1_is_x2 else cov2, x1_is_x2=x1_is_x2,
-                shape1=tuple(np.shape(x1)), shape2=tuple(np.shape(x1 if x1_is_x2 else x2)))
+                shape1=_output_shape(apply_fn, params, x1, apply_kwargs),
+                shape2=_output_shape(apply_fn, params, x1 if x1_is_x2 else x2, apply_kwargs))
+
+
+def _output_shape(apply_fn, params, x, apply_kwargs):
+  """The shape of `apply_fn(params, x)` (of its one output; `()` for several)."""
+  out = jax.eval_shape(lambda p, a: apply_fn(p, a, **apply_kwargs), params, x)
+  leaves = jax.tree_util.tree_leaves(out)
+  return tuple(leaves[0].shape) if len(leaves) == 1 else ()
 
 
 def _dtype(leaf):

@@ -53,13 +53,12 @@ def _leaf_moments(params, param_stats, ntk_weights):
   if param_stats is None:
     stats = [None] * len(leaves)
   else:
-    stats = treedef.flatten_up_to(param_stats) if not _is_stats(param_stats) else None
-    if stats is None:
-      raise InfwidthError('param_stats must be a pytree matching params with ParamStats leaves.')
+    stats = _flatten_like(params, param_stats, 'param_stats',
+                          'an infwidth.ParamStats(mean, var) or None')
   if ntk_weights is None:
     weights = [1.0] * len(leaves)
   else:
-    weights = [float(w) for w in treedef.flatten_up_to(ntk_weights)]
+    weights = [float(w) for w in _flatten_like(params, ntk_weights, 'ntk_weights', 'a number')]
   out, noisy = [], []
   for i, (leaf, name, st, w) in enumerate(zip(leaves, names, stats, weights)):
     shape = tuple(np.shape(leaf))
@@ -75,10 +74,11 @@ def _leaf_moments(params, param_stats, ntk_weights):
           'separate static parts).')
     if st is not None:
       mean, var = float(st.mean), float(st.var)
-      if var < 0:
-        raise InfwidthError(f'param_stats for {name}: variance {var} is negative.')
+      if var < 0 or not (math.isfinite(mean) and math.isfinite(var)):
+        raise InfwidthError(f'param_stats for {name}: ParamStats(mean={mean}, var={var}) '
+                            'must be finite with a variance of at least 0.')
     else:
-      a = np.asarray(leaf, dtype=np.float64)
+      a = _leaf_values(leaf, name)
       mean, var = float(a.mean()), float(a.var())
       # Relative error of a variance estimate from `size` Gaussian entries.
       if var > 0 and math.sqrt(2.0 / a.size) > SAMPLING_ERROR_WARN:
@@ -87,6 +87,55 @@ def _leaf_moments(params, param_stats, ntk_weights):
     leaf_obj.exact = st is not None
     out.append(leaf_obj)
   return out, noisy
+
+
+def _flatten_like(params, tree, what: str, leaf_kind: str) -> list:
+  """`tree`'s leaves, one per parameter; an error showing both structures if
+  `tree` does not match `params`."""
+  treedef = jax.tree_util.tree_structure(params)
+  try:
+    if _is_stats(tree):
+      raise ValueError('a single ParamStats')
+    return treedef.flatten_up_to(tree)
+  except (ValueError, TypeError) as e:
+    shapes = jax.tree_util.tree_map(lambda l: _Shown(f'<{leaf_kind}: {tuple(np.shape(l))}>'),
+                                    params)
+    given = jax.tree_util.tree_map(
+        lambda l: _Shown(type(l).__name__) if not isinstance(l, (int, float)) else l, tree,
+        is_leaf=_is_stats)
+    raise InfwidthError(
+        f'{what} must have the structure of params, with {leaf_kind} in place of each '
+        f'parameter.\n  expected: {_short(shapes)}\n  got:      {_short(given)}\n'
+        f'  ({e})') from None
+
+
+class _Shown(str):
+  def __repr__(self):
+    return str(self)
+
+
+def _short(tree, limit: int = 600) -> str:
+  text = repr(tree)
+  return text if len(text) <= limit else text[:limit] + ' …'
+
+
+def _leaf_values(leaf, name: str) -> np.ndarray:
+  """A parameter's entries for estimating its moments: concrete and finite."""
+  if _is_tracer(leaf):
+    raise InfwidthError(
+        f'parameter {name} is a traced value: kernelize reads the moments of the '
+        'parameters when it is called, so call it outside jax.jit (and jit the kernel '
+        'function it returns), or give param_stats with an infwidth.ParamStats(mean, var) '
+        'for every parameter.')
+  a = np.asarray(leaf, dtype=np.float64)
+  bad = ~np.isfinite(a)
+  if bad.any():
+    where = tuple(int(i) for i in np.argwhere(bad)[0])
+    raise InfwidthError(
+        f'parameter {name} (shape {a.shape}) has {int(bad.sum())} NaN or inf entries '
+        f'(the first at index {where}); its moments, and so the kernel, would be NaN. '
+        'Check the initialisation, or give its moments with param_stats.')
+  return a
 
 
 def _set_wide_axes(leaves_info, params, wide_axes):
@@ -318,7 +367,9 @@ def _interpret(apply_fn, shapes, leaves_info, moments, xj, x_val, apply_kwargs) 
 
 
 def _kernels(outs, out_shapes, moments):
-  kernels = [_output_kernel(out, moments) for out in outs]
+  paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(out_shapes)[0]]
+  kernels = [_output_kernel(out, moments, path if len(outs) > 1 else '')
+             for out, path in zip(outs, paths)]
   return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shapes), kernels)
 
 
@@ -341,13 +392,18 @@ def _kernel_input(k: Kernel):
   return M.Moments(n1, n2, k.x1_is_x2, dtype), jax.ShapeDtypeStruct(shape, dtype), x_val
 
 
-def _output_kernel(out, moments: M.Moments) -> Kernel:
-  """The `Kernel` of one output of the function (per output channel)."""
+def _output_kernel(out, moments: M.Moments, path: str = '') -> Kernel:
+  """The `Kernel` of one output of the function (per output channel); `path`
+  names the output among several."""
   n1, n2, x1_is_x2, dtype = moments.n1, moments.n2, moments.x1_is_x2, moments.dtype
   if not isinstance(out, A.Wide):
+    which = f'output {path} of apply_fn' if path else 'the output of apply_fn'
+    fix = (' Return only the outputs that go through the network (or compute this one '
+           'outside apply_fn).' if path else '')
     raise InfwidthError(
-        'the output of apply_fn does not depend on any parameter through a linear '
-        'map with a channel axis, so it has no infinite-width limit (no wide axis found).')
+        f'{which} does not depend on any parameter through a linear '
+        'map with a channel axis, so it has no infinite-width limit (no wide axis found).'
+        + fix)
   st = moments.wide_pair(out, out)
   ntk = moments.wide_ntk(out, out)
   k = len(out.spatial)

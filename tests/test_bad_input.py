@@ -128,6 +128,72 @@ def check_nan_input_under_jit(out):
   assert np.isfinite(clean).all()
 
 
+def nan_in_parameter():
+  params = init_mlp(KEY, (D, 64, 1))
+  params[1] = (params[1][0].at[7, 0].set(jnp.nan), params[1][1])
+  return iw.kernelize(mlp, params)
+
+
+def inf_in_parameter():
+  params = init_mlp(KEY, (D, 64, 1))
+  params[0] = (params[0][0], params[0][1].at[3].set(-jnp.inf))
+  return iw.kernelize(mlp, params)
+
+
+def nan_in_param_stats():
+  params = init_mlp(KEY, (D, 64, 1))
+  stats = unit_stats(params)
+  stats[0] = (stats[0][0], iw.ParamStats(0.0, float('nan')))
+  return iw.kernelize(mlp, params, param_stats=stats)
+
+
+def traced_parameters():
+  params = init_mlp(KEY, (D, 64, 1))
+  return jax.jit(lambda p: iw.kernelize(mlp, p)(X, None, 'nngp'))(params)
+
+
+def traced_parameters_with_stats():
+  # Moments given for every leaf: nothing is read from the traced values, and
+  # a NaN in them (under jit) changes nothing.
+  params = init_mlp(KEY, (D, 64, 1))
+  stats = unit_stats(params)
+  run = jax.jit(lambda p: iw.kernelize(mlp, p, param_stats=stats)(X, None, 'nngp'))
+  nan_params = [(w.at[0, 0].set(jnp.nan), b) for w, b in params]
+  return run(params), run(nan_params), iw.kernelize(mlp, params, param_stats=stats)(X, None, 'nngp')
+
+
+def check_traced_parameters_with_stats(out):
+  a, b, eager = out
+  np.testing.assert_allclose(a, eager, rtol=1e-12)
+  np.testing.assert_allclose(b, eager, rtol=1e-12)
+
+
+def param_stats_wrong_structure():
+  params = {'dense0': {'w': jnp.ones((D, 8)), 'b': jnp.zeros(8)}, 'out': {'w': jnp.ones((8, 1))}}
+  stats = [iw.ParamStats(0.0, 1.0)] * 3     # a list where params is a dict
+  return iw.kernelize(lambda p, x: x, params, param_stats=stats)
+
+
+def output_without_parameters():
+  params = init_mlp(KEY, (D, 64, 1))
+  two = lambda p, x: {'logits': mlp(p, x), 'aux': jnp.sum(x ** 2, -1, keepdims=True)}
+  return iw.kernelize(two, params, param_stats=unit_stats(params))(X, None, 'nngp')
+
+
+def fallback_kernel_shapes():
+  params = init_mlp(KEY, (D, 64, 2))
+  net = lambda p, x: jnp.sort(mlp(p, x), axis=-1)         # no rule for sort
+  kf = iw.kernelize(net, params, param_stats=unit_stats(params), fallback='empirical')
+  with warnings.catch_warnings():
+    warnings.simplefilter('ignore')
+    return kf(X, X[:3], None)
+
+
+def check_fallback_kernel_shapes(k):
+  assert k.shape1 == (5, 2) and k.shape2 == (3, 2)       # the output's, not the input's
+  assert k.nngp.shape == (5, 3)
+
+
 @dataclasses.dataclass
 class Case:
   name: str
@@ -139,6 +205,25 @@ CASES = [
     Case('all-zero hidden weight', zero_hidden_weight, check_zero_hidden_weight),
     Case('empty x2', empty_x2, check_empty_x2),
     Case('NaN input under jit', nan_input_under_jit, check_nan_input_under_jit),
+    Case('NaN in a parameter', nan_in_parameter,
+         Raises(iw.InfwidthError, [r"\[1\]\[0\]", 'NaN or inf', r'index \(7, 0\)',
+                                   'param_stats'])),
+    Case('inf in a parameter', inf_in_parameter,
+         Raises(iw.InfwidthError, [r"\[0\]\[1\]", 'NaN or inf', r'index \(3,\)'])),
+    Case('NaN in param_stats', nan_in_param_stats,
+         Raises(iw.InfwidthError, [r"param_stats for \[0\]\[1\]", 'var=nan', 'finite'])),
+    Case('parameters traced by jit', traced_parameters,
+         Raises(iw.InfwidthError, ['traced', 'outside jax.jit', 'param_stats'])),
+    Case('traced parameters with param_stats', traced_parameters_with_stats,
+         check_traced_parameters_with_stats),
+    Case('param_stats of the wrong structure', param_stats_wrong_structure,
+         Raises(iw.InfwidthError, ['structure of params', r"expected: \{'dense0'",
+                                   r'\(3, 8\)', r'got: +\[ParamStats, ParamStats',
+                                   'Expected dict'])),
+    Case('an output that no parameter reaches', output_without_parameters,
+         Raises(iw.InfwidthError, [r"output \['aux'\]", 'does not depend on any parameter',
+                                   'Return only the outputs'])),
+    Case('get=None from the fallback', fallback_kernel_shapes, check_fallback_kernel_shapes),
 ]
 
 
