@@ -194,6 +194,54 @@ def check_fallback_kernel_shapes(k):
   assert k.nngp.shape == (5, 3)
 
 
+def _indefinite(lowest=-0.3):
+  """A symmetric 6x6 kernel whose smallest eigenvalue is `lowest`."""
+  a = np.random.RandomState(0).randn(6, 6)
+  k = a @ a.T
+  return k - (np.linalg.eigvalsh(k)[0] - lowest) * np.eye(6)
+
+
+Y6 = np.random.RandomState(1).randn(6, 1)
+
+
+def mse_indefinite():
+  return iw.predict.gradient_descent_mse(_indefinite(), Y6)(t=1.0, fx_train_0=0.)
+
+
+def mse_asymmetric():
+  k = _indefinite(0.5)
+  k[0, 3] += 1.0
+  return iw.predict.gradient_descent_mse(k, Y6)(t=1.0, fx_train_0=0.)
+
+
+def ensemble_indefinite():
+  k = _indefinite()
+  kernel_fn = lambda x1, x2, get, **kw: k if x2 is None else k[:2]
+  predict_fn = iw.predict.gradient_descent_mse_ensemble(kernel_fn, np.zeros((6, 1)), Y6)
+  return predict_fn(t=1.0, x_test=np.zeros((2, 1)), get='ntk')
+
+
+def ensemble_diag_reg_suffices():
+  # The diag_reg the error suggests makes the same kernel work.
+  k = _indefinite()
+  kernel_fn = lambda x1, x2, get, **kw: k if x2 is None else k[:2]
+  with pytest.raises(iw.predict.NotPositiveDefiniteError) as info:
+    iw.predict.gradient_descent_mse_ensemble(kernel_fn, np.zeros((6, 1)), Y6)(
+        t=1.0, x_test=np.zeros((2, 1)), get='ntk')
+  reg = float(re.search(r'diag_reg=([0-9.e-]+) or more', str(info.value)).group(1))
+  return iw.predict.gradient_descent_mse_ensemble(kernel_fn, np.zeros((6, 1)), Y6,
+                                                  diag_reg=reg)(t=1.0, x_test=np.zeros((2, 1)),
+                                                                get='ntk')
+
+
+def check_finite_prediction(out):
+  assert out.shape == (2, 1) and np.isfinite(out).all()
+
+
+def max_learning_rate_indefinite():
+  return iw.predict.max_learning_rate(_indefinite())
+
+
 @dataclasses.dataclass
 class Case:
   name: str
@@ -224,6 +272,20 @@ CASES = [
          Raises(iw.InfwidthError, [r"output \['aux'\]", 'does not depend on any parameter',
                                    'Return only the outputs'])),
     Case('get=None from the fallback', fallback_kernel_shapes, check_fallback_kernel_shapes),
+    Case('gradient_descent_mse of an indefinite kernel', mse_indefinite,
+         Raises(iw.predict.NotPositiveDefiniteError,
+                ['not positive semi-definite', 'smallest eigenvalue', '-0.3', 'diag_reg='])),
+    Case('gradient_descent_mse of an asymmetric kernel', mse_asymmetric,
+         Raises(iw.predict.NotPositiveDefiniteError,
+                ['not symmetric', r'\(0, 3\) and \(3, 0\)', 'differ by 1'])),
+    Case('gradient_descent_mse_ensemble of an indefinite kernel', ensemble_indefinite,
+         Raises(iw.predict.NotPositiveDefiniteError,
+                [r"kernel_fn\(x_train, None, 'ntk'\)", 'smallest eigenvalue', '-0.3',
+                 'diag_reg='])),
+    Case('the suggested diag_reg works', ensemble_diag_reg_suffices, check_finite_prediction),
+    Case('max_learning_rate of an indefinite kernel', max_learning_rate_indefinite,
+         Raises(iw.predict.NotPositiveDefiniteError,
+                ['not positive semi-definite', '-0.3', 'No learning rate'])),
 ]
 
 
