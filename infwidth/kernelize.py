@@ -18,7 +18,7 @@ from infwidth.errors import InfwidthError, UnsupportedPrimitiveError
 from infwidth.interpreters.kernel_interpreter import interpret
 from infwidth.interpreters.loop_rolling import eval_rolled
 from infwidth.interpreters.sizes import largest_value
-from infwidth import pair_blocks
+from infwidth import memory, pair_blocks
 from infwidth.joint_outputs import joint
 from infwidth.kernel import Kernel
 from infwidth.rules.values import Det
@@ -289,9 +289,28 @@ def _analytic(apply_fn, shapes, treedef, leaves_info, x1, x2, x1_is_x2, apply_kw
   whole = traced(n1, n2, x2 is None)
   per_pair = largest_value(whole[0].jaxpr, lead=(n1, n2)) // max(n1 * n2, 1)
   rows = pair_blocks.block_rows(n1, n2, per_pair)
+  _check_memory(whole[0].jaxpr, None if rows is None else traced(rows, rows, False)[0].jaxpr,
+                n1, n2, fused=_is_tracer(x1),
+                joint_loop=_is_tracer(x1) and _joint_loop(gets))
   if rows is not None:
     return pair_blocks.blocked_kernel(pair_kernels, x1, x2, rows)
   return _eval_kernels(*whole, x1 if x2 is None else jnp.concatenate([x1, x2]), gets)
+
+
+def _check_memory(whole, block, n1, n2, fused, joint_loop):
+  """Raises `KernelMemoryError` before a computation that cannot fit: the
+  whole jaxpr's peak, or (computed on blocks of pairs, one compiled loop)
+  the stacked and assembled results plus one block's peak. `fused`: the
+  computation is traced into a compiled program (under `jit`); `joint_loop`:
+  with the NNGP and NTK in one loop (`_joint`)."""
+  out = memory.output_bytes(whole)
+  if block is None:
+    peak = memory.peak_bytes(whole, fused)
+  else:
+    peak = 2 * out + memory.peak_bytes(block, fused=True)
+  if joint_loop:
+    peak += 2 * out   # `joint` pads each result to twice its size
+  memory.check_fits(peak, out, n1, n2)
 
 
 def _trace_kernels(apply_fn, shapes, leaves_info, apply_kwargs, feature_shape, n1, n2,
@@ -329,9 +348,7 @@ def _joint(kernels, gets):
   Only on CPU: XLA's GPU and TPU compilers fuse loops with several outputs
   themselves.
   """
-  if gets is not None and not {'nngp', 'ntk'} <= set(gets):
-    return kernels
-  if jax.default_backend() != 'cpu':
+  if not _joint_loop(gets):
     return kernels
 
   def one(k: Kernel):
@@ -340,6 +357,10 @@ def _joint(kernels, gets):
     nngp, ntk = joint((k.nngp, k.ntk))
     return k.replace(nngp=nngp, ntk=ntk)
   return jax.tree_util.tree_map(one, kernels, is_leaf=lambda v: isinstance(v, Kernel))
+
+
+def _joint_loop(gets) -> bool:
+  return (gets is None or {'nngp', 'ntk'} <= set(gets)) and jax.default_backend() == 'cpu'
 
 
 def _interpret(apply_fn, shapes, leaves_info, moments, xj, x_val, apply_kwargs) -> Kernel:

@@ -242,6 +242,45 @@ def max_learning_rate_indefinite():
   return iw.predict.max_learning_rate(_indefinite())
 
 
+def _wide_mlp():
+  params = init_mlp(KEY, (784, 64, 64, 10))
+  return iw.kernelize(mlp, params, param_stats=unit_stats(params))
+
+
+def kernel_larger_than_memory():
+  # 200 000 inputs: the results alone take 596 GiB in float64. Raised while
+  # tracing (as under jit), before anything is computed.
+  kf = _wide_mlp()
+  return jax.eval_shape(lambda x: kf(x, None, ('nngp', 'ntk')),
+                        jax.ShapeDtypeStruct((200_000, 784), jnp.float64))
+
+
+def kernel_larger_than_a_limit(monkeypatch_limit=48 * 2 ** 20):
+  """1024 inputs under a 48 MiB limit: the suggested batch size works."""
+  from infwidth import memory
+  kf = _wide_mlp()
+  x = jax.random.normal(KEY, (1024, 784))
+  old = memory.LIMIT_BYTES
+  memory.LIMIT_BYTES = monkeypatch_limit
+  try:
+    with pytest.raises(memory.KernelMemoryError) as info:
+      kf(x, None, ('nngp', 'ntk'))
+    msg = str(info.value)
+    b = int(re.search(r'batch_size=(\d+)', msg).group(1))
+    tiled = iw.batch(kf, batch_size=b)(x, None, 'nngp')
+  finally:
+    memory.LIMIT_BYTES = old
+  return msg, b, tiled, kf(x[:40], x[-24:], 'nngp')
+
+
+def check_kernel_larger_than_a_limit(out):
+  msg, b, tiled, corner = out
+  assert 'infwidth.batch(kernel_fn, batch_size=' in msg and '1024 x 1024' in msg
+  assert 8 <= b < 1024
+  assert tiled.shape == (1024, 1024)
+  np.testing.assert_allclose(tiled[:40, -24:], corner, rtol=1e-12)
+
+
 @dataclasses.dataclass
 class Case:
   name: str
@@ -286,6 +325,11 @@ CASES = [
     Case('max_learning_rate of an indefinite kernel', max_learning_rate_indefinite,
          Raises(iw.predict.NotPositiveDefiniteError,
                 ['not positive semi-definite', '-0.3', 'No learning rate'])),
+    Case('a kernel larger than memory', kernel_larger_than_memory,
+         Raises(iw.InfwidthError, ['200000 x 200000', 'GiB', 'results alone do not fit',
+                                   r'infwidth.batch\(kernel_fn, batch_size=\d+\)'])),
+    Case('a kernel larger than a memory limit', kernel_larger_than_a_limit,
+         check_kernel_larger_than_a_limit),
 ]
 
 
