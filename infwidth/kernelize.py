@@ -65,7 +65,7 @@ def _check_inputs(x1, x2):
     if x is None or _is_tracer(x):
       continue
     a = np.asarray(x)
-    if not np.issubdtype(a.dtype, np.floating):
+    if not np.issubdtype(a.dtype, np.floating) or a.size == 0:
       continue
     bad = ~np.isfinite(a.reshape(a.shape[0], -1)).all(axis=1)
     if bad.any():

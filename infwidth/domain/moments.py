@@ -320,7 +320,8 @@ class Moments:
     if term.chain.is_identity:
       return _mul(fac, mean)
     var = self._var(term.combo, which)
-    return _mul(fac, gaussian_engine.expect_single(term.chain, self._args(term, which), mean, var))
+    return _mul(fac, _constant_folded(gaussian_engine.expect_single, term.chain,
+                                      self._args(term, which), mean, var))
 
   def wide_first_moment(self, w: Wide, which: str):
     out = 0.0 if w.offset is None else (self.rows(w.offset) if which == 'rows' else self.cols(w.offset))
@@ -349,8 +350,8 @@ class Moments:
       second = _add(cov, _mul(ma, mb))
       dd = 1.0
     else:
-      second, dd = gaussian_engine.expect_pair(ta.chain, aa, tb.chain, ab, ma, mb, va, vb, cov,
-                                               ntk=(mode == 'cross'))
+      second, dd = _constant_folded(gaussian_engine.expect_pair, ta.chain, aa, tb.chain, ab, ma, mb,
+                                    va, vb, cov, ntk=(mode == 'cross'))
     value = _mul(fac_m, second)
     if mode != 'cross':
       return value, None
@@ -363,8 +364,8 @@ class Moments:
         t = self.combo_ntk(pa, pb)
         if _is_zero(t):
           continue
-        e = gaussian_engine.expect_pair_fn(_arg_derivative(ta.chain, i), aa, _arg_derivative(tb.chain, j), ab,
-                                           ma, mb, va, vb, cov)
+        e = _constant_folded(gaussian_engine.expect_pair_fn, _arg_derivative(ta.chain, i), aa,
+                             _arg_derivative(tb.chain, j), ab, ma, mb, va, vb, cov)
         ntk = _add(ntk, _mul(fac_m, _mul(e, t)))
     if ta.pargs or tb.pargs:
       for i, pa in enumerate(ta.pargs):
@@ -457,6 +458,19 @@ def _trace_spatial(block, lead, sa, sb, traced, diag=False):
       lb[r] for r in sb if r not in traced)
   src = lead_l + ''.join(la[r] for r in sa) + ''.join(lb[r] for r in sb)
   return jnp.einsum(f'{src}->{out}', block)
+
+
+def _constant_folded(expect, f, f_args, *rest, **kwargs):
+  """`expect(f, f_args, *rest)` of the Gaussian engine, as Python floats where
+  every argument after the chains is one: a moment that depends on no input
+  (a layer after an all-zero weight sees only its bias) stays a constant, as
+  the layouts of this module expect, instead of a 0-d array."""
+  numbers = (f_args,) + tuple(a for a in rest if not callable(a) and not isinstance(a, Chain))
+  if not all(isinstance(x, float) for x in jax.tree_util.tree_leaves(numbers)):
+    return expect(f, f_args, *rest, **kwargs)
+  with jax.ensure_compile_time_eval():
+    out = expect(f, f_args, *rest, **kwargs)
+  return jax.tree_util.tree_map(float, out)
 
 
 def term_first_moment_aligned(m: Moments, t: Term, which: str, w: Wide):

@@ -54,13 +54,12 @@ def leaf_moments(params, param_stats=None, ntk_weights=None
   if param_stats is None:
     stats = [None] * len(leaves)
   else:
-    stats = treedef.flatten_up_to(param_stats) if not _is_stats(param_stats) else None
-    if stats is None:
-      raise InfwidthError('param_stats must be a pytree matching params with ParamStats leaves.')
+    stats = _flatten_like(params, param_stats, 'param_stats',
+                          'an infwidth.ParamStats(mean, var) or None')
   if ntk_weights is None:
     weights = [1.0] * len(leaves)
   else:
-    weights = [float(w) for w in treedef.flatten_up_to(ntk_weights)]
+    weights = [float(w) for w in _flatten_like(params, ntk_weights, 'ntk_weights', 'a number')]
   out, noisy = [], []
   for i, (leaf, name, st, w) in enumerate(zip(leaves, names, stats, weights)):
     shape = tuple(np.shape(leaf))
@@ -76,13 +75,14 @@ def leaf_moments(params, param_stats=None, ntk_weights=None
           'separate static parts).')
     if st is not None:
       mean, var = float(st.mean), float(st.var)
-      if var < 0:
-        raise InfwidthError(f'param_stats for {name}: variance {var} is negative.')
+      if var < 0 or not (math.isfinite(mean) and math.isfinite(var)):
+        raise InfwidthError(f'param_stats for {name}: ParamStats(mean={mean}, var={var}) '
+                            'must be finite with a variance of at least 0.')
     elif _is_tracer(leaf):
       a = jnp.asarray(leaf)
       mean, var = jnp.mean(a), jnp.var(a)
     else:
-      a = np.asarray(leaf, dtype=np.float64)
+      a = _leaf_values(leaf, name)
       mean, var = float(a.mean()), float(a.var())
     if st is None and math.sqrt(2.0 / max(math.prod(shape), 1)) > SAMPLING_ERROR_WARN and (
         _is_tracer(var) or var > 0):
@@ -93,6 +93,49 @@ def leaf_moments(params, param_stats=None, ntk_weights=None
     leaf_obj.exact = st is not None
     out.append(leaf_obj)
   return out, noisy
+
+
+def _flatten_like(params, tree, what: str, leaf_kind: str) -> list:
+  """`tree`'s leaves, one per parameter; an error showing both structures if
+  `tree` does not match `params`."""
+  treedef = jax.tree_util.tree_structure(params)
+  try:
+    if _is_stats(tree):
+      raise ValueError('a single ParamStats')
+    return treedef.flatten_up_to(tree)
+  except (ValueError, TypeError) as e:
+    shapes = jax.tree_util.tree_map(lambda l: _Shown(f'<{leaf_kind}: {tuple(np.shape(l))}>'),
+                                    params)
+    given = jax.tree_util.tree_map(
+        lambda l: _Shown(type(l).__name__) if not isinstance(l, (int, float)) else l, tree,
+        is_leaf=_is_stats)
+    raise InfwidthError(
+        f'{what} must have the structure of params, with {leaf_kind} in place of each '
+        f'parameter.\n  expected: {_short(shapes)}\n  got:      {_short(given)}\n'
+        f'  ({e})') from None
+
+
+class _Shown(str):
+  def __repr__(self):
+    return str(self)
+
+
+def _short(tree, limit: int = 600) -> str:
+  text = repr(tree)
+  return text if len(text) <= limit else text[:limit] + ' …'
+
+
+def _leaf_values(leaf, name: str) -> np.ndarray:
+  """A concrete parameter's entries for estimating its moments: finite."""
+  a = np.asarray(leaf, dtype=np.float64)
+  bad = ~np.isfinite(a)
+  if bad.any():
+    where = tuple(int(i) for i in np.argwhere(bad)[0])
+    raise InfwidthError(
+        f'parameter {name} (shape {a.shape}) has {int(bad.sum())} NaN or inf entries '
+        f'(the first at index {where}); its moments, and so the kernel, would be NaN. '
+        'Check the initialisation, or give its moments with param_stats.')
+  return a
 
 
 def set_wide_axes(leaves_info: List[ParamLeaf], params, wide_axes: Optional[Any]) -> None:

@@ -456,7 +456,8 @@ def single_quadrature(f: Chain, f_args: Tuple, mean, var, *, degree: Optional[in
     dfu = jnp.where(s > 0, dfu, d_point)
     return w * fu, w * dfu, w * s * z * fu, w + 0 * fu
   e, de, ze, wsum = _sum_nodes(rule, fn, shape, dtype, 4)
-  return e / wsum, de / wsum, ze / wsum
+  undefined = _undefined(mean, var)
+  return tuple(_nan_where(undefined, x / wsum) for x in (e, de, ze))
 
 
 def _make_rule(kf, kg, m1, s1, m2, c, d, shape, dtype, degree) -> _Rule:
@@ -561,5 +562,26 @@ def pair_quadrature(f: Chain, f_args: Tuple, g: Chain, g_args: Tuple,
       return tuple(a + o for a, o in zip(acc, outer_fn(z1, w1)))
     init = tuple(jnp.zeros(shape, dtype) for _ in range(3 if ntk else 2))
     sums = lax.fori_loop(0, outer.size, body, init)
-  t = sums[0] / sums[1]
-  return t, (sums[2] / sums[1]) if ntk else None
+  undefined = _undefined(mean1, mean2, var1, var2, cov)
+  t = _nan_where(undefined, sums[0] / sums[1])
+  return t, _nan_where(undefined, sums[2] / sums[1]) if ntk else None
+
+
+def _undefined(*moments):
+  """Where a Gaussian's moments are NaN, so that its expectations are too.
+
+  Sums over nodes do not carry a NaN through on their own: XLA:CPU's
+  vectorised reductions drop it in a fused `max` (relu's), which turned a
+  NaN input into a finite row of its kernel under `jit`.
+  """
+  bad = False
+  for m in moments:
+    if not isinstance(m, float):
+      bad = bad | jnp.isnan(m)
+  return bad
+
+
+def _nan_where(undefined, x):
+  if isinstance(undefined, bool):
+    return x
+  return jnp.where(undefined, jnp.asarray(jnp.nan, x.dtype), x)

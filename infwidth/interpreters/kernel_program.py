@@ -13,6 +13,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from infwidth.interpreters import memory
 from infwidth.domain import moments as M
 from infwidth.domain import pair_blocks
 from infwidth.domain import values as A
@@ -59,11 +60,30 @@ def analytic_kernels(apply_fn, shapes, leaves_info, x1, x2, x1_is_x2, apply_kwar
   # Spatial kernels are computed on blocks of input pairs, sized from the
   # entries of each pair's largest intermediate.
   whole = traced(n1, n2, x2 is None)
-  per_pair = largest_value(whole[0].jaxpr, lead=(n1, n2)) // (n1 * n2)
+  per_pair = largest_value(whole[0].jaxpr, lead=(n1, n2)) // max(n1 * n2, 1)
   rows = pair_blocks.block_rows(n1, n2, per_pair)
+  _check_memory(whole[0].jaxpr, None if rows is None else traced(rows, rows, False)[0].jaxpr,
+                n1, n2, fused=isinstance(x1, jax.core.Tracer),
+                joint_loop=isinstance(x1, jax.core.Tracer) and _joint_loop(gets))
   if rows is not None:
     return pair_blocks.blocked_kernel(pair_kernels, x1, x2, rows)
   return _eval_kernels(*whole, x1 if x2 is None else jnp.concatenate([x1, x2]), gets)
+
+
+def _check_memory(whole, block, n1, n2, fused, joint_loop):
+  """Raises `KernelMemoryError` before a computation that cannot fit: the
+  whole jaxpr's peak, or (computed on blocks of pairs, one compiled loop)
+  the stacked and assembled results plus one block's peak. `fused`: the
+  computation is traced into a compiled program (under `jit`); `joint_loop`:
+  with the NNGP and NTK in one loop (`_joint`)."""
+  out = memory.output_bytes(whole)
+  if block is None:
+    peak = memory.peak_bytes(whole, fused)
+  else:
+    peak = 2 * out + memory.peak_bytes(block, fused=True)
+  if joint_loop:
+    peak += 2 * out   # `joint` pads each result to twice its size
+  memory.check_fits(peak, out, n1, n2)
 
 
 def _trace_kernels(apply_fn, shapes, leaves_info, apply_kwargs, feature_shape, n1, n2,
@@ -101,9 +121,7 @@ def _joint(kernels, gets):
   Only on CPU: XLA's GPU and TPU compilers fuse loops with several outputs
   themselves.
   """
-  if gets is not None and not {'nngp', 'ntk'} <= set(gets):
-    return kernels
-  if jax.default_backend() != 'cpu':
+  if not _joint_loop(gets):
     return kernels
 
   def one(k: Kernel):
@@ -112,6 +130,10 @@ def _joint(kernels, gets):
     nngp, ntk = joint((k.nngp, k.ntk))
     return k.replace(nngp=nngp, ntk=ntk)
   return jax.tree_util.tree_map(one, kernels, is_leaf=lambda v: isinstance(v, Kernel))
+
+
+def _joint_loop(gets) -> bool:
+  return (gets is None or {'nngp', 'ntk'} <= set(gets)) and jax.default_backend() == 'cpu'
 
 
 def _interpret(apply_fn, shapes, leaves_info, batches, xj, x_val, apply_kwargs) -> Kernel:
@@ -132,7 +154,9 @@ def _interpret(apply_fn, shapes, leaves_info, batches, xj, x_val, apply_kwargs) 
 
 
 def _kernels(outs, out_shapes, moments):
-  kernels = [_output_kernel(out, moments) for out in outs]
+  paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(out_shapes)[0]]
+  kernels = [_output_kernel(out, moments, path if len(outs) > 1 else '')
+             for out, path in zip(outs, paths)]
   return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shapes), kernels)
 
 
@@ -155,13 +179,18 @@ def _kernel_input(k: Kernel):
   return M.Moments(n1, n2, k.x1_is_x2, dtype), jax.ShapeDtypeStruct(shape, dtype), x_val
 
 
-def _output_kernel(out, moments: M.Moments) -> Kernel:
-  """The `Kernel` of one output of the function (per output channel)."""
+def _output_kernel(out, moments: M.Moments, path: str = '') -> Kernel:
+  """The `Kernel` of one output of the function (per output channel); `path`
+  names the output among several."""
   n1, n2, x1_is_x2, dtype = moments.n1, moments.n2, moments.x1_is_x2, moments.dtype
   if not isinstance(out, A.Wide):
+    which = f'output {path} of apply_fn' if path else 'the output of apply_fn'
+    fix = (' (return only the outputs that go through the network, or compute this one '
+           'outside apply_fn)' if path else '')
     raise UnsupportedValueError(
-        'the output of apply_fn does not depend on any parameter through a linear '
-        'map with a channel axis, so it has no infinite-width limit (no wide axis found)')
+        f'{which} does not depend on any parameter through a linear '
+        'map with a channel axis, so it has no infinite-width limit (no wide axis found)'
+        + fix)
   st = moments.wide_pair(out, out)
   ntk = moments.wide_ntk(out, out)
   sp = _spatial_shape(out)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -133,3 +133,54 @@ def checked(fn: Callable[..., Any], jit: bool = True) -> Callable[..., Any]:
     return out
 
   return wrapper
+
+
+def check_symmetric(k: jax.Array, name: str) -> None:
+  """Raises `NotPositiveDefiniteError` if the matrix `k` `(n, n)` is not
+  symmetric up to round-off (eigendecompositions would read one triangle)."""
+  if k.size == 0:
+    return
+  tol = jnp.sqrt(jnp.finfo(k.dtype).eps) * jnp.max(jnp.abs(k))
+  gap = jnp.abs(k - k.T)
+  if is_concrete(gap):
+    worst = float(jnp.max(gap))
+    if not worst <= float(tol):
+      i, j = (int(a) for a in jnp.unravel_index(jnp.argmax(gap), gap.shape))
+      raise NotPositiveDefiniteError(
+          f'`{name}` ({k.shape[0]}x{k.shape[1]}) is not symmetric: entries ({i}, {j}) and '
+          f'({j}, {i}) differ by {worst:.3g} (largest entry {float(jnp.max(jnp.abs(k))):.3g}). '
+          'A kernel of the training set with itself is symmetric: pass '
+          'kernel_fn(x_train, None), not a test-train kernel.')
+  else:
+    check(jnp.max(gap) <= tol, f'`{name}` is not symmetric.', NotPositiveDefiniteError)
+
+
+def check_eigenvalues(evals: jax.Array, diagonal: jax.Array, name: str, diag_reg: float,
+                      diag_reg_absolute_scale: bool, n: Optional[int] = None,
+                      fix: Optional[str] = None) -> None:
+  """Raises `NotPositiveDefiniteError` if the eigenvalues `evals` (ascending;
+  the smallest and largest suffice) of an `(n, n)` matrix `K + reg·I` go
+  below zero by more than round-off, naming the smallest and the `diag_reg`
+  that would lift it (as the Cholesky paths do), or `fix`."""
+  if evals.size == 0:
+    return
+  n = evals.shape[0] if n is None else n
+  # Backward error of a symmetric eigensolver: a few n·eps·‖K‖.
+  tol = n * jnp.finfo(evals.dtype).eps * jnp.maximum(jnp.abs(evals[-1]), jnp.abs(evals[0]))
+  ok = evals[0] >= -tol
+  if not is_concrete(ok):
+    check(ok, f'`{name}` is not positive semi-definite; pass `diag_reg > 0`.',
+          NotPositiveDefiniteError)
+    return
+  if bool(ok):
+    return
+  lo = float(evals[0])
+  scale = 1.0 if diag_reg_absolute_scale else float(jnp.mean(diagonal))
+  need = (float(diag_reg) + 2 * abs(lo) / scale) if scale > 0 else float('nan')
+  fix = fix or (f'Pass diag_reg={need:.2g} or more, or use float64 if the kernel is '
+                'positive semi-definite in exact arithmetic.')
+  raise NotPositiveDefiniteError(
+      f'`{name}` ({n}x{n}) is not positive semi-definite: the smallest eigenvalue of '
+      f'`{name}` + diag_reg·I is {lo:.3g} (largest {float(evals[-1]):.3g}, diag_reg={diag_reg}'
+      f'{"" if diag_reg_absolute_scale else " relative to the mean of the diagonal"}). '
+      f'Training along its negative directions diverges. {fix.format(need=need)}')

@@ -128,6 +128,18 @@ def eigh_regularized(k: jax.Array, diag_reg: float,
       k, diag_reg, diag_reg_absolute_scale))
 
 
+def checked_eigh(k: jax.Array, diag_reg: float, diag_reg_absolute_scale: bool,
+                 name: str) -> Tuple[jax.Array, jax.Array]:
+  """`eigh_regularized`, after checking that `k` `(n, n)` is symmetric and
+  raising `NotPositiveDefiniteError` where `K + reg·I` is indefinite beyond
+  round-off (whose eigenvalues the finite-time solutions clip to 0)."""
+  name = name.strip('`')
+  checks.check_symmetric(k, name)
+  evals, evecs = eigh_regularized(k, diag_reg, diag_reg_absolute_scale)
+  checks.check_eigenvalues(evals, jnp.diagonal(k), name, diag_reg, diag_reg_absolute_scale)
+  return evals, evecs
+
+
 def check_predict_inputs(fx_train_0: Any, fx_test_0: Any,
                          k_test_train: Any) -> None:
   if fx_train_0 is None and fx_test_0 is None:
@@ -204,8 +216,8 @@ def gradient_descent_mse(
 
   @checks.memoize_concrete
   def get_eigh():
-    return eigh_regularized(_axes.make_2d(k_train_train), diag_reg,
-                            diag_reg_absolute_scale)
+    return checked_eigh(_axes.make_2d(k_train_train), diag_reg,
+                        diag_reg_absolute_scale, '`k_train_train`')
 
   def predict_inf(fx_train_0, fx_test_0, k_test_train):
     fx_train_t = y_train.astype(k_train_train.dtype)
@@ -456,10 +468,18 @@ def max_learning_rate(
   """
   k = _axes.make_2d(jnp.asarray(ntk_train_train))
   factor = k.shape[0] if y_train_size is None else y_train_size
+  checks.check_symmetric(k, 'ntk_train_train')
+  n = k.shape[0]
   if checks.is_concrete(k):
-    n = k.shape[0]
-    max_eva = scipy.linalg.eigvalsh(np.asarray(k),
-                                    subset_by_index=(n - 1, n - 1))[-1]
+    a = np.asarray(k)
+    evals = [scipy.linalg.eigvalsh(a, subset_by_index=(i, i))[0] for i in (0, n - 1)]
+    max_eva = evals[-1]
+    evals = jnp.asarray(evals, k.dtype)
   else:
-    max_eva = jnp.linalg.eigvalsh(k)[-1]
+    evals = jnp.linalg.eigvalsh(k)
+    max_eva = evals[-1]
+  checks.check_eigenvalues(
+      evals, jnp.diagonal(k), 'ntk_train_train', 0.0, False, n=n,
+      fix='No learning rate makes it stable; regularise the kernel (add '
+      '{need:.2g}·mean(diag) or more to its diagonal), or use float64.')
   return 2 * (1 + momentum) * factor / (max_eva + eps)

@@ -164,9 +164,9 @@ def gradient_descent_mse_ensemble(
 
   @checks.memoize_concrete
   def eigenspace(g: str) -> Tuple[jax.Array, jax.Array]:
-    return dynamics.eigh_regularized(
+    return dynamics.checked_eigh(
         _axes.make_2d(get_k_train_train((g,))[g]), diag_reg,
-        diag_reg_absolute_scale)
+        diag_reg_absolute_scale, f'kernel_fn(x_train, None, {g!r})')
 
   @functools.lru_cache(4)
   def predict_inf(dep: Tuple[str, ...]) -> Callable[..., Any]:
