@@ -20,9 +20,10 @@ import os
 from typing import Optional
 
 import jax
-from jax.extend.core import ClosedJaxpr, Jaxpr, Literal
+from jax.extend.core import Jaxpr, Literal
 
 from infwidth.domain.errors import InfwidthError
+from infwidth.interpreters.walker import sub_jaxprs
 
 #: Bytes the kernel computation may use; None: detected (`available_bytes`).
 LIMIT_BYTES: Optional[int] = None
@@ -40,15 +41,6 @@ def _bytes(v) -> int:
   if shape is None or isinstance(v, Literal):
     return 0
   return math.prod(shape) * aval.dtype.itemsize
-
-
-def _sub_jaxprs(eqn):
-  for param in eqn.params.values():
-    for sub in param if isinstance(param, (tuple, list)) else (param,):
-      if isinstance(sub, ClosedJaxpr):
-        yield sub.jaxpr
-      elif isinstance(sub, Jaxpr):
-        yield sub
 
 
 def peak_bytes(jaxpr: Jaxpr, fused: bool = False) -> int:
@@ -74,7 +66,7 @@ def peak_bytes(jaxpr: Jaxpr, fused: bool = False) -> int:
   peak = total
   for i, eqn in enumerate(jaxpr.eqns):
     out = sum(size(v, eqn) for v in eqn.outvars)
-    inner = max((_temporary_bytes(sub, fused) for sub in _sub_jaxprs(eqn)), default=0)
+    inner = max((_temporary_bytes(sub, fused) for sub in sub_jaxprs(eqn)), default=0)
     peak = max(peak, total + out + inner)
     for v in eqn.outvars:
       live[v] = size(v, eqn)
@@ -99,7 +91,7 @@ def _elementwise(eqn) -> bool:
     return True
   if name not in _CALLS:
     return False
-  subs = list(_sub_jaxprs(eqn))
+  subs = list(sub_jaxprs(eqn))
   return bool(subs) and all(_elementwise(e) for sub in subs for e in sub.eqns)
 
 

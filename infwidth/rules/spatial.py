@@ -178,8 +178,9 @@ def reduce_window_rule(ctx, operand, init, *, jaxpr, consts=(), window_dimension
   # The interpreter has checked the body is one addition (the `body` fact).
   if not isinstance(init, Det) or np.any(np.asarray(init.value) != 0):
     raise ctx.unsupported('a window sum with a nonzero initial value')
-  return _pool(ctx, operand, window_dimensions, window_strides, padding, base_dilation,
-               window_dilation)
+  # The generic reduce_window has several results (one per operand): a list.
+  return [_pool(ctx, operand, window_dimensions, window_strides, padding, base_dilation,
+                window_dilation)]
 
 
 def spatial_sum(ctx, operand: A.Wide, axes):
