@@ -86,9 +86,9 @@ def stax_zoo_case(key):
   init_fn, apply_fn, _ = stax.serial(
       stax.Conv(16, (3, 3), strides=(2, 2), padding='SAME'), stax.Erf(),
       stax.FanOut(2), stax.parallel(block, stax.Identity()), stax.FanInSum(),
-      stax.AvgPool((2, 2), padding='SAME'), stax.Relu(),
+      stax.AvgPool((2, 2), padding='SAME'),
       stax.FanOut(2), stax.parallel(stax.Conv(8, (1, 1)), stax.Conv(8, (3, 3), padding='SAME')),
-      stax.FanInConcat(), stax.Relu(), stax.Flatten(), stax.Dense(3))
+      stax.FanInConcat(), stax.Relu(), stax.Conv(3, (1, 1)), stax.GlobalAvgPool())
   x = _normal(key, (3, 8, 8, 3))
   _, params = init_fn(key, x.shape)
   return apply_fn, params, {}, x
