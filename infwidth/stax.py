@@ -244,9 +244,10 @@ def FanInSum() -> Layer:
 
 
 def FanInProd() -> Layer:
-  """The elementwise product of a list of inputs. Where the inputs are
-  correlated (`FanOut` then the same value twice) the kernel is the true one;
-  NT multiplies the inputs' kernels as if they were independent."""
+  """The elementwise product of a list of inputs. For independent inputs
+  (branches with their own weights) the kernel is the product of theirs, as
+  in NT; where the inputs are correlated (`FanOut` then the same value twice)
+  it is the true one, where NT multiplies their kernels as if independent."""
   return _no_params(lambda xs: functools.reduce(lambda a, b: a * b, xs), lambda s: s[0])
 
 

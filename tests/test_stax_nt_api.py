@@ -27,7 +27,6 @@ _NOT_NT = {
     'hermite3_not_unit',  # NT's Hermite kernel assumes unit-variance inputs.
     'fan_in_prod_square',  # NT's FanInProd assumes independent inputs.
     'fan_in_prod_relu_erf',
-    'fan_in_prod_independent',  # Products of independent Gaussians: not yet.
     'dot_general_lhs',  # Free axes of the constant: not yet (see below).
     'dot_general_spatial_out',
     'index_batch',  # Indexing the batch axis: not yet (see below).
@@ -173,12 +172,6 @@ def _relu_erf_expect(cov):
   val, _ = integrate.dblquad(lambda v, u: f(u) * f(v) * dist.pdf([u, v]), 0, np.inf, 0, np.inf,
                              epsabs=1e-12, epsrel=1e-10)
   return val
-
-
-def test_fan_in_prod_of_independent_branches_is_a_clear_error():
-  (_, _, kernel_fn), (x1, x2) = _layer('fan_in_prod_independent')
-  with pytest.raises(Exception, match='two different random Gaussian values'):
-    kernel_fn(x1, x2, 'nngp')
 
 
 @pytest.mark.parametrize('name', ['dot_general_lhs', 'dot_general_spatial_out'])

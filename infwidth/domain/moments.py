@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from infwidth.domain.values import (ZERO, ChannelConcat, Combo, KernelSource, LinearSource,
                               MappedSource, NeedFullSpatial, PairStats, ParamSource, Source, Term, Wide,
-                              _add, _is_zero, _mul, align, batch_diagonal)
+                              _add, _is_zero, _mul, align, batch_diagonal, term_leaves)
 from infwidth.domain.errors import UnsupportedValueError
 from infwidth.domain import gaussian_engine
 from infwidth.domain.chain import Chain
@@ -312,7 +312,14 @@ class Moments:
     return pa + tuple(f(d) for d in term.dargs)
 
   def term_first_moment(self, term: Term, which: str):
-    """`E[term]` per input of one side, canonical layout `(B, *S)`."""
+    """`E[term]` per input of one side, canonical layout `(B, *S)`: the
+    product of its independent parts' means."""
+    out = 1.0
+    for part in term.parts:
+      out = _mul(out, self._part_first_moment(part, which))
+    return out
+
+  def _part_first_moment(self, term: Term, which: str):
     mean = self._mean(term.combo, which)
     fac = 1.0
     for p in term.factors:
@@ -330,7 +337,59 @@ class Moments:
     return out
 
   def term_pair(self, ta: Term, tb: Term, sa, sb, mode: str):
-    """Second moment `E[ta tb]` (mode 'cross', 'diag1' or 'diag2') and, for 'cross', the NTK."""
+    """Second moment `E[ta tb]` (mode 'cross', 'diag1' or 'diag2') and, for 'cross', the NTK.
+
+    Terms with cofactors are products of independent parts. Each part of one
+    side may depend on at most one part of the other (they share a parameter
+    leaf); then `E[Π pₖ Π qₗ]` factorises into the matched pairs' second
+    moments times the unmatched parts' means, and the NTK (gradient
+    independence) is `Σ_pairs Θ(p, q) · Π_{other pairs} E[p′q′] · Π means`
+    (docs/semantics.md, "Functions of several Gaussian values").
+    """
+    if not (ta.cofactors or tb.cofactors):
+      return self._part_pair(ta, tb, sa, sb, mode)
+    pa, pb = ta.parts, tb.parts
+    la, lb = [term_leaves(p) for p in pa], [term_leaves(q) for q in pb]
+    match = {}
+    for i in range(len(pa)):
+      deps = [j for j in range(len(pb)) if la[i] & lb[j]]
+      if len(deps) > 1 or any(j in match.values() for j in deps):
+        raise UnsupportedValueError(
+            'a product of independent Gaussian values is paired with a value that depends '
+            'on several of its factors; this needs a joint expectation of more than two '
+            'Gaussians and is not supported yet.')
+      if deps:
+        match[i] = deps[0]
+    ka, kb = len(sa), len(sb)
+    wa, wb = ('rows', 'cols') if mode == 'cross' else (('rows', 'rows') if mode == 'diag1'
+                                                       else ('cols', 'cols'))
+    place = self.as_side if mode == 'cross' else self.as_diag_side
+    put = lambda arr, side: arr if isinstance(arr, float) else place(arr, side, ka, kb)
+    means = 1.0
+    for i in range(len(pa)):
+      if i not in match:
+        means = _mul(means, put(self._part_first_moment(pa[i], wa), 'a'))
+    for j in range(len(pb)):
+      if j not in match.values():
+        means = _mul(means, put(self._part_first_moment(pb[j], wb), 'b'))
+    pairs = [self._part_pair(pa[i], pb[j], sa, sb, mode) for i, j in match.items()]
+    value = means
+    for v, _ in pairs:
+      value = _mul(value, v)
+    if mode != 'cross':
+      return value, None
+    ntk = 0.0
+    for k, (_, n) in enumerate(pairs):
+      if n is None or _is_zero(n):
+        continue
+      rest = means
+      for m, (v, _) in enumerate(pairs):
+        if m != k:
+          rest = _mul(rest, v)
+      ntk = _add(ntk, _mul(rest, n))
+    return value, ntk
+
+  def _part_pair(self, ta: Term, tb: Term, sa, sb, mode: str):
     ka, kb = len(sa), len(sb)
     fac_m, fac_ntk = _factor_moments(ta.factors, tb.factors)
     if _is_zero(fac_m):

@@ -340,16 +340,56 @@ class Term:
     entering the chain; they carry NTK contributions.
   dargs: deterministic canonical-layout arrays entering the chain.
   factors: parameter sources multiplying the term outside the chain.
+  cofactors: terms multiplying this one, each over its own combination and
+    all of them (and this term) mutually independent: `(W₁x) · σ(W₂x)`, a
+    gated unit, is one term with one cofactor. Their expectations factorise
+    (docs/semantics.md, "Functions of several Gaussian values").
   """
   chain: Chain
   combo: Combo
   pargs: Tuple[Combo, ...] = ()
   dargs: Tuple[Any, ...] = ()
   factors: Tuple[ParamSource, ...] = ()
+  cofactors: Tuple['Term', ...] = ()
 
   @property
   def is_gaussian(self) -> bool:
-    return self.chain.is_identity and not self.factors
+    return self.chain.is_identity and not self.factors and not self.cofactors
+
+  @property
+  def parts(self) -> Tuple['Term', ...]:
+    """The independent factors of the term, each without cofactors."""
+    if not self.cofactors:
+      return (self,)
+    return (dataclasses.replace(self, cofactors=()),) + self.cofactors
+
+
+def term_leaves(t: Term) -> frozenset:
+  """Ids of the parameter leaves whose randomness a term depends on: two terms
+  without a common leaf are independent in the limit (fresh weights make
+  their sources uncorrelated given the layer below, DESIGN §2)."""
+  out = set()
+  combos = (t.combo,) + tuple(t.pargs)
+  for c in combos:
+    for s in c.sources:
+      out |= source_leaves(s)
+  for f in t.factors:
+    out.add(id(f.leaf))
+  for c in t.cofactors:
+    out |= term_leaves(c)
+  return frozenset(out)
+
+
+def source_leaves(s: Source) -> frozenset:
+  if isinstance(s, MappedSource):  # a map of a wide value: its terms' leaves
+    out = set()
+    for t in s.base.terms:
+      out |= term_leaves(t)
+    for part in getattr(s.base, 'parts', ()):
+      for t in part.terms:
+        out |= term_leaves(t)
+    return frozenset(out)
+  return frozenset((id(s.leaf),))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -22,9 +22,9 @@ from infwidth.domain import values as A
 from infwidth.domain.errors import InternalError
 from infwidth.domain.chain import ChainBuilder, const
 from infwidth.rules.registry import register
-from infwidth.rules.wide_ops import (Det, NotGaussian, add_offset, add_wides, collapse,
-                                   det_to_canonical, finish_term, map_terms_scale, merge_roles,
-                                   param_to_wide, relayout)
+from infwidth.rules.wide_ops import (Det, NotGaussian, SeveralGaussians, add_offset, add_wides,
+                                   collapse, det_to_canonical, finish_term, map_terms_scale,
+                                   merge_roles, multiply_independent, param_to_wide, relayout)
 
 _IDENTITY = (P.convert_element_type_p, P.copy_p, P.reduce_precision_p)
 
@@ -129,6 +129,10 @@ def _elementwise(ctx, shape, invals, params):
     return _extend_chain(prim, params, vals, dets, roles, shape)
   except NotGaussian as e:
     raise ctx.unsupported(str(e)) from None
+  except SeveralGaussians:
+    if prim is P.mul_p and all(isinstance(v, A.Wide) for v in vals):
+      return multiply_independent(*vals)  # e.g. a gated unit (W₁x)·σ(W₂x)
+    raise
 
 
 def _linear(prim, vals, dets, shape, roles):

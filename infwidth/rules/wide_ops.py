@@ -113,13 +113,15 @@ def relayout(w: A.Wide, roles: Tuple[Any, ...], shape: Tuple[int, ...], hidden=N
       return arr
     return A.align(arr, src, dst)
 
-  terms = []
-  for t in w.terms:
+  def fix_term(t):
     c = t.combo
     combo = A.Combo(c.sources, tuple(fix(k) for k in c.coefs), dst, fix(c.mean))
     pargs = tuple(A.Combo(p.sources, tuple(fix(k) for k in p.coefs), dst, fix(p.mean))
                   for p in t.pargs)
-    terms.append(A.Term(t.chain, combo, pargs, tuple(fix(d) for d in t.dargs), t.factors))
+    return A.Term(t.chain, combo, pargs, tuple(fix(d) for d in t.dargs), t.factors,
+                  tuple(fix_term(f) for f in t.cofactors))
+
+  terms = [fix_term(t) for t in w.terms]
   off = None if w.offset is None else fix(w.offset)
   return A.Wide(tuple(shape), tuple(roles), tuple(terms), off, hidden)
 
@@ -214,6 +216,42 @@ class NotGaussian(UnsupportedValueError):
   reports it as unsupported, so that the fallbacks apply."""
 
 
+class SeveralGaussians(UnsupportedValueError):
+  """An elementwise operation of values over different Gaussian combinations:
+  one chain of one Gaussian cannot hold it (a product of independent values
+  can still be a term with cofactors, `multiply_independent`)."""
+
+
+def multiply_independent(a: A.Wide, b: A.Wide) -> A.Wide:
+  """`a · b` for wide values in the same layout whose terms are pairwise
+  independent: each product of terms is one term with cofactors.
+
+  Raises:
+    SeveralGaussians: if a term of `a` and a term of `b` share a parameter
+      leaf (correlated factors need a joint expectation of several variables).
+  """
+  terms = []
+  for ta in a.terms:
+    for tb in b.terms:
+      parts = ta.parts + tb.parts
+      leaves = [A.term_leaves(p) for p in parts]
+      for i in range(len(parts)):
+        for j in range(i):
+          if leaves[i] & leaves[j]:
+            raise SeveralGaussians(
+                'a product of two random Gaussian values that are correlated but not '
+                'proportional (they share a parameter, e.g. a common bias); only products of '
+                'independent values (different weights) or of functions of one Gaussian '
+                'have a kernel rule; use fallback="monte_carlo".')
+      terms.append(dataclasses.replace(ta, cofactors=ta.cofactors + tb.parts))
+  if b.offset is not None:
+    terms += map_terms_scale(dataclasses.replace(a, offset=None), b.offset).terms
+  if a.offset is not None:
+    terms += map_terms_scale(dataclasses.replace(b, offset=None), a.offset).terms
+  off = None if a.offset is None or b.offset is None else a.offset * b.offset
+  return A.Wide(a.shape, a.roles, tuple(terms), off, a.hidden)
+
+
 def _collapse(w, b, pargs, dargs, combo, split: bool):
   refs = []
 
@@ -233,6 +271,12 @@ def _collapse(w, b, pargs, dargs, combo, split: bool):
     return b.binary('mul', U, new_darg(ratio))
 
   for t in w.terms:
+    if t.cofactors:
+      raise SeveralGaussians(
+          'a nonlinearity of a product of independent Gaussian values (such as tanh of '
+          'an LSTM cell state): its expectation does not factorise and needs a '
+          'joint integral over several Gaussians, which is not supported yet; use '
+          'fallback="monte_carlo".')
     if split:
       rnd, det = A.split_random(t.combo)
     else:
@@ -245,7 +289,7 @@ def _collapse(w, b, pargs, dargs, combo, split: bool):
     if rnd is not None:
       ratio = A.combo_ratio(rnd, combo) if combo is not None else None
       if ratio is None:
-        raise UnsupportedValueError(
+        raise SeveralGaussians(
             'an elementwise operation combines two different random Gaussian '
             'values (e.g. a product of independent pre-activations, as in gating); '
             'kernels of such products are not supported yet; use '
