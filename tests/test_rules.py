@@ -456,7 +456,7 @@ RULE_CASES = {
                       _gain_closed, _prim_probe(lambda h: h * jnp.ones(HIDDEN, h.dtype),
                                                 lambda n: (n, HIDDEN))),
                Elementwise('h_tanh_h', lambda h: h * jnp.tanh(h)),
-               _xfail(Custom('gated', _gated_net, _gated_shapes, _gated_closed), GATING)],
+               Custom('gated', _gated_net, _gated_shapes, _gated_closed)],
     P['div']: [Elementwise('by_const', lambda h: h / 3.0),
                # Poles at ±i: the rule's Gauss–Hermite converges slowly there
                # (measured 1.2e-5 relative on the NTK, 3.6e-7 on the NNGP).

@@ -397,6 +397,7 @@ class Wide:
   """A wide tensor of logical `shape` with per-axis roles.
 
   roles[i] is 'b' (batch), 'c' (channel), a spatial role id, or None (size 1).
+  Several axes may be channel axes: the entries are i.i.d. over all of them.
   """
   shape: Tuple[int, ...]
   roles: Tuple[Any, ...]
@@ -413,11 +414,15 @@ class Wide:
 
   @property
   def channel_axis(self) -> int:
-    return self.roles.index('c')
+    """The last channel axis (a weight with several output axes, Flax's
+    `DenseGeneral` with `features=(heads, head_dim)`, gives several: its
+    entries are i.i.d. over all of them)."""
+    return len(self.roles) - 1 - self.roles[::-1].index('c')
 
   @property
   def width(self) -> int:
-    return self.shape[self.channel_axis]
+    """The number of i.i.d. channels: the product of the channel axes."""
+    return int(np.prod([n for n, r in zip(self.shape, self.roles) if r == 'c'], dtype=int))
 
   def canonical_shape(self, batch: int) -> Tuple[int, ...]:
     if self.hidden:

@@ -110,9 +110,10 @@ def _elementwise(ctx, shape, invals, params):
       if prim is P.div_p and invals[0] is p and len(scalars) == 1:
         return p.scaled(1.0 / scalars[0])
 
-  invals = [param_to_wide(v) if isinstance(v, A.ParamRef) else v for v in invals]
+  others = merge_roles(shape, *[v for v in invals if not isinstance(v, A.ParamRef)])
+  invals = [param_to_wide(v, others) if isinstance(v, A.ParamRef) else v for v in invals]
   roles = merge_roles(shape, *invals)
-  if roles.count('c') != 1:
+  if 'c' not in roles:
     raise InternalError(f'elementwise `{prim}` result has channel roles {roles}')
   vals = []
   for v in invals:

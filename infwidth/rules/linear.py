@@ -8,7 +8,7 @@ import numpy as np
 from jax.extend.core import primitives as P
 
 from infwidth.domain import values as A
-from infwidth.domain.errors import InternalError, UnsupportedValueError
+from infwidth.domain.errors import UnsupportedValueError
 from infwidth.domain.chain import Chain
 from infwidth.rules.registry import register
 
@@ -35,19 +35,21 @@ def dot_general_rule(ctx, lhs, rhs, *, dimension_numbers, **_):
   if pb:
     raise ctx.unsupported('batch dimensions shared between a parameter and its input')
   p_free = [i for i in range(len(p.shape)) if i not in pc]
-  # The channel axis: the free weight axis that comes from the leaf (a size-1
-  # output axis is a valid single channel); other free axes must be trivial.
+  # Channel axes: the free weight axes that come from the leaf (a size-1
+  # output axis is a valid single channel). A weight with several output axes
+  # (`(in, heads, head_dim)`) gives i.i.d. entries over all of them.
   from_leaf = [i for i in p_free if p.axes[i] is not None]
   big = [i for i in from_leaf if p.shape[i] != 1] or from_leaf
   explicit = getattr(p.leaf, 'wide_axes', None)
-  if explicit is not None:
-    big = [i for i in from_leaf if p.axes[i] in explicit]
-  if len(big) != 1 or any(p.shape[i] != 1 for i in p_free if i not in big):
+  if explicit is not None and not set(explicit) <= {p.axes[i] for i in from_leaf}:
     raise UnsupportedValueError(
-        f'parameter {p.leaf.name!r} of shape {p.leaf.shape} keeps {len(big)} candidate '
-        'output-feature (channel) axes after its contraction; a weight must have exactly '
-        'one, every other free axis of size 1. Split fused weights, or say which axis is '
-        "wide: kernelize(..., wide_axes=<pytree like params, e.g. {'W': (1,)}>).")
+        f'wide_axes for parameter {p.leaf.name!r} of shape {p.leaf.shape} names axes '
+        f'{tuple(explicit)}, but here only its axes {tuple(p.axes[i] for i in from_leaf)} are '
+        'output (free) axes; give wide_axes= among the output axes, or None to infer them.')
+  if not big or any(p.shape[i] != 1 for i in p_free if i not in big):
+    raise UnsupportedValueError(
+        f'parameter {p.leaf.name!r} of shape {p.leaf.shape} has no output axis from its own '
+        'entries after its contraction (every free axis is added by a broadcast).')
   x_free = [i for i in range(len(x.shape)) if i not in xc]
   out_shape = tuple(ctx.eqn.outvars[0].aval.shape)
   # dot_general output: lhs free axes, then rhs free axes.
@@ -64,17 +66,19 @@ def dot_general_rule(ctx, lhs, rhs, *, dimension_numbers, **_):
     return A.Wide(out_shape, roles, (A.Term(Chain(), A.combo_of(cached, spatial)),))
   if isinstance(x, A.Wide):
     xc_big = [i for i in xc if x.shape[i] != 1 or x.roles[i] == 'c']
-    if [x.roles[i] for i in xc_big] != ['c']:
+    kinds = [x.roles[i] for i in xc_big]
+    if 'c' not in kinds or 'b' in kinds or (x.hidden and 'c' in x_roles):
       raise UnsupportedValueError(
-          f'a weight contracts axes {[x.roles[i] for i in xc_big]} of a wide value; '
-          'only a contraction over its channel axis alone is supported (a readout after '
-          'flattening spatial and channel axes together is not supported yet).')
-    if 'c' in x_roles:
-      raise InternalError('channel axis survived its contraction')
-    # After a Flatten the contracted axis also runs over the hidden spatial
-    # positions: Σ_{s,i} y_si y'_si = n·Σ_s E[y_s y'_s] (a trace over s).
-    n = x.shape[xc_big[0]] // int(np.prod([size for _, size in x.hidden], dtype=int))
-    src = A.LinearSource(p, x, spatial, width=n, traced=tuple(r for r, _ in x.hidden))
+          f'a weight contracts axes {kinds} of a wide value; a contraction must sum '
+          'channel axes (with, optionally, spatial axes), never the batch axis.')
+    # Spatial axes summed with the channels (after a Flatten, or a readout
+    # over (positions, features)): Σ_{s,i} y_si y'_si = n·Σ_s E[y_s y'_s], a
+    # trace over s. Channel axes left free stay channel axes of the output:
+    # their entries remain i.i.d.
+    traced = tuple(r for r, _ in x.hidden) + tuple(k for k in kinds if k != 'c')
+    n = int(np.prod([x.shape[i] for i in xc_big if x.roles[i] == 'c'], dtype=int))
+    n //= int(np.prod([size for _, size in x.hidden], dtype=int))
+    src = A.LinearSource(p, x, spatial, width=n, traced=traced)
   else:
     if 'b' in [x.roles[i] for i in xc]:
       raise UnsupportedValueError('a weight contracts the batch axis of the input: the inputs '

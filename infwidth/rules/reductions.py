@@ -45,12 +45,16 @@ def reduce_sum_rule(ctx, operand, *, axes, **_):
   spatial_kinds = [operand.roles[a] for a in axes if operand.roles[a] is not None]
   if spatial_kinds and all(k not in ('b', 'c') for k in spatial_kinds):
     return spatial_sum(ctx, operand, axes)
-  if kinds != ['c'] or operand.hidden:
+  if 'c' in kinds and set(kinds) == {'c'} and kinds.count('c') < operand.roles.count('c'):
+    raise ctx.unsupported('a sum over some but not all of the channel axes of a value whose '
+                          'channels span several axes (e.g. over the heads of a '
+                          '(heads, head_dim) projection) is not supported yet')
+  if set(kinds) != {'c'} or operand.hidden:
     raise ctx.unsupported(f'a sum over axes with roles {kinds} of a wide value '
                           '(sums over spatial or batch axes are not supported yet)')
   m = ctx.moments
   first = m.joint(m.wide_first_moment(operand, 'rows'), m.wide_first_moment(operand, 'cols'))
-  n = operand.shape[big[0]]
+  n = operand.width
   out_roles = tuple(r for i, r in enumerate(operand.roles) if i not in axes)
   out_shape = tuple(ctx.eqn.outvars[0].aval.shape)
   canonical = operand.canonical_shape(out_shape[out_roles.index('b')] if 'b' in out_roles else 1)

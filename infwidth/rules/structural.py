@@ -169,6 +169,9 @@ def reshape_rule(ctx, operand, *dyn, new_sizes, dimensions=None, **_):
   new = tuple(new_sizes)
   if isinstance(operand, A.ParamRef):
     return _param_reshape(operand, new)
+  split = _channel_split(operand, new)
+  if split is not None:
+    return relayout(operand, split, new)
   groups = _reshape_groups(operand.shape, new)
   roles, hidden = [], list(operand.hidden)
   for j, group in enumerate(groups):
@@ -190,6 +193,43 @@ def reshape_rule(ctx, operand, *dyn, new_sizes, dimensions=None, **_):
   if 'c' not in roles:
     raise InternalError('reshape dropped the channel axis')
   return relayout(operand, tuple(roles), new, hidden)
+
+
+def _channel_split(operand, new):
+  """Roles after a reshape that splits channel axes into several (`(B, H·D)` →
+  `(B, H, D)`, heads) and keeps every other axis: all parts are channel axes,
+  since the entries are i.i.d. over all of them. None for any other reshape."""
+  old = [(n, r) for n, r in zip(operand.shape, operand.roles) if n != 1]
+  if operand.hidden:
+    return None
+  roles, i = [], 0
+  sizes = list(new)
+  j = 0
+  while j < len(sizes):
+    if sizes[j] == 1:
+      roles.append(None)
+      j += 1
+      continue
+    if i >= len(old):
+      return None
+    n, r = old[i]
+    if sizes[j] == n:
+      roles.append(r)
+      i, j = i + 1, j + 1
+      continue
+    if r != 'c':
+      return None
+    prod, k = 1, j
+    while k < len(sizes) and prod < n:
+      prod *= sizes[k]
+      k += 1
+    if prod != n:
+      return None
+    roles += ['c' if sizes[m] != 1 else None for m in range(j, k)]
+    i, j = i + 1, k
+  if i != len(old) or roles.count('c') <= operand.roles.count('c'):
+    return None
+  return tuple(roles)
 
 
 def _reshape_groups(old, new):

@@ -81,11 +81,15 @@ def canonical_to_value(arr, roles: Sequence[Any], shape: Sequence[int]):
   return jnp.broadcast_to(arr.reshape(full), tuple(shape))
 
 
-def param_to_wide(p: A.ParamRef) -> A.Wide:
-  """A parameter used elementwise: a Gaussian source along its only non-trivial axis."""
+def param_to_wide(p: A.ParamRef, roles=()) -> A.Wide:
+  """A parameter used elementwise: a Gaussian source along its only non-trivial
+  axis, or along several where the value it meets (of axis `roles`) has
+  channel axes there (a `(heads, head_dim)` bias)."""
   from_leaf = [i for i, a in enumerate(p.axes) if a is not None]
   big = [i for i in from_leaf if p.shape[i] != 1] or from_leaf[-1:]
-  if len(big) > 1:
+  several_channels = (len(roles) == len(p.shape) and len(big) > 1
+                      and all(roles[i] == 'c' for i in big))
+  if len(big) > 1 and not several_channels:
     raise UnsupportedValueError(
         f'parameter {p.leaf.name!r} of shape {p.leaf.shape} is used elementwise with '
         f'{len(big)} non-trivial axes; only per-channel vectors (biases, scales) are '
