@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.extend.core import primitives as P
 
@@ -133,7 +134,32 @@ def _elementwise(ctx, shape, invals, params):
   except SeveralGaussians:
     if prim is P.mul_p and all(isinstance(v, A.Wide) for v in vals):
       return multiply_independent(*vals)  # e.g. a gated unit (W₁x)·σ(W₂x)
+    if prim is P.select_n_p and len(vals) == 3 and isinstance(vals[0], A.Wide):
+      return _select_by_indicator(vals, dets, roles, shape, ctx.eqn.outvars[0].aval.dtype)
     raise
+
+
+def _select_by_indicator(vals, dets, roles, shape, dtype):
+  """`where(p, b, a)` with a predicate over other Gaussians than the cases:
+  `a + s·(b − a)` with the indicator `s = 1[p]`, a product of independent
+  values (`select_n(p, a, b)` picks `b` where `p` is true)."""
+  pred, a, b = vals
+  s = _extend_chain(P.convert_element_type_p, dict(new_dtype=np.dtype(dtype), weak_type=False,
+                                                    sharding=None), [pred], [None], roles, shape)
+
+  def wide(v, d):
+    return v if isinstance(v, A.Wide) else None if not np.any(np.asarray(d) != 0) else d
+
+  wa, wb = wide(a, dets[1]), wide(b, dets[2])
+  if wa is not None and not isinstance(wa, A.Wide):
+    wa = add_offset(A.Wide(shape, roles, ()), wa)
+  if wb is not None and not isinstance(wb, A.Wide):
+    wb = add_offset(A.Wide(shape, roles, ()), wb)
+  diff = wb if wa is None else (map_terms_scale(wa, -1.0) if wb is None else add_wides(wb, wa, -1.0))
+  if diff is None:
+    return A.Wide(shape, roles, (), jnp.zeros((1,) * (1 + len(pred.spatial))))
+  out = multiply_independent(s, diff)
+  return out if wa is None else add_wides(out, wa)
 
 
 def _linear(prim, vals, dets, shape, roles):
