@@ -215,3 +215,16 @@ def test_domain_errors_get_the_equation_context(toy_registry):
   assert info.value.primitive is P.cos_p
   assert 'toy values have no limit' in str(info.value)
   assert 'test_interpreter.py' in info.value.source
+
+
+def test_chain_binary_params_match_lax():
+  """The add/mul nodes the interpreter builds bind like `lax.add`/`lax.mul`
+  (their transposes need the same parameters), so chains differentiate."""
+  from infwidth.domain.chain import BINARY, ChainBuilder, U
+  for name, fn in (('add', jax.lax.add), ('mul', jax.lax.mul)):
+    eqn = jax.make_jaxpr(fn)(jnp.ones(2), jnp.ones(2)).jaxpr.eqns[0]
+    prim, params = BINARY[name]
+    assert eqn.primitive is prim and dict(eqn.params) == params
+  b = ChainBuilder()
+  chain = b.build(b.binary('mul', U, b.binary('add', U, U)))
+  np.testing.assert_allclose(jax.grad(lambda u: chain(u))(1.5), 6.0)

@@ -1,10 +1,12 @@
-"""Products of independent Gaussian values: gated units (GLU, SwiGLU), `h1 * h2`.
+"""Functions of several Gaussian values: gated units (GLU, SwiGLU), `h1 * h2`,
+products of correlated values.
 
 A product of values computed with different weights is one term with
-cofactors; its moments factorise over the independent parts
+cofactors; its moments factorise over the independent parts. A polynomial
+of correlated values is one chain of several Gaussians, integrated exactly
 (docs/semantics.md, "Functions of several Gaussian values"). Checked against
-a closed form (a product of two linear layers), Monte Carlo of finite
-networks, and the same network written in Flax and Equinox.
+closed forms (Isserlis), Monte Carlo of finite networks, and the same
+network written in Flax and Equinox.
 """
 
 import equinox as eqx
@@ -188,16 +190,48 @@ def test_flax_and_equinox_gated_units_equal_plain_jax():
   np.testing.assert_allclose(eqx_k.ntk, plain.ntk, rtol=1e-10)
 
 
-@pytest.mark.filterwarnings("ignore:parameter moments estimated", "ignore:kernelize. no kernel rule")
-def test_correlated_factors_and_nonlinearities_of_products_are_refused():
+def _shared_bias_net(p, x):
+  """p·q with p = u₁ + b, q = u₂ + b: correlated factors through the bias b."""
+  b = p['a'][1]
+  return dense(*p['o'], (SW * x @ p['a'][0] / np.sqrt(D) + b) * (SW * x @ p['g'][0] / np.sqrt(D) + b))
+
+
+def test_product_of_correlated_values_closed_form():
+  """Isserlis: with L = σ_w² x·x′/D, Cov(p, p′) = Cov(q, q′) = L + 1 and every
+  other pair covaries through b alone (1), so E[pq p′q′] = 2 + (L + 1)², and
+  Θ_h = E[qq′]Θ(p,p′) + E[qp′]Θ(p,q′) + E[pq′]Θ(q,p′) + E[pp′]Θ(q,q′)
+      = 2(L + 1)² + 2."""
+  x2 = X[:3] * 1.3
+  k = _kernel(_shared_bias_net, _shapes(W, 'a', 'g'), X, x2)
+  lin = SW ** 2 * X @ x2.T / D
+  h = 2 + (lin + 1) ** 2
+  np.testing.assert_allclose(k.nngp, SW ** 2 * h + SB ** 2, rtol=1e-10)
+  np.testing.assert_allclose(k.ntk, SW ** 2 * h + SB ** 2 + SW ** 2 * (2 * (lin + 1) ** 2 + 2),
+                             rtol=1e-10)
+
+
+def test_product_of_correlated_values_matches_monte_carlo():
+  shapes = _shapes(W, 'a', 'g')
+  k = _kernel(_shared_bias_net, shapes)
+  nngp, ntk = monte_carlo(_shared_bias_net, shapes, unit_stats(shapes), X)
+  check_against_mc(k.nngp, nngp, 1, W)
+  check_against_mc(k.ntk, ntk, 1, W)
+
+
+@pytest.mark.parametrize('act', [lambda a, g: jnp.maximum(a, g),
+                                 lambda a, g: jnp.tanh(a * g),
+                                 lambda a, g: jnp.tanh(a * jax.nn.sigmoid(g))])
+def test_non_polynomial_functions_of_several_values_are_refused(act):
   shapes = _shapes(64, 'a', 'g')
-  shared_bias = lambda p, x: dense(*p['o'], (x @ p['a'][0] + p['a'][1])
-                                   * (x @ p['g'][0] + p['a'][1]))
-  with pytest.raises(iw.UnsupportedPrimitiveError, match='share a parameter'):
-    _kernel(shared_bias, shapes)
+  net = lambda p, x: dense(*p['o'], act(dense(*p['a'], x), dense(*p['g'], x)))
+  with pytest.raises(iw.UnsupportedPrimitiveError, match='not a polynomial'):
+    _kernel(net, shapes)
+
+
+@pytest.mark.filterwarnings("ignore:parameter moments estimated", "ignore:kernelize. no kernel rule")
+def test_fallback_for_non_polynomial_functions_of_several_values():
+  shapes = _shapes(64, 'a', 'g')
   tanh_of_product = lambda p, x: dense(*p['o'], jnp.tanh(dense(*p['a'], x) * dense(*p['g'], x)))
-  with pytest.raises(iw.UnsupportedPrimitiveError, match='product of independent'):
-    _kernel(tanh_of_product, shapes)
   # The fallback still applies.
   stats = unit_stats(shapes)
   params = sample_gaussian(jax.random.PRNGKey(1), shapes, stats)

@@ -14,6 +14,7 @@ recognised by looking at `nodes`, and derivatives come from `jax.grad`.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from typing import Any, Tuple
 
 import jax
@@ -124,10 +125,55 @@ class Chain:
     return dphi
 
 
+def _keyword_params(fn) -> dict:
+  """The keyword-only parameters `fn` binds its primitive with, at their
+  defaults (`lax.mul`'s `out_dtype` in recent JAX versions; their transposes
+  require them)."""
+  sig = inspect.signature(fn)
+  return {k: p.default for k, p in sig.parameters.items() if p.kind is p.KEYWORD_ONLY}
+
+
+def polynomial_degree(chain: 'Chain', n_gauss: int = 1):
+  """The total degree of `chain` as a polynomial in its first `n_gauss` inputs
+  (`u` and the first `n_gauss − 1` arguments; the other arguments and
+  constants are coefficients), or None if it is not a polynomial in them."""
+  if chain.is_identity:
+    return 1
+  degree = []
+
+  def of(r: Ref):
+    if r.kind == 'u':
+      return 1
+    if r.kind == 'arg':
+      return 1 if r.index < n_gauss - 1 else 0
+    if r.kind == 'node':
+      return degree[r.index]
+    return 0
+
+  for n in chain.nodes:
+    ds = [of(r) for r in n.operands]
+    if any(d is None for d in ds):
+      degree.append(None)
+    elif n.prim in (_P.add_p, _P.sub_p, _P.neg_p, _P.convert_element_type_p, _P.copy_p):
+      degree.append(max(ds))
+    elif n.prim is _P.mul_p:
+      degree.append(sum(ds))
+    elif n.prim is _P.div_p and ds[1] == 0:
+      degree.append(ds[0])
+    elif n.prim is _P.integer_pow_p and dict(n.params)['y'] >= 0:
+      degree.append(ds[0] * dict(n.params)['y'])
+    elif n.prim is _P.square_p:
+      degree.append(2 * ds[0])
+    else:
+      degree.append(None if max(ds) > 0 else 0)
+  return degree[-1]
+
+
 #: Binary primitives the interpreter adds to chains itself, with the parameters
-#: they are bound with (none, in every JAX version so far; a test checks this
-#: against the jaxprs of `lax.add` and `lax.mul`).
-BINARY = {'add': (_P.add_p, {}), 'mul': (_P.mul_p, {})}
+#: they are bound with (those of `lax.add` and `lax.mul`; a test checks them
+#: against their jaxprs).
+BINARY = {'add': (_P.add_p, _keyword_params(jax.lax.add)),
+          'mul': (_P.mul_p, _keyword_params(jax.lax.mul))}
 
 
 class ChainBuilder:

@@ -20,7 +20,7 @@ from infwidth.domain.values import (ZERO, ChannelConcat, Combo, KernelSource, Li
                               _add, _is_zero, _mul, align, batch_diagonal, term_leaves)
 from infwidth.domain.errors import UnsupportedValueError
 from infwidth.domain import gaussian_engine
-from infwidth.domain.chain import Chain
+from infwidth.domain.chain import Chain, polynomial_degree
 
 
 class Moments:
@@ -324,6 +324,11 @@ class Moments:
     fac = 1.0
     for p in term.factors:
       fac = fac * p.mean
+    if term.gargs:
+      means, cov = self._joint_side(term, which, lambda a: a, len(term.combo.spatial))
+      degree = polynomial_degree(term.chain, len(means)) // 2 + 1  # exact (see _multi_pair)
+      return _mul(fac, gaussian_engine.expect_multi(
+          term.chain, self._args(term, which), len(means), None, (), means, cov, degree))
     if term.chain.is_identity:
       return _mul(fac, mean)
     var = self._var(term.combo, which)
@@ -389,7 +394,81 @@ class Moments:
       ntk = _add(ntk, _mul(rest, n))
     return value, ntk
 
+  # -- chains of several Gaussians ------------------------------------------
+
+  def _joint_side(self, term: Term, which: str, put, k: int):
+    """Means and covariances of a term's Gaussian inputs `(u, *gargs)` at one
+    input and position (side `which`), each placed by `put`."""
+    combos = (term.combo,) + tuple(term.gargs)
+    means = [put(self._mean(c, which)) for c in combos]
+    cov = [[None] * len(combos) for _ in combos]
+    for i, ci in enumerate(combos):
+      for j in range(i, len(combos)):
+        st = self.combo_pair(ci, combos[j])
+        block = st.diag1 if which == 'rows' else st.diag2
+        cov[i][j] = cov[j][i] = put(self.spatial_diagonal(block, k))
+    return means, cov
+
+  def _multi_pair(self, ta: Term, tb: Term, sa, sb, mode: str):
+    """`E[φ(u, g…) ψ(v, h…)]` and its NTK for chains of several Gaussians: a
+    joint integral over all of their inputs (DESIGN §2 with the joint
+    covariance of both sides; docs/semantics.md)."""
+    ka, kb = len(sa), len(sb)
+    fac_m, fac_ntk = _factor_moments(ta.factors, tb.factors)
+    if _is_zero(fac_m):
+      return 0.0, None
+    wa, wb = ('rows', 'cols') if mode == 'cross' else (('rows', 'rows') if mode == 'diag1'
+                                                       else ('cols', 'cols'))
+    place = self.as_side if mode == 'cross' else self.as_diag_side
+    put_a = lambda arr: arr if isinstance(arr, float) else place(arr, 'a', ka, kb)
+    put_b = lambda arr: arr if isinstance(arr, float) else place(arr, 'b', ka, kb)
+    mean_a, cov_a = self._joint_side(ta, wa, put_a, len(ta.combo.spatial))
+    mean_b, cov_b = self._joint_side(tb, wb, put_b, len(tb.combo.spatial))
+    ga, gb = (ta.combo,) + tuple(ta.gargs), (tb.combo,) + tuple(tb.gargs)
+    na, nb = len(ga), len(gb)
+    cov = [[0.0] * (na + nb) for _ in range(na + nb)]
+    for i in range(na):
+      for j in range(na):
+        cov[i][j] = cov_a[i][j]
+    for i in range(nb):
+      for j in range(nb):
+        cov[na + i][na + j] = cov_b[i][j]
+    for i, ci in enumerate(ga):
+      for j, dj in enumerate(gb):
+        st = self.combo_pair(ci, dj)
+        cov[i][na + j] = cov[na + j][i] = {'cross': st.cross, 'diag1': st.diag1,
+                                           'diag2': st.diag2}[mode]
+    aa = tuple(put_a(x) for x in self._args(ta, wa))
+    ab = tuple(put_b(x) for x in self._args(tb, wb))
+    means = mean_a + mean_b
+    # The chains are polynomials in their Gaussians (the elementwise rules
+    # admit no others): a tensor Gauss–Hermite rule with d nodes per dimension
+    # is exact up to total degree 2d − 1 (Isserlis' theorem, computed).
+    degree = (polynomial_degree(ta.chain, na) + polynomial_degree(tb.chain, nb)) // 2 + 1
+    second = gaussian_engine.expect_multi(ta.chain, aa, na, tb.chain, ab, means, cov, degree)
+    value = _mul(fac_m, second)
+    if mode != 'cross':
+      return value, None
+    # NTK (gradient independence): Σ_{k,l} E[∂_kφ ∂_lψ] Θ(z_k, z′_l) over the
+    # chains' inputs (the Gaussians and the deterministic-valued parameters).
+    ins_a, ins_b = ga + tuple(ta.pargs), gb + tuple(tb.pargs)
+    ntk = 0.0
+    for i, ci in enumerate(ins_a):
+      for j, dj in enumerate(ins_b):
+        t = self.combo_ntk(ci, dj)
+        if _is_zero(t):
+          continue
+        e = gaussian_engine.expect_multi(_input_derivative(ta.chain, na, i), aa, na,
+                                         _input_derivative(tb.chain, nb, j), ab, means, cov,
+                                         degree)
+        ntk = _add(ntk, _mul(fac_m, _mul(e, t)))
+    if fac_ntk:
+      ntk = _add(ntk, _mul(fac_ntk, second))
+    return value, ntk
+
   def _part_pair(self, ta: Term, tb: Term, sa, sb, mode: str):
+    if ta.gargs or tb.gargs:
+      return self._multi_pair(ta, tb, sa, sb, mode)
     ka, kb = len(sa), len(sb)
     fac_m, fac_ntk = _factor_moments(ta.factors, tb.factors)
     if _is_zero(fac_m):
@@ -591,6 +670,20 @@ def _product_without(fa, fb, leaf):
     if k not in la:
       m *= q.mean
   return m
+
+
+def _input_derivative(chain: Chain, n_gauss: int, i: int):
+  """∂φ/∂(input i) of `φ(z₀, …, z_{n−1}, *args)` as a callable of the same
+  arguments: input 0 is `u`, inputs `1…` are the chain's arguments in order
+  (the further Gaussians, then the parameter arguments)."""
+  def d(*zs_and_args):
+    zs, args = list(zs_and_args[:n_gauss]), list(zs_and_args[n_gauss:])
+    flat = zs + args
+    shape = jnp.broadcast_shapes(*(jnp.shape(a) for a in flat))
+    flat = [jnp.broadcast_to(a, shape) for a in flat]
+    f = lambda xi: jnp.sum(chain(*(flat[:i] + [xi] + flat[i + 1:])))
+    return jax.grad(f)(flat[i])
+  return d
 
 
 def _arg_derivative(chain: Chain, i: int):

@@ -585,3 +585,4 @@ def _nan_where(undefined, x):
   if isinstance(undefined, bool):
     return x
   return jnp.where(undefined, jnp.asarray(jnp.nan, x.dtype), x)
+

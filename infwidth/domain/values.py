@@ -344,6 +344,10 @@ class Term:
     all of them (and this term) mutually independent: `(W₁x) · σ(W₂x)`, a
     gated unit, is one term with one cofactor. Their expectations factorise
     (docs/semantics.md, "Functions of several Gaussian values").
+  gargs: further random Gaussian combinations the chain takes after `u`,
+    correlated with it or not (`max(h₁, h₂)`, a product of correlated values):
+    the chain is `φ(u, *gargs, *pargs, *dargs)` and its expectations are
+    joint integrals over all of them.
   """
   chain: Chain
   combo: Combo
@@ -351,10 +355,12 @@ class Term:
   dargs: Tuple[Any, ...] = ()
   factors: Tuple[ParamSource, ...] = ()
   cofactors: Tuple['Term', ...] = ()
+  gargs: Tuple[Combo, ...] = ()
 
   @property
   def is_gaussian(self) -> bool:
-    return self.chain.is_identity and not self.factors and not self.cofactors
+    return (self.chain.is_identity and not self.factors and not self.cofactors
+            and not self.gargs)
 
   @property
   def parts(self) -> Tuple['Term', ...]:
@@ -369,7 +375,7 @@ def term_leaves(t: Term) -> frozenset:
   without a common leaf are independent in the limit (fresh weights make
   their sources uncorrelated given the layer below, DESIGN §2)."""
   out = set()
-  combos = (t.combo,) + tuple(t.pargs)
+  combos = (t.combo,) + tuple(t.gargs) + tuple(t.pargs)
   for c in combos:
     for s in c.sources:
       out |= source_leaves(s)

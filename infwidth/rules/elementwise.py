@@ -20,8 +20,8 @@ from jax.extend.core import primitives as P
 from infwidth.domain import closed_forms as cf
 from infwidth.domain import quadrature as quad
 from infwidth.domain import values as A
-from infwidth.domain.errors import InternalError
-from infwidth.domain.chain import ChainBuilder, const
+from infwidth.domain.errors import InternalError, UnsupportedValueError
+from infwidth.domain.chain import ChainBuilder, const, polynomial_degree
 from infwidth.rules.registry import register
 from infwidth.rules.wide_ops import (Det, NotGaussian, SeveralGaussians, add_offset, add_wides,
                                    collapse, det_to_canonical, finish_term, map_terms_scale,
@@ -132,11 +132,20 @@ def _elementwise(ctx, shape, invals, params):
   except NotGaussian as e:
     raise ctx.unsupported(str(e)) from None
   except SeveralGaussians:
+    pass
+  # Several Gaussian values: products of independent ones factorise (a gated
+  # unit (W₁x)·σ(W₂x)); anything else is one chain of several Gaussians.
+  try:
     if prim is P.mul_p and all(isinstance(v, A.Wide) for v in vals):
-      return multiply_independent(*vals)  # e.g. a gated unit (W₁x)·σ(W₂x)
+      return multiply_independent(*vals)
     if prim is P.select_n_p and len(vals) == 3 and isinstance(vals[0], A.Wide):
       return _select_by_indicator(vals, dets, roles, shape, ctx.eqn.outvars[0].aval.dtype)
-    raise
+  except SeveralGaussians:
+    pass
+  try:
+    return _extend_chain(prim, params, vals, dets, roles, shape, several=True)
+  except NotGaussian as e:
+    raise ctx.unsupported(str(e)) from None
 
 
 def _select_by_indicator(vals, dets, roles, shape, dtype):
@@ -201,14 +210,22 @@ def _concrete(x) -> bool:
   return not isinstance(x, jax.core.Tracer)
 
 
-def _extend_chain(prim, params, vals, dets, roles, shape):
+#: The most random Gaussian combinations one chain may take (its kernel is a
+#: joint integral over twice as many, `gaussian_engine.expect_multi`).
+MAX_GAUSSIANS = 3
+
+
+def _extend_chain(prim, params, vals, dets, roles, shape, several=False):
+  """The chain of `prim` applied to the operands; `several`: over several
+  Gaussian combinations if the operands need them (else `SeveralGaussians`)."""
   b = ChainBuilder()
   pargs, dargs = [], []
+  gargs = [] if several else None
   combo = None
   refs = []
   for v, d in zip(vals, dets):
     if isinstance(v, A.Wide):
-      r, combo = collapse(v, b, pargs, dargs, combo)
+      r, combo = collapse(v, b, pargs, dargs, combo, gargs)
     elif np.size(d) == 1 and _concrete(d):
       r = const(np.asarray(d).reshape(()))
     else:
@@ -218,7 +235,19 @@ def _extend_chain(prim, params, vals, dets, roles, shape):
   out = b.add(prim, params, refs)
   spatial = tuple(r for r in roles if r not in ('b', 'c', None))
   hidden = next((v.hidden for v in vals if isinstance(v, A.Wide)), ())
-  term = finish_term(b, out, combo, pargs, dargs, spatial + tuple(r for r, _ in hidden))
+  if gargs and 1 + len(gargs) > MAX_GAUSSIANS:
+    raise UnsupportedValueError(
+        f'`{prim}` makes a function of {1 + len(gargs)} different Gaussian values; kernels '
+        f'of functions of up to {MAX_GAUSSIANS} (a joint integral over twice as many) are '
+        'supported; use fallback="monte_carlo".')
+  term = finish_term(b, out, combo, pargs, dargs, spatial + tuple(r for r, _ in hidden),
+                     gargs or ())
+  if gargs and polynomial_degree(term.chain, 1 + len(gargs)) is None:
+    raise UnsupportedValueError(
+        f'`{prim}` makes a function of several Gaussian values that is not a polynomial in '
+        'them (max(h1, h2), tanh(h1 * h2), a gate inside a nonlinearity); products of '
+        'independent values and polynomials of correlated ones have kernel rules, '
+        'other functions not yet; use fallback="monte_carlo".')
   return A.Wide(shape, roles, (term,), None, hidden)
 
 

@@ -122,8 +122,10 @@ def relayout(w: A.Wide, roles: Tuple[Any, ...], shape: Tuple[int, ...], hidden=N
     combo = A.Combo(c.sources, tuple(fix(k) for k in c.coefs), dst, fix(c.mean))
     pargs = tuple(A.Combo(p.sources, tuple(fix(k) for k in p.coefs), dst, fix(p.mean))
                   for p in t.pargs)
+    gargs = tuple(A.Combo(p.sources, tuple(fix(k) for k in p.coefs), dst, fix(p.mean))
+                  for p in t.gargs)
     return A.Term(t.chain, combo, pargs, tuple(fix(d) for d in t.dargs), t.factors,
-                  tuple(fix_term(f) for f in t.cofactors))
+                  tuple(fix_term(f) for f in t.cofactors), gargs)
 
   terms = [fix_term(t) for t in w.terms]
   off = None if w.offset is None else fix(w.offset)
@@ -177,8 +179,10 @@ def add_offset(w: A.Wide, c) -> A.Wide:
 
 
 def collapse(w: A.Wide, b: ChainBuilder, pargs: list, dargs: list,
-             combo: Optional[A.Combo]) -> Tuple[Any, Optional[A.Combo]]:
-  """Adds `w`'s value to builder `b` as a function of one Gaussian combination `u`.
+             combo: Optional[A.Combo], gargs: Optional[list] = None
+             ) -> Tuple[Any, Optional[A.Combo]]:
+  """Adds `w`'s value to builder `b` as a function of one Gaussian combination `u`
+  (and, where `gargs` is a list, of further Gaussian combinations).
 
   `u` is, if possible, a whole combination (zero-variance parameters such as
   zero-initialised biases stay inside it, so closed forms still apply); terms
@@ -189,30 +193,33 @@ def collapse(w: A.Wide, b: ChainBuilder, pargs: list, dargs: list,
   Args:
     w: the wide value.
     b: the chain under construction; new arguments are appended to `pargs`
-      (parameter arguments) or `dargs` (deterministic arrays) as
-      `(index, value)` pairs, in creation order.
+      (parameter arguments), `dargs` (deterministic arrays) or `gargs`
+      (further Gaussian combinations) as `(index, value)` pairs, in creation
+      order.
     combo: the combination already chosen by earlier operands, or None.
+    gargs: None to allow one Gaussian only; else a list collecting the random
+      combinations not proportional to `u`, each a new chain argument.
 
   Returns:
     (reference to the value in `b`, the chosen combination).
   Raises:
-    UnsupportedValueError: if the value depends on two different random combinations
-      (a product of independent Gaussians, e.g. gating).
+    SeveralGaussians: if `gargs` is None and the value depends on two
+      different random combinations (a product of independent
+      pre-activations, as in gating).
   """
   whole = combo
-  for t in w.terms:
-    whole = whole or t.combo
-    if A.combo_ratio(t.combo, whole) is None:
-      break
-  else:
-    if whole is not None:
-      return _collapse(w, b, pargs, dargs, whole, split=False), whole
-  if combo is None:
+  if gargs is None:
     for t in w.terms:
-      combo = A.split_random(t.combo)[0]
-      if combo is not None:
+      whole = whole or t.combo
+      if t.cofactors or t.gargs or A.combo_ratio(t.combo, whole) is None:
         break
-  return _collapse(w, b, pargs, dargs, combo, split=True), combo
+    else:
+      if whole is not None:
+        return _collapse(w, b, pargs, dargs, whole, False, None), whole
+  if combo is None:
+    combo = next((r for t in w.terms for part in t.parts
+                  for r in (A.split_random(part.combo)[0],) if r is not None), None)
+  return _collapse(w, b, pargs, dargs, combo, True, gargs), combo
 
 
 class NotGaussian(UnsupportedValueError):
@@ -256,8 +263,7 @@ def multiply_independent(a: A.Wide, b: A.Wide) -> A.Wide:
   return A.Wide(a.shape, a.roles, tuple(terms), off, a.hidden)
 
 
-def _collapse(w, b, pargs, dargs, combo, split: bool):
-  refs = []
+def _collapse(w, b, pargs, dargs, combo, split: bool, gargs):
 
   def new_parg(p):
     r = b.new_arg()
@@ -269,42 +275,44 @@ def _collapse(w, b, pargs, dargs, combo, split: bool):
     dargs.append((r.index, d))
     return r
 
-  def scaled_u(ratio):
+  def scaled(ref, ratio):
     if isinstance(ratio, float):
-      return U if ratio == 1.0 else b.binary('mul', U, const(ratio))
-    return b.binary('mul', U, new_darg(ratio))
+      return ref if ratio == 1.0 else b.binary('mul', ref, const(ratio))
+    return b.binary('mul', ref, new_darg(ratio))
 
-  for t in w.terms:
-    if t.cofactors:
+  def gaussian_ref(rnd):
+    """`rnd` as `α·u`, as `α·g` for an earlier further Gaussian `g`, or new."""
+    ratio = A.combo_ratio(rnd, combo) if combo is not None else None
+    if ratio is not None:
+      return scaled(U, ratio)
+    for index, g in (gargs or ()):
+      ratio = A.combo_ratio(rnd, g)
+      if ratio is not None:
+        return scaled(A_arg(index), ratio)
+    if gargs is None:
       raise SeveralGaussians(
-          'a nonlinearity of a product of independent Gaussian values (such as tanh of '
-          'an LSTM cell state): its expectation does not factorise and needs a '
-          'joint integral over several Gaussians, which is not supported yet; use '
+          'an elementwise operation combines two different random Gaussian '
+          'values (e.g. a product of independent pre-activations, as in gating); '
+          'kernels of such products are not supported yet; use '
           'fallback="monte_carlo".')
-    if split:
-      rnd, det = A.split_random(t.combo)
-    else:
-      rnd, det = t.combo, None
-    u = None
+    r = b.new_arg()
+    gargs.append((r.index, rnd))
+    return r
+
+  def part_ref(t):
+    rnd, det = A.split_random(t.combo) if split else (t.combo, None)
     if any(isinstance(src, A.MappedSource) and not src.gaussian for src in t.combo.sources):
       raise NotGaussian(
           'a nonlinearity of a pooled (or summed) non-Gaussian value: its distribution is '
           'not Gaussian, so no two-dimensional expectation gives its kernel')
-    if rnd is not None:
-      ratio = A.combo_ratio(rnd, combo) if combo is not None else None
-      if ratio is None:
-        raise SeveralGaussians(
-            'an elementwise operation combines two different random Gaussian '
-            'values (e.g. a product of independent pre-activations, as in gating); '
-            'kernels of such products are not supported yet; use '
-            'fallback="monte_carlo".')
-      u = scaled_u(ratio)
+    u = None if rnd is None else gaussian_ref(rnd)
     if det is not None:
       d = new_parg(det)
       u = d if u is None else b.binary('add', u, d)
     if u is None:
       raise InternalError('empty combination')
-    args = [new_parg(p) for p in t.pargs] + [new_darg(d) for d in t.dargs]
+    args = ([gaussian_ref(g) for g in t.gargs] + [new_parg(p) for p in t.pargs]
+            + [new_darg(d) for d in t.dargs])
     r = b.inline(t.chain, u, args)
     for f in t.factors:
       if f.random:
@@ -313,6 +321,18 @@ def _collapse(w, b, pargs, dargs, combo, split: bool):
             'inside a nonlinearity; this needs a higher-dimensional Gaussian '
             'expectation and is not supported yet.')
       r = b.binary('mul', r, new_parg(A.combo_of(f, t.combo.spatial)))
+    return r
+
+  refs = []
+  for t in w.terms:
+    if t.cofactors and gargs is None:
+      raise SeveralGaussians(
+          'a nonlinearity of a product of independent Gaussian values (such as tanh of '
+          'an LSTM cell state) needs a joint integral over several Gaussians')
+    r = None
+    for part in t.parts:
+      pr = part_ref(part)
+      r = pr if r is None else b.binary('mul', r, pr)
     refs.append(r)
   if w.offset is not None:
     refs.append(new_darg(w.offset))
@@ -325,19 +345,17 @@ def _collapse(w, b, pargs, dargs, combo, split: bool):
 
 
 def finish_term(b: ChainBuilder, out, combo: Optional[A.Combo], pargs: list, dargs: list,
-                spatial) -> A.Term:
-  """Builds the term `chain(u, *pargs, *dargs)`, renumbering arguments so that
-  parameter arguments come first (the order `Term` evaluates them in)."""
+                spatial, gargs=()) -> A.Term:
+  """Builds the term `chain(u, *gargs, *pargs, *dargs)`, renumbering arguments
+  into that order (the order `Term` evaluates them in)."""
   from infwidth.domain.chain import Node, arg
-  new_index = {}
-  for k, (i, _) in enumerate(pargs):
-    new_index[i] = k
-  for k, (i, _) in enumerate(dargs):
-    new_index[i] = len(pargs) + k
+  order = [i for i, _ in gargs] + [i for i, _ in pargs] + [i for i, _ in dargs]
+  new_index = {i: k for k, i in enumerate(order)}
   remap = lambda r: arg(new_index[r.index]) if r.kind == 'arg' else r
   b.nodes = [Node(n.prim, n.params, tuple(remap(r) for r in n.operands)) for n in b.nodes]
   out = remap(out)
   chain = b.build(out)
   if combo is None:
     combo = A.Combo((), (), tuple(spatial), 0.0)
-  return A.Term(chain, combo, tuple(p for _, p in pargs), tuple(d for _, d in dargs))
+  return A.Term(chain, combo, tuple(p for _, p in pargs), tuple(d for _, d in dargs),
+                gargs=tuple(g for _, g in gargs))
