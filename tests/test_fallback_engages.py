@@ -58,8 +58,8 @@ def cumsum_net(p, x):
   return jnp.cumsum((x @ p['w0'])[..., None], axis=-1)[..., 0]
 
 
-def gated_net(p, x):
-  return (x @ p['w0']) * jax.nn.sigmoid(x @ p['w1'])
+def tanh_of_product_net(p, x):
+  return jnp.tanh((x @ p['w0']) * (x @ p['w1']))
 
 
 def per_channel_constant_net(p, x):
@@ -82,7 +82,7 @@ CASES = {
     'sort': (sort_net, [(D, W)]),
     'reduce_max': (max_net, [(D, W)]),
     'cumsum': (cumsum_net, [(D, W)]),
-    'gated product': (gated_net, [(D, W), (D, W)]),
+    'tanh of a product': (tanh_of_product_net, [(D, W), (D, W)]),
     'constant on the wide axis': (per_channel_constant_net, [(D, W)]),
     'channel sum': (channel_sum_net, [(D, W)]),
     'scan': (scan_net, [(D, W), (W, W)]),
