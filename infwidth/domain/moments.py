@@ -141,7 +141,7 @@ class Moments:
     if isinstance(ya, Wide) and isinstance(yb, Wide):
       st = self.wide_pair(ya, yb)
       if a.traced:
-        st = PairStats(*(_trace_spatial(x, lead, ya.spatial, yb.spatial, a.traced, self.diag)
+        st = PairStats(*(trace_spatial(x, lead, ya.spatial, yb.spatial, a.traced, self.diag)
                          for x, lead in ((st.cross, 2), (st.diag1, 1), (st.diag2, 1))))
       out = _scale_stats(st, float(a.width))
     elif a.input_moment is not None and a.input_moment is b.input_moment:
@@ -200,7 +200,7 @@ class Moments:
       if isinstance(a.inputs, Wide) and a.random:
         t = self.wide_ntk(a.inputs, b.inputs)
         if a.traced and not isinstance(t, float):
-          t = _trace_spatial(t, 2, a.inputs.spatial, b.inputs.spatial, a.traced, self.diag)
+          t = trace_spatial(t, 2, a.inputs.spatial, b.inputs.spatial, a.traced, self.diag)
         if a.transform is not None and not isinstance(t, float):
           t = a.transform(t, 2, self.diag)
         out = _add(out, _mul(c * leaf.var * a.width, t))
@@ -582,7 +582,7 @@ class Moments:
     self._cache[('wide', id(a), id(b))] = stats
     self._cache[('widentk', id(a), id(b))] = ntk
 
-def _trace_spatial(block, lead, sa, sb, traced, diag=False):
+def trace_spatial(block, lead, sa, sb, traced, diag=False):
   """Sums a `(*lead, *sa, *sb)` block over equal positions of the `traced` roles
   (a `(*lead, *sa)` block in diagonal mode)."""
   if diag:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from infwidth.interpreters import memory
 from infwidth.domain import moments as M
@@ -193,6 +194,8 @@ def _output_kernel(out, moments: M.Moments, path: str = '') -> Kernel:
         + fix)
   st = moments.wide_pair(out, out)
   ntk = moments.wide_ntk(out, out)
+  if out.hidden:  # a flattened output: per-channel moments averaged over its channels
+    st, ntk = _average_hidden(out, moments, st, ntk)
   sp = _spatial_shape(out)
   return build_kernel(interleave(st.cross, (n1, n2), sp, dtype),
                       interleave(ntk, (n1, n2), sp, dtype),
@@ -202,6 +205,23 @@ def _output_kernel(out, moments: M.Moments, path: str = '') -> Kernel:
                       x1_is_x2=x1_is_x2, spatial_shape=sp,
                       batch_axis=out.roles.index('b') if 'b' in out.roles else 0,
                       channel_axis=out.channel_axis, is_gaussian=_is_gaussian(out), dtype=dtype)
+
+
+def _average_hidden(out: A.Wide, moments: M.Moments, st, ntk):
+  """The moments of an output whose channel axis also runs over spatial
+  positions (a Flatten as the last layer): its channels `(s, c)` are averaged,
+  `(1/S) Σ_s E[y_s y′_s]` at equal positions, NT's Flatten kernel."""
+  roles = tuple(r for r, _ in out.hidden)
+  count = float(np.prod([n for _, n in out.hidden]))
+  sp = out.spatial
+
+  def average(block, lead):
+    if isinstance(block, float):
+      return block
+    return M.trace_spatial(block, lead, sp, sp, roles, moments.diag) / count
+
+  st = A.PairStats(average(st.cross, 2), average(st.diag1, 1), average(st.diag2, 1))
+  return st, average(ntk, 2)
 
 
 def _is_gaussian(w: A.Wide) -> bool:

@@ -174,13 +174,17 @@ def reshape_rule(ctx, operand, *dyn, new_sizes, dimensions=None, **_):
     return relayout(operand, split, new)
   groups = _reshape_groups(operand.shape, new)
   roles, hidden = [], list(operand.hidden)
+  # A single channel (a 1-channel convolution) merged with spatial axes: the
+  # merged axis is the channel axis of the flattened value.
+  trivial_channel = operand.roles.count('c') == 1 and operand.width == 1
   for j, group in enumerate(groups):
+    kinds = [operand.roles[i] for i in group] if group is not None else None
     if new[j] == 1:
       roles.append(None)
     elif group is not None and len(group) == 1:
       roles.append(operand.roles[group[0]])
-    elif group is not None and 'c' in [operand.roles[i] for i in group] and 'b' not in [
-        operand.roles[i] for i in group]:
+    elif group is not None and 'b' not in kinds and (
+        'c' in kinds or (trivial_channel and 'c' not in roles and None not in kinds)):
       # Flatten: spatial axes merged into the channel axis become hidden.
       roles.append('c')
       hidden += [(operand.roles[i], operand.shape[i]) for i in group
