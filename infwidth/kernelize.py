@@ -130,12 +130,24 @@ def kernelize(apply_fn: Optional[Callable] = None, params: Any = None, *,
   return kernel_fn
 
 
+def _rank_promotion_allowed(fn):
+  """Runs `fn` with implicit rank promotion allowed: the kernel computation
+  broadcasts statistics of different ranks, and must work where the user
+  sets `jax_numpy_rank_promotion='raise'` (as NT's tests do)."""
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    with jax.numpy_rank_promotion('allow'):
+      return fn(*args, **kwargs)
+  return wrapped
+
+
 def _bound_kernel_fn(apply_fn, params, options, stacklevel=2):
   """`kernel_fn(x1, x2=None, get=None, **apply_kwargs)` at these parameters."""
   leaves_info, noisy = leaf_moments(params, options['param_stats'], options['ntk_weights'])
   set_wide_axes(leaves_info, params, options['wide_axes'])
   shapes = jax.tree_util.tree_map(lambda l: jax.ShapeDtypeStruct(np.shape(l), l.dtype), params)
 
+  @_rank_promotion_allowed
   def kernel_fn(x1, x2=None, get=None, **apply_kwargs):
     gets = _check_get(get)
     if isinstance(x1, Kernel):

@@ -271,10 +271,13 @@ def FanInConcat(axis: int = -1) -> Layer:
 
 
 def _channel_bias(b, ndim: int, channel_axis: int):
-  """NT's bias `(1, …, C, …, 1)` as a `(C, 1, …)` array broadcasting against the
-  output (the same values; kernelize reads a per-channel vector)."""
-  v = b.reshape(-1)
-  return v.reshape((v.shape[0],) + (1,) * (ndim - 1 - channel_axis % ndim))
+  """NT's bias `(1, …, C, …, 1)` (or a scalar, as NT accepts) as an array of
+  the output's rank with its entries along `channel_axis`, so that it
+  broadcasts without rank promotion."""
+  v = jnp.reshape(jnp.asarray(b), -1)
+  shape = [1] * ndim
+  shape[channel_axis % ndim] = v.shape[0]
+  return v.reshape(shape)
 
 
 def _check_parameterization(parameterization: str) -> str:

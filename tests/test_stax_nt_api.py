@@ -269,3 +269,22 @@ def test_image_resize_nearest_nonsquare():
   nt = _NT['resize_nearest_nonsquare/nngp']
   (_, _, kernel_fn), (x1, x2) = _layer('resize_nearest_nonsquare')
   assert _rel_err(kernel_fn(x1, x2, 'nngp'), nt) > 0.05
+
+
+def test_rank_promotion_raise_and_scalar_bias():
+  """NT's tests run with `jax_numpy_rank_promotion='raise'`; NT's apply
+  functions accept a scalar bias."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (3, 5, 5, 2))
+  init_fn, apply_fn, kernel_fn = stax.serial(
+      stax.Conv(8, (3, 3), padding='SAME', b_std=0.1), stax.Relu(), stax.Flatten(),
+      stax.Dense(4, b_std=0.2), stax.LayerNorm(), stax.Dense(3))
+  _, params = init_fn(jax.random.PRNGKey(1), x.shape)
+  want = kernel_fn(x, None, ('nngp', 'ntk'))
+  with jax.numpy_rank_promotion('raise'):
+    assert apply_fn(params, x).shape == (3, 3)
+    got = kernel_fn(x, None, ('nngp', 'ntk'))
+  np.testing.assert_allclose(got.nngp, want.nngp, rtol=1e-12)
+  init_fn, apply_fn, _ = stax.Dense(4, b_std=0.2)
+  _, (w, b) = init_fn(jax.random.PRNGKey(1), (3, 7))
+  x = jnp.ones((3, 7))
+  np.testing.assert_allclose(apply_fn((w, 0.), x), apply_fn((w, jnp.zeros_like(b)), x))
