@@ -503,3 +503,15 @@ def test_checkpoint_refuses_other_inputs_and_recomputes_corrupt(tmp_path):
       print('OK')
   '''), {'COUNTER': counter, 'XLA_FLAGS': ''})
   assert res.returncode == 0 and 'OK' in res.stdout, res.stderr[-3000:]
+
+
+def test_batch_under_jit_gives_the_same_values():
+  from infwidth import stax
+  _, _, kernel_fn = stax.serial(stax.Dense(16), stax.Relu(), stax.Dense(2))
+  x = jax.random.normal(jax.random.PRNGKey(0), (8, 5))
+  batched = iw.batch(kernel_fn, batch_size=4)
+  for x2 in (None, x[:3]):
+    want = batched(x, x2, ('nngp', 'ntk'))
+    got = jax.jit(batched, static_argnums=2)(x, x2, ('nngp', 'ntk'))
+    np.testing.assert_allclose(got.nngp, want.nngp, rtol=1e-6)
+    np.testing.assert_allclose(got.ntk, want.ntk, rtol=1e-6)

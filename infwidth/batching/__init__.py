@@ -91,7 +91,9 @@ def batch(kernel_fn: Callable[..., Any],
       `N1` over all devices (`N1` must divide evenly).
 
   Returns:
-    A function with the signature and results of `kernel_fn`.
+    A function with the signature and results of `kernel_fn`. Under
+    `jax.jit` (traced inputs) it computes the kernel in one piece, with the
+    same values: tiling, devices and checkpoints apply to eager calls.
   """
   if not isinstance(batch_size, (int, np.integer)) or batch_size < 0:
     raise ValueError(f'batch_size must be an integer >= 0, got {batch_size!r}.')
@@ -106,6 +108,10 @@ def batch(kernel_fn: Callable[..., Any],
       raise NotImplementedError(
           'batch() takes inputs x1, x2; composing with a Kernel input is not '
           'supported. Batch the kernel function that produces the inputs.')
+    if any(isinstance(l, jax.core.Tracer) for l in jax.tree_util.tree_leaves((x1, x2))):
+      # Under `jax.jit` the tiles cannot be stored or assembled on the host:
+      # the whole kernel is one traced computation.
+      return kernel_fn(x1, x2, *args, **kwargs)
     run = _Run(kernel_fn, int(batch_size), int(device_count), store_on_device,
                checkpoint_dir, progress, gather, cache, x1, x2, args, kwargs)
     return run.execute()
