@@ -122,7 +122,7 @@ def test_nt_init_convention_batching_and_host_storage():
   assert isinstance(got.ntk, np.ndarray)
   np.testing.assert_allclose(got.ntk, want.ntk, rtol=1e-10)
   np.testing.assert_allclose(got.nngp, want.nngp, rtol=1e-10)
-  with pytest.raises(NotImplementedError):
+  with pytest.raises(ValueError, match='only 1 local devices'):
     iw.monte_carlo_kernel_fn(init_fn, apply_fn, key, 3, device_count=2)
   with pytest.raises(ValueError):
     iw.monte_carlo_kernel_fn(init_fn, apply_fn, key, 3, batch_size=3)(
@@ -143,3 +143,36 @@ def test_rng_reaches_apply_fn():
                                2)(x1, None, 'nngp')
   assert all(seen) and seen
   assert np.isfinite(np.asarray(k)).all()
+
+
+def test_samples_spread_over_four_devices():
+  """Each device draws whole networks; the estimate equals the one-device one."""
+  import os
+  import subprocess
+  import sys
+  import textwrap
+  here = os.path.dirname(os.path.abspath(__file__))
+  script = textwrap.dedent(f'''
+      import sys
+      sys.path.insert(0, {here!r})
+      import jax
+      jax.config.update('jax_enable_x64', True)
+      import numpy as np
+      import infwidth as iw
+      from test_empirical_monte_carlo import inputs, network
+      assert jax.local_device_count() == 4
+      x1, x2 = inputs()
+      init_fn, apply_fn = network(32)
+      key = jax.random.PRNGKey(3)
+      one = iw.monte_carlo_kernel_fn(init_fn, apply_fn, key, [3, 7], device_count=1)
+      four = iw.monte_carlo_kernel_fn(init_fn, apply_fn, key, [3, 7], device_count=-1)
+      for a, b in zip(one(x1, x2, ('nngp', 'ntk')), four(x1, x2, ('nngp', 'ntk'))):
+        np.testing.assert_allclose(b.nngp, a.nngp, rtol=1e-10)
+        np.testing.assert_allclose(b.ntk, a.ntk, rtol=1e-10)
+      print('OK')
+  ''')
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
+             PYTHONPATH=os.path.dirname(here))
+  res = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True, text=True,
+                       timeout=300)
+  assert res.returncode == 0 and 'OK' in res.stdout, res.stderr[-3000:]

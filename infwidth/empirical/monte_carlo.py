@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import inspect
 import operator
-import warnings
 from typing import Any, Callable, Generator, Iterable, Optional, Tuple, Union
 
 import jax
@@ -127,9 +126,9 @@ def monte_carlo_kernel_fn(
     batch_size: if positive, each kernel is computed in blocks of this many
       inputs of `x1` and `x2` (it must divide both; inputs and outputs are
       batched along axis 0). `0`: one block.
-    device_count: only one device is used: `0`, `1`, and `-1` on a
-      single-device host are honoured; `-1` with several devices warns and
-      uses one; larger values raise (multi-device kernels are `infwidth.batch`'s).
+    device_count: devices over which the samples are spread (each computes
+      whole kernels of its own draws; the sum is the same up to rounding):
+      `-1` all local devices, `0` or `1` the default device.
     store_on_device: `False` accumulates and returns NumPy arrays in host
       memory.
     trace_axes, diagonal_axes, implementation, vmap_axes: as in
@@ -141,13 +140,13 @@ def monte_carlo_kernel_fn(
     generator of such means if `n_samples` is an iterable.
   """
   counts, generator = _canonicalize_n_samples(n_samples)
-  if device_count not in (-1, 0, 1):
-    raise NotImplementedError(
-        f'`device_count={device_count}`: Monte Carlo kernels here run on one '
-        'device; use `device_count` in (-1, 0, 1) or `infwidth.batch`.')
-  if device_count == -1 and jax.local_device_count() > 1:
-    warnings.warn('`device_count=-1`: Monte Carlo kernels are computed on one '
-                  f'of the {jax.local_device_count()} devices.')
+  if not isinstance(device_count, (int, np.integer)) or device_count < -1:
+    raise ValueError(f'`device_count` must be -1, 0 or positive, got {device_count!r}.')
+  if device_count > jax.local_device_count():
+    raise ValueError(f'`device_count={device_count}` but only {jax.local_device_count()} '
+                     'local devices exist.')
+  devices = jax.local_devices()[:max(1, jax.local_device_count() if device_count == -1
+                                     else device_count)]
   if batch_size < 0:
     raise ValueError(f'`batch_size` must be non-negative, got {batch_size}.')
   pass_rng = _accepts_rng(apply_fn)
@@ -165,17 +164,28 @@ def monte_carlo_kernel_fn(
         return _blocks(kernel, x1, x2, batch_size, trace_axes, diagonal_axes)
       return kernel(x1, x2)
 
-    once = jax.jit(once)
-    total, k = None, key
-    for n in range(1, counts[-1] + 1):
-      k, split = jax.random.split(k)
-      sample = once(x1, x2, split)
-      if not store_on_device:
-        sample = jax.device_get(sample)
-      total = sample if total is None else jax.tree.map(operator.add, total,
-                                                        sample)
-      if n in counts:
-        yield jax.tree.map(lambda t: t / n, total)
+    if len(devices) == 1:
+      one = jax.jit(once)
+      run = lambda keys: one(x1, x2, keys[0])
+    else:
+      spread = {m: jax.pmap(once, in_axes=(None, None, 0), devices=devices[:m])
+                for m in range(1, len(devices) + 1)}
+      # Each round's kernels are gathered on the first device and summed.
+      run = lambda keys: jax.tree.map(lambda a: jax.device_put(a, devices[0]).sum(0),
+                                      spread[len(keys)](x1, x2, jnp.stack(keys)))
+    total, k, n = None, key, 0
+    for count in counts:
+      while n < count:
+        keys = []
+        for _ in range(min(len(devices), count - n)):
+          k, split = jax.random.split(k)  # sample i: the i-th split, as in NT
+          keys.append(split)
+        sample = run(keys)
+        if not store_on_device:
+          sample = jax.device_get(sample)
+        total = sample if total is None else jax.tree.map(operator.add, total, sample)
+        n += len(keys)
+      yield jax.tree.map(lambda t: t / n, total)
 
   def kernel_fn(x1: PyTree, x2: Optional[PyTree] = None, get=None,
                 **apply_fn_kwargs):
