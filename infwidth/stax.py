@@ -72,6 +72,7 @@ from jax import lax
 
 from infwidth import kernel_layout
 from infwidth.errors import InfwidthError, UnsupportedPrimitiveError
+from infwidth.domain.kernel import build_kernel, interleave
 from infwidth.kernel import Kernel
 from infwidth.kernelize import ParamStats, _check_get, kernelize
 
@@ -134,6 +135,28 @@ def _input_shape(x1) -> Tuple[Shape, Any]:
   return tuple(x1.shape), dtype
 
 
+def _parameter_free_kernel(apply_fn, params, x1, x2, **kwargs) -> Kernel:
+  """The kernel of a network without parameters (pooling, flattening, reshaping
+  the inputs), NT's kernel of its inputs: `Σ_c f(x)_c f(x′)_c / C` over the
+  channel (last) axis at every pair of positions, and a zero NTK."""
+  f1 = apply_fn(params, x1, **kwargs)
+  f2 = f1 if x2 is None or x2 is x1 else apply_fn(params, x2, **kwargs)
+  k = f1.ndim - 2
+  a, b = string.ascii_lowercase[:k], string.ascii_lowercase[k:2 * k]
+  c = f1.shape[-1]
+  gram = lambda u, v, lead: jnp.einsum(f'x{a}z,{lead}{b}z->{"x" if lead == "x" else "xy"}{a}{b}',
+                                       u, v) / c
+  spatial = tuple(f1.shape[1:-1])
+  x1_is_x2 = f2 is f1
+  dtype = jnp.result_type(f1)
+  return build_kernel(interleave(gram(f1, f2, 'y'), (f1.shape[0], f2.shape[0]), spatial, dtype),
+                      0.0, interleave(gram(f1, f1, 'x'), (f1.shape[0],), spatial, dtype),
+                      None if x1_is_x2 else interleave(gram(f2, f2, 'x'), (f2.shape[0],),
+                                                       spatial, dtype),
+                      shape1=f1.shape, shape2=f2.shape, x1_is_x2=x1_is_x2,
+                      spatial_shape=spatial, dtype=dtype)
+
+
 def _kernel_fn(init_fn: Callable, apply_fn: Callable, stats_fn: StatsFn) -> Callable:
   """kernelize of `apply_fn` at the parameter shapes `init_fn` draws for `x1`."""
 
@@ -147,6 +170,11 @@ def _kernel_fn(init_fn: Callable, apply_fn: Callable, stats_fn: StatsFn) -> Call
     if isinstance(x1, Kernel):
       x1 = kernel_layout.input_kernel(x1)
     input_shape, dtype = _input_shape(x1)
+    if not isinstance(x1, Kernel):
+      _, shapes = jax.eval_shape(lambda k: init_fn(k, input_shape), jax.random.PRNGKey(0))
+      if not jax.tree_util.tree_leaves(shapes):
+        k = _parameter_free_kernel(apply_fn, shapes, x1, x2, **kwargs)
+        return k if get is None else k.get(get) if isinstance(get, str) else k.get(tuple(get))
     try:
       return build(input_shape, jnp.dtype(dtype))(x1, x2, get, **kwargs)
     except UnsupportedPrimitiveError as e:

@@ -288,3 +288,26 @@ def test_rank_promotion_raise_and_scalar_bias():
   _, (w, b) = init_fn(jax.random.PRNGKey(1), (3, 7))
   x = jnp.ones((3, 7))
   np.testing.assert_allclose(apply_fn((w, 0.), x), apply_fn((w, jnp.zeros_like(b)), x))
+
+
+@pytest.mark.parametrize('layers', ['AvgPool((2, 2))', 'Flatten()', 'GlobalAvgPool()',
+                                    'Identity()'])
+def test_parameter_free_networks_give_nt_input_kernels(layers):
+  """Without parameters the output is a fixed map of the input; NT's kernel of
+  it is the channel average Σ_c f(x)_c f(x′)_c / C at every pair of positions,
+  with zero NTK."""
+  x1 = jax.random.normal(jax.random.PRNGKey(0), (3, 4, 4, 2))
+  x2 = jax.random.normal(jax.random.PRNGKey(1), (2, 4, 4, 2))
+  init_fn, apply_fn, kernel_fn = eval(f'serial({layers})', vars(stax))  # noqa: S307
+  _, params = init_fn(jax.random.PRNGKey(2), x1.shape)
+  f1, f2 = np.asarray(apply_fn(params, x1)), np.asarray(apply_fn(params, x2))
+  k = kernel_fn(x1, x2)
+  spatial = f1.shape[1:-1]
+  flat = lambda f: f.reshape(f.shape[0], -1, f.shape[-1])
+  want = np.einsum('xsc,ytc->xyst', flat(f1), flat(f2)) / f1.shape[-1]
+  want = want.reshape((3, 2) + spatial + spatial)
+  if len(spatial) == 2:
+    want = want.transpose(0, 1, 2, 4, 3, 5)  # NT's (N1, N2, H, H', W, W')
+  np.testing.assert_allclose(k.nngp, want, rtol=1e-12)
+  np.testing.assert_allclose(k.ntk, 0.0)
+  assert k.cov1.shape == (3,) + tuple(d for s in spatial for d in (s, s))
