@@ -421,3 +421,13 @@ def test_checks_under_jit():
   bad = k - 2 * jnp.linalg.eigvalsh(k)[-1] * jnp.eye(10)
   with pytest.raises(checkify.JaxRuntimeError, match='not positive definite'):
     checked(bad, ktd)
+
+
+def test_ntk_test_covariance_needs_both_kernels(nt):
+  """The NTK posterior covariance uses the NNGP train-train and test-train
+  matrices: bare NTK arrays cannot provide them (NT refuses too)."""
+  ntk = nt['ntk']
+  fn = predict.gp_inference(ntk[TR, TR], nt['y'])
+  assert_rel(fn('ntk', ntk[TE, TR]), nt['gp_ntk_mean'], 1e-8)  # the mean needs the NTK only
+  with pytest.raises(ValueError, match='both NTK and NNGP'):
+    fn('ntk', ntk[TE, TR], ntk[TE, TE])

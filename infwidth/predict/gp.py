@@ -66,6 +66,14 @@ def _validate(k_train_train: Any, y_train: jax.Array,
   checks.check_finite(y_train, '`y_train`')
 
 
+def _holds_nngp(k: Any) -> bool:
+  """`k` is a namedtuple, `Kernel` or dict holding an `nngp` (beside the
+  `ntk`), not a bare array of one kernel."""
+  if _axes.is_array(k) or hasattr(k, 'matvec'):
+    return False
+  return _axes.has_attr(k, 'nngp')
+
+
 def gp_inference(
     k_train_train: Any,
     y_train: jax.Array,
@@ -143,8 +151,10 @@ def gp_inference(
       return y
     if k_td is None:
       return Gaussian(y, jnp.zeros(_dense(k_dd).shape, k_dd.dtype))
-    if g == 'ntk' and not (_axes.has_attr(k_train_train, 'nngp') and
-                           _axes.has_attr(k_test_train, 'nngp')):
+    # The NTK posterior covariance needs the NNGP train-train and test-train
+    # matrices as well: a bare array holds one kernel only, so it cannot be
+    # read as both (as NT refuses it too).
+    if g == 'ntk' and not (_holds_nngp(k_train_train) and _holds_nngp(k_test_train)):
       raise ValueError(
           'If `"ntk" in get`, and `k_test_test is not None`, and '
           '`k_test_train is not None`, i.e. you request the NTK posterior '
