@@ -319,6 +319,23 @@ def _relu_closed(x, k0):
   return t, t + tdot * k0
 
 
+def _embed_shapes(d):
+  return dict(emb=(2, HIDDEN), w2=(HIDDEN, 1))
+
+
+def _embed_net(p, x):
+  # Tokens t = [x > 0] per feature, looked up in a 2-row table, averaged.
+  return _readout(p, p['emb'][(x > 0).astype(jnp.int32)].mean(1))
+
+
+def _embed_closed(x, k0):
+  # Rows of the table are i.i.d. N(0, 1): Cov = [t = t′], averaged over the
+  # feature pairs; the NTK adds the table's own gradient (the same).
+  t = np.asarray(x) > 0
+  same = (t[:, None, :, None] == t[None, :, None, :]).mean((2, 3))
+  return same, 2 * same
+
+
 G_MEAN, G_VAR = 1.0, 0.25   # a per-channel scale (LayerNorm's gain), Gaussian
 
 
@@ -556,6 +573,7 @@ RULE_CASES = {
         "('Differentiation rule for nextafter not implemented') instead of an "
         "InfwidthError naming the primitive")],
     # Linear maps with fresh weights.
+    P['gather']: [Custom('embedding', _embed_net, _embed_shapes, _embed_closed)],
     P['dot_general']: [
         Custom('weight_right', lambda p, x: _readout(p, jax.nn.relu(_pre(p, x))), _dense_shapes,
                _relu_closed),
@@ -638,7 +656,7 @@ DEFAULT_ROWS = {
     'conv_general_dilated-conv_of_wide', 'transpose-ncw_to_nwc', 'reshape-flatten',
     'squeeze-squeeze', 'broadcast_in_dim-expand_dims', 'slice-crop', 'slice-channels',
     'dynamic_slice-dynamic', 'pad-zero_pad', 'rev-flip', 'concatenate-with_reversed',
-    'concatenate-channels', 'concatenate-channels_of_two_chains', 'mul-gated',
+    'concatenate-channels', 'concatenate-channels_of_two_chains', 'mul-gated', 'gather-embedding',
     'reduce_sum-layer_norm_of_relu', 'reduce_sum-global_mean',
     'reduce_window_sum-avg_pool', 'reduce_window-jnp_add_traced_init',
 }

@@ -42,9 +42,10 @@ def analytic_kernels(apply_fn, shapes, leaves_info, x1, x2, x1_is_x2, apply_kwar
     return _joint(_interpret(apply_fn, shapes, leaves_info, moments, xj, x_val, apply_kwargs),
                   gets)
   x1 = jnp.asarray(x1)
-  dtype = x1.dtype if jnp.issubdtype(x1.dtype, jnp.floating) else jnp.float32
-  x1 = x1.astype(dtype)
-  x2 = None if x1_is_x2 else jnp.asarray(x2, dtype)
+  # Integer and boolean inputs stay as they are (token ids for an embedding
+  # lookup); the kernel is computed in the parameters' float dtype.
+  dtype = x1.dtype if jnp.issubdtype(x1.dtype, jnp.floating) else _float_dtype(shapes)
+  x2 = None if x1_is_x2 else jnp.asarray(x2, x1.dtype)
   n1, n2 = x1.shape[0], (x1 if x2 is None else x2).shape[0]
   traces = {}
 
@@ -52,7 +53,7 @@ def analytic_kernels(apply_fn, shapes, leaves_info, x1, x2, x1_is_x2, apply_kwar
     """The kernel computation for batches of r1 and r2 inputs (memoised)."""
     if (r1, r2, same) not in traces:
       traces[r1, r2, same] = _trace_kernels(apply_fn, shapes, leaves_info, apply_kwargs,
-                                            x1.shape[1:], r1, r2, same, dtype)
+                                            x1.shape[1:], r1, r2, same, dtype, x1.dtype)
     return traces[r1, r2, same]
 
   def pair_kernels(a, b):
@@ -87,11 +88,19 @@ def _check_memory(whole, block, n1, n2, fused, joint_loop):
   memory.check_fits(peak, out, n1, n2)
 
 
+def _float_dtype(shapes):
+  """The working dtype for inputs that are not floats: the parameters' float
+  dtype, else JAX's default float."""
+  floats = [l.dtype for l in jax.tree_util.tree_leaves(shapes)
+            if jnp.issubdtype(l.dtype, jnp.floating)]
+  return jnp.result_type(*floats) if floats else jnp.result_type(float)
+
+
 def _trace_kernels(apply_fn, shapes, leaves_info, apply_kwargs, feature_shape, n1, n2,
-                   x1_is_x2, dtype):
+                   x1_is_x2, dtype, x_dtype=None):
   """The kernel computation for `n1` and `n2` inputs of shape `feature_shape`
-  (the same inputs if `x1_is_x2`) as a jaxpr of their joint batch:
-  `(closed jaxpr, output treedef)`."""
+  and dtype `x_dtype` (the same inputs if `x1_is_x2`) as a jaxpr of their
+  joint batch, computed in `dtype`: `(closed jaxpr, output treedef)`."""
   out_tree = []
 
   def kernels_of(xj):
@@ -103,7 +112,7 @@ def _trace_kernels(apply_fn, shapes, leaves_info, apply_kwargs, feature_shape, n
     return leaves
 
   n_joint = n1 if x1_is_x2 else n1 + n2
-  xj = jax.ShapeDtypeStruct((n_joint,) + tuple(feature_shape), dtype)
+  xj = jax.ShapeDtypeStruct((n_joint,) + tuple(feature_shape), x_dtype or dtype)
   closed = trace(kernels_of, xj)
   return closed, out_tree[0]
 

@@ -24,7 +24,7 @@ from infwidth.domain import values as A
 from infwidth.domain import moments as M
 from infwidth.domain.errors import UnsupportedValueError
 from infwidth.domain.chain import Chain
-from infwidth.rules.registry import register, register_primitive
+from infwidth.rules.registry import register
 
 
 
@@ -164,7 +164,3 @@ def det_conv_moment(m: M.Moments, xa, xb, k) -> A.PairStats:
   d2 = jnp.einsum(f'x{la}q,x{lb}q->x{out}', m.cols(xa), m.cols(xb))
   return A.PairStats(cross, d1, d2)
 
-
-# Embedding lookups have no kernel rule yet; the structured empirical NTK
-# contracts their Jacobian without building it.
-register_primitive(P.gather_p, family='linear', structured='gather')

@@ -100,3 +100,82 @@ def dot_general_rule(ctx, lhs, rhs, *, dimension_numbers, **_):
   ctx.moments.sources[key] = src
   ctx.moments.keep_alive.append(x)
   return A.Wide(out_shape, roles, (A.Term(Chain(), A.combo_of(src, spatial)),))
+
+
+def _gather_roles(eqn, invals, outs):
+  """Roles of a constant-folded `gather`: the indices' batch axes, then none."""
+  operand, indices = invals
+  out_ndim = len(eqn.outvars[0].aval.shape)
+  offset = set(eqn.params['dimension_numbers'].offset_dims)
+  batch = iter(indices.roles[:-1])
+  return [tuple(None if i in offset else next(batch, None) for i in range(out_ndim))]
+
+
+@register(P.gather_p, family='linear', det_roles=_gather_roles, structured='gather')
+def gather_rule(ctx, operand, indices, *, dimension_numbers, slice_sizes, **_):
+  """An embedding lookup `W[ids]`: the row of token `t` is a Gaussian source
+  with `Cov(W[t], W[t′]) = σ²·[t = t′]`, a dense layer of the one-hot inputs."""
+  dn = dimension_numbers
+  if not (isinstance(operand, A.ParamRef) and isinstance(indices, A.Det)):
+    raise ctx.unsupported('a gather that is not a lookup of rows of a parameter table by '
+                          'deterministic (integer) indices')
+  rows = tuple(slice_sizes[1:]) == tuple(operand.shape[1:]) and slice_sizes[0] == 1
+  if not (tuple(dn.collapsed_slice_dims) == (0,) and tuple(dn.start_index_map) == (0,)
+          and not dn.operand_batching_dims and rows and indices.shape[-1] == 1):
+    raise ctx.unsupported('a gather other than taking whole rows of a parameter table '
+                          '(`W[ids]`, `jnp.take(W, ids, axis=0)`)')
+  p = operand
+  out_shape = tuple(ctx.eqn.outvars[0].aval.shape)
+  (roles,) = _gather_roles(ctx.eqn, (operand, indices), None)
+  free = [i for i in range(1, len(p.shape))]
+  from_leaf = [i for i in free if p.axes[i] is not None]
+  big = [i for i in from_leaf if p.shape[i] != 1] or from_leaf
+  if not big or any(p.shape[i] != 1 for i in free if i not in big):
+    raise UnsupportedValueError(
+        f'embedding table {p.leaf.name!r} of shape {p.leaf.shape} has no feature axis.')
+  offset = list(dn.offset_dims)
+  roles = list(roles)
+  for k, i in enumerate(free):
+    roles[offset[k]] = 'c' if i in big else None
+  roles = tuple(roles)
+  ids = jnp.asarray(indices.value)[..., 0]
+  id_roles = indices.roles[:-1]
+  b_axes = [i for i, r in enumerate(id_roles) if r == 'b']
+  s_axes = [i for i, r in enumerate(id_roles) if r not in ('b', None)]
+  drop = [i for i, r in enumerate(id_roles) if r is None]
+  if any(ids.shape[i] != 1 for i in drop):
+    raise UnsupportedValueError(
+        f'cannot tell which axis of token ids of shape {ids.shape} is the batch axis; '
+        'the inputs must have their batch axis first.')
+  ids = jnp.transpose(ids, b_axes + s_axes + drop).reshape(
+      [ids.shape[i] for i in b_axes + s_axes])
+  if not b_axes:
+    ids = ids[None]
+  spatial = tuple(id_roles[i] for i in s_axes)
+  key = ('embedding-source', id(p.leaf), id(indices), p.axes, p.scale)
+  src = ctx.moments.sources.get(key)
+  if src is None:
+    src = A.LinearSource(p, ids, spatial, input_moment=_token_equality)
+    src.contracted_leaf_axes = (p.axes[0],)
+    ctx.moments.sources[key] = src
+    ctx.moments.keep_alive.append(indices)
+  return A.Wide(out_shape, roles, (A.Term(Chain(), A.combo_of(src, spatial)),))
+
+
+def _token_equality(m, ia, ib) -> A.PairStats:
+  """`Σ_v onehot(t)_v onehot(t′)_v = [t = t′]` for `(B, *S)` token ids, in
+  the moment engine's layouts (full or equal-position spatial blocks)."""
+  k = ia.ndim - 1
+
+  def eq(a, b, cross):
+    if m.diag:
+      return (a[:, None] == b[None]) if cross else (a == b)
+    sa = a.reshape(a.shape + (1,) * k)
+    sb = b.reshape(b.shape[:1] + (1,) * k + b.shape[1:])
+    return (sa[:, None] == sb[None]) if cross else (sa == sb)
+
+  dtype = m.dtype
+  cross = eq(m.rows(ia), m.cols(ib), True).astype(dtype)
+  d1 = eq(m.rows(ia), m.rows(ib), False).astype(dtype)
+  d2 = d1 if m.x1_is_x2 else eq(m.cols(ia), m.cols(ib), False).astype(dtype)
+  return A.PairStats(cross, d1, d2)
