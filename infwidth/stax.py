@@ -46,14 +46,13 @@ Differences from Neural Tangents:
   where NT raises because a pooling needs the full spatial covariance).
   `Kernel.is_reversed` is always `False` (NT reverses spatial axes internally
   after some layers; infwidth's arrays are always in order).
-* `ImageResize(..., 'nearest')` to a non-square size: NT resizes its kernel in
-  its internal reversed spatial order (H gets W's size); infwidth's kernel is
-  the finite network's (checked by Monte Carlo).
+* `ImageResize` to a non-square size ('nearest' or 'linear'): NT resizes its
+  kernel in its internal reversed spatial order (H gets W's size); infwidth's
+  kernel is the finite network's (checked by Monte Carlo).
 * Layers whose finite network uses an operation kernelize cannot interpret
   make `kernel_fn` raise `infwidth.InfwidthError` naming the operation; no
-  approximate kernel is substituted. Currently: `Flatten` that is not
-  followed by a `Dense` readout (NT returns the pixel-averaged kernel there),
-  and a `FanInConcat` along the channel axis whose output is used other than
+  approximate kernel is substituted. Currently: a `FanInConcat` along the
+  channel axis whose output is used other than
   by channelwise layers and a `Dense`/`Conv` (for example `LayerNorm` over
   the channels).
 """
@@ -525,6 +524,11 @@ def _dot_general_const(x, other, dimension_numbers, x_is_rhs: bool, batch_axis: 
   x_free = tuple(i for i in range(x.ndim) if i not in xc + xb)
   o_free = tuple(i for i in range(other.ndim) if i not in oc + ob)
   nb, nx, no = len(xb), len(x_free), len(o_free)
+  if no and not xb and len(xc) == 1:
+    # A constant matrix along one axis: kernelize maps that axis (`K ↦ M K Mᵀ`).
+    if x_is_rhs:
+      return lax.dot_general(other, x, ((oc, xc), ((), ())))
+    return lax.dot_general(x, other, ((xc, oc), ((), ())))
   # x as (batch, x_free, contracted); other as (batch, o_free, contracted).
   xt = jnp.transpose(x, xb + x_free + xc)
   ot = jnp.transpose(other, ob + o_free + oc)
@@ -564,9 +568,9 @@ def ImageResize(shape: Sequence[int], method, antialias: bool = True,
                 precision=lax.Precision.HIGHEST, batch_axis: int = 0,
                 channel_axis: int = -1) -> Layer:
   """`jax.image.resize` to `shape` (`-1` keeps an axis; the channel axis must be
-  kept). 'nearest' is written as slices and a concatenation (the same values),
-  which kernelize interprets; the other methods resize with constant weight
-  matrices, for which kernelize has no rule yet (their kernel raises)."""
+  kept). 'nearest' is written as slices and a concatenation (the same values);
+  the other methods multiply each axis by a constant weight matrix. kernelize
+  interprets both as maps of the spatial axes."""
   nearest = str(getattr(method, 'name', method)).lower() == 'nearest'
 
   def out_shape(input_shape):

@@ -3,6 +3,7 @@ with a parameter operand creates a new Gaussian source."""
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.extend.core import primitives as P
@@ -10,7 +11,9 @@ from jax.extend.core import primitives as P
 from infwidth.domain import values as A
 from infwidth.domain.errors import UnsupportedValueError
 from infwidth.domain.chain import Chain
+from infwidth.rules import spatial
 from infwidth.rules.registry import register
+from infwidth.rules.wide_ops import relayout
 
 
 def _dot_general_roles(eqn, invals, outs):
@@ -26,6 +29,9 @@ def _dot_general_roles(eqn, invals, outs):
           det_roles=_dot_general_roles, structured='dot')
 def dot_general_rule(ctx, lhs, rhs, *, dimension_numbers, **_):
   (lc, rc), (lb, rb) = dimension_numbers
+  kinds = {type(lhs), type(rhs)}
+  if kinds == {A.Det, A.Wide}:
+    return constant_map(ctx, lhs, rhs, dimension_numbers)
   if isinstance(lhs, A.ParamRef) == isinstance(rhs, A.ParamRef):
     raise ctx.unsupported('a product of two wide values or two parameters')
   param_is_lhs = isinstance(lhs, A.ParamRef)
@@ -179,3 +185,46 @@ def _token_equality(m, ia, ib) -> A.PairStats:
   d1 = eq(m.rows(ia), m.rows(ib), False).astype(dtype)
   d2 = d1 if m.x1_is_x2 else eq(m.cols(ia), m.cols(ib), False).astype(dtype)
   return A.PairStats(cross, d1, d2)
+
+
+def constant_map(ctx, lhs, rhs, dimension_numbers):
+  """A wide value contracted with a constant array along one spatial axis
+  (`einsum('oi,bihc->bohc', M, h)`, a resize or a fixed mixing of positions):
+  the map `M` on that axis, `K ↦ M K Mᵀ` on its moment blocks, or a weighted
+  sum where the constant keeps no free axis."""
+  (lc, rc), (lb, rb) = dimension_numbers
+  wide_is_lhs = isinstance(lhs, A.Wide)
+  w, d = (lhs, rhs) if wide_is_lhs else (rhs, lhs)
+  wc, dc = (lc, rc) if wide_is_lhs else (rc, lc)
+  if lb or rb:
+    raise ctx.unsupported('a contraction of a wide value with a constant sharing batch '
+                          'dimensions (per-input weights) is not supported yet')
+  if 'b' in d.roles:
+    raise ctx.unsupported('a contraction of a wide value with an array that depends on the '
+                          'input is not supported yet')
+  kinds = [w.roles[i] for i in wc]
+  if 'c' in kinds or 'b' in kinds or None in kinds or w.hidden:
+    raise ctx.unsupported('a constant array contracted with the channel (wide) or batch axis '
+                          'of a wide value: fixed mixing of channels has no infinite-width '
+                          'limit')
+  d_free = [i for i in range(len(d.shape)) if i not in dc]
+  if len(wc) != 1 or len(d_free) > 1:
+    raise ctx.unsupported('a constant contracted with several spatial axes of a wide value, or '
+                          'with several free axes of its own, is not supported yet (one axis '
+                          'at a time is)')
+  (ax,) = wc
+  m = np.asarray(d.value) if not isinstance(d.value, jax.core.Tracer) else d.value
+  if d_free:
+    mat = jnp.moveaxis(jnp.asarray(m), dc[0], 1) if isinstance(m, jax.core.Tracer) else np.moveaxis(m, dc[0], 1)
+    in_place = list(w.shape)
+    in_place[ax] = mat.shape[0]
+    mapped = spatial.map_axes(ctx, w, {ax: ('mat', mat)}, tuple(in_place))
+    new_role = mapped.roles[ax]
+    rest = [mapped.roles[i] for i in range(len(w.shape)) if i != ax]
+    roles = tuple(rest + [new_role]) if wide_is_lhs else tuple([new_role] + rest)
+  else:
+    mapped = spatial.map_axes(ctx, w, {ax: ('vec', m)},
+                              tuple(n for i, n in enumerate(w.shape) if i != ax))
+    roles = mapped.roles
+  out_shape = tuple(ctx.eqn.outvars[0].aval.shape)
+  return relayout(mapped, roles, out_shape)

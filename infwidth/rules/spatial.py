@@ -74,7 +74,9 @@ def make_mapped(ctx, base: A.Wide, ops, out_shape, out_roles) -> A.Wide:
     elif op[0] == 'mat':
       out_spatial.append(op[2])
   visible = tuple(r for r in out_roles if r not in ('b', 'c', None))
-  if tuple(out_spatial) != visible:
+  # The value may hold the mapped axes in another order (a transpose after
+  # the map): its combination embeds the source's layout by role.
+  if sorted(out_spatial) != sorted(visible) or len(set(visible)) != len(visible):
     raise InternalError(f'mapped spatial roles {out_spatial} vs value roles {visible}')
   src = A.MappedSource(base, _apply_ops(ops, in_spatial), tuple(out_spatial))
   src.ops = dict(ops)
