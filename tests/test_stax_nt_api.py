@@ -302,3 +302,13 @@ def test_parameter_free_networks_give_nt_input_kernels(layers):
   np.testing.assert_allclose(k.nngp, want, rtol=1e-12)
   np.testing.assert_allclose(k.ntk, 0.0)
   assert k.cov1.shape == (3,) + tuple(d for s in spatial for d in (s, s))
+
+
+@pytest.mark.parametrize('axis', [(1, 2, 3), (2, 3)])
+def test_layer_norm_over_spatial_and_channel_axes(axis):
+  """The statistics over positions and channels are per-input averages of the
+  per-position channel means: deterministic in the limit (Monte Carlo)."""
+  width = 256
+  _check_mc_nngp(stax.serial(
+      stax.Conv(width, (2, 2), W_std=1.3, b_std=0.2), stax.LayerNorm(axis=axis), stax.Relu(),
+      stax.GlobalAvgPool(), stax.Dense(64, 0.9, 0.1)), 'img', width, n_draws=128)

@@ -49,17 +49,26 @@ def reduce_sum_rule(ctx, operand, *, axes, **_):
     raise ctx.unsupported('a sum over some but not all of the channel axes of a value whose '
                           'channels span several axes (e.g. over the heads of a '
                           '(heads, head_dim) projection) is not supported yet')
-  if set(kinds) != {'c'} or operand.hidden:
+  spatial = [k for k in kinds if k != 'c']
+  if 'c' not in kinds or 'b' in kinds or kinds.count('c') < operand.roles.count('c') or (
+      operand.hidden):
     raise ctx.unsupported(f'a sum over axes with roles {kinds} of a wide value '
                           '(sums over spatial or batch axes are not supported yet)')
+  # Σ over the channels (and spatial positions, LayerNorm over (H, W, C)):
+  # n·Σ_s E[v_s], a per-input statistic once divided by the count n·S.
   m = ctx.moments
   first = m.joint(m.wide_first_moment(operand, 'rows'), m.wide_first_moment(operand, 'cols'))
-  n = operand.width
   out_roles = tuple(r for i, r in enumerate(operand.roles) if i not in axes)
   out_shape = tuple(ctx.eqn.outvars[0].aval.shape)
-  canonical = operand.canonical_shape(out_shape[out_roles.index('b')] if 'b' in out_roles else 1)
-  first = jnp.broadcast_to(jnp.asarray(first, m.dtype), canonical)
-  return ChannelSum(Det(canonical_to_value(n * first, out_roles, out_shape), out_roles), n)
+  b = out_shape[out_roles.index('b')] if 'b' in out_roles else (
+      operand.shape[operand.roles.index('b')] if 'b' in operand.roles else 1)
+  first = jnp.broadcast_to(jnp.asarray(first, m.dtype), operand.canonical_shape(b))
+  if spatial:
+    first = jnp.sum(first, axis=tuple(1 + operand.spatial.index(r) for r in spatial))
+  count = int(np.prod([operand.shape[a] for a in big if operand.roles[a] != 'c'], dtype=int))
+  n = operand.width
+  return ChannelSum(Det(canonical_to_value(n * first, out_roles, out_shape), out_roles),
+                    n * count)
 
 
 @dataclasses.dataclass(frozen=True)
