@@ -52,9 +52,8 @@ Differences from Neural Tangents:
 * Layers whose finite network uses an operation kernelize cannot interpret
   make `kernel_fn` raise `infwidth.InfwidthError` naming the operation; no
   approximate kernel is substituted. Currently: a `FanInConcat` along the
-  channel axis whose output is used other than
-  by channelwise layers and a `Dense`/`Conv` (for example `LayerNorm` over
-  the channels).
+  channel axis whose output meets a value not concatenated the same way (a
+  residual sum with one branch).
 """
 
 from __future__ import annotations

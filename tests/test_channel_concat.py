@@ -70,15 +70,12 @@ def test_nested_and_jitted_concatenation():
                              rtol=1e-12)
 
 
-@pytest.mark.parametrize('use', ['mean_over_channels', 'residual_with_one_branch'])
+@pytest.mark.parametrize('use', ['residual_with_one_branch'])
 def test_unsupported_uses_are_reported(use):
   def f(p, x):
     h = x @ p['w0'] / np.sqrt(3)
     z = jnp.concatenate([branch(p, x, 'a'), branch(p, x, 'b')], -1)
-    if use == 'mean_over_channels':
-      z = z - z.mean(-1, keepdims=True)
-    else:
-      z = z + h
+    z = z + h
     return z @ p['r_both'] / np.sqrt(8)
   params = {k: jax.ShapeDtypeStruct(s, jnp.float64) for k, s in SHAPES.items()}
   with pytest.raises(iw.UnsupportedPrimitiveError, match='concatenated along its channel axis'):
@@ -95,3 +92,34 @@ def test_concatenated_output_gets_the_channel_average():
     ka, kb = (iw.kernelize(lambda p, x: branch(p, x, w), params, param_stats=STATS)(X1, X2, g)
               for w in 'ab')
     np.testing.assert_allclose(getattr(k, g), 0.75 * ka + 0.25 * kb, rtol=1e-12)
+
+
+def _mc_nngp(layer, x, width, n_draws=64):
+  """NNGP of a stax network against the mean of per-draw `f fᵀ / C`."""
+  import mc_check
+  init_fn, apply_fn, kernel_fn = layer
+  k = kernel_fn(x, None, 'nngp')
+  f = jax.jit(lambda p: (lambda o: o @ o.T / o.shape[-1])(apply_fn(p, x)))
+  draws = np.stack([f(init_fn(key, x.shape)[1])
+                    for key in jax.random.split(jax.random.PRNGKey(0), n_draws)])
+  mc_check.check_against_mc(k, draws, 2, width, 4.0, 2.0, per_entry=False)
+
+
+@pytest.mark.parametrize('head', ['GlobalAvgPool', 'AvgPool', 'Flatten', 'LayerNorm'])
+def test_maps_of_concatenated_convolutions_match_monte_carlo(head):
+  """Pooling, flattening and normalising over the channels act on each block
+  (statistics over the channels average the blocks by their channel counts)."""
+  from infwidth import stax
+  width = 256
+  x = jax.random.normal(jax.random.PRNGKey(0), (3, 5, 5, 2))
+  tail = {'GlobalAvgPool': [stax.GlobalAvgPool()],
+          'AvgPool': [stax.AvgPool((2, 2)), stax.Flatten()],
+          'Flatten': [stax.Flatten()],
+          'LayerNorm': [stax.LayerNorm(), stax.Relu(), stax.GlobalAvgPool()]}[head]
+  layer = stax.serial(
+      stax.FanOut(2),
+      stax.parallel(stax.serial(stax.Conv(width, (3, 3), W_std=1.3, b_std=0.2, padding='SAME'),
+                                stax.Relu()),
+                    stax.serial(stax.Conv(width // 2, (1, 1), W_std=1.1, b_std=0.3), stax.Erf())),
+      stax.FanInConcat(), *tail, stax.Dense(128, 0.9, 0.1))
+  _mc_nngp(layer, x, width)

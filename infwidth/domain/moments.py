@@ -336,6 +336,14 @@ class Moments:
                                       self._args(term, which), mean, var))
 
   def wide_first_moment(self, w: Wide, which: str):
+    """`E[w_i]` per input for a channel `i` drawn uniformly: for a value
+    concatenated along its channel axis, the blocks' means weighted by their
+    channel counts (what a sum over the channels divided by the width gives)."""
+    if isinstance(w, ChannelConcat):
+      out = 0.0
+      for f, part in zip(w.fractions, w.parts):
+        out = _add(out, _mul(f, self.wide_first_moment(part, which)))
+      return out
     out = 0.0 if w.offset is None else (self.rows(w.offset) if which == 'rows' else self.cols(w.offset))
     for t in w.terms:
       out = _add(out, term_first_moment_aligned(self, t, which, w))

@@ -35,7 +35,7 @@ def _sum_requirement(eqn, out_need: Need) -> Need:
 
 
 @register(P.reduce_sum_p, family='reduction', det_roles=reduced_roles,
-          requirement=_sum_requirement)
+          requirement=_sum_requirement, accepts=(A.ChannelConcat,))
 def reduce_sum_rule(ctx, operand, *, axes, **_):
   axes = tuple(a % len(operand.shape) for a in axes)
   if isinstance(operand, A.ParamRef):

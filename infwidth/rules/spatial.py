@@ -149,10 +149,36 @@ def _check_wide(ctx, operand, what):
   return operand
 
 
+def per_part(operand, out_shape, fn, dropped=()):
+  """`fn(value, out_shape)` of a value, or of each block of a value
+  concatenated along its channel axis (a map of the spatial axes acts on
+  each block alone; the blocks keep their channel counts). `dropped`: the
+  operand axes the result no longer has (a sum over spatial axes)."""
+  if not isinstance(operand, A.ChannelConcat):
+    return fn(operand, out_shape)
+  axis = operand.channel_axis
+  axis -= sum(1 for a in dropped if a < axis)
+  parts = []
+  for part in operand.parts:
+    shape = list(out_shape)
+    shape[axis] = part.width
+    parts.append(fn(part, tuple(shape)))
+  if any(p.roles != parts[0].roles for p in parts):
+    raise InternalError('the blocks of a channel concatenation lost their layout')
+  return A.ChannelConcat(tuple(out_shape), parts[0].roles, (), None, parts[0].hidden,
+                         parts=tuple(parts))
+
+
 def _pool(ctx, operand, window_dimensions, window_strides, padding, base_dilation,
           window_dilation):
   _check_wide(ctx, operand, 'pooling')
-  out_shape = tuple(ctx.eqn.outvars[0].aval.shape)
+  return per_part(operand, tuple(ctx.eqn.outvars[0].aval.shape),
+                  lambda w, shape: _pool_one(ctx, w, shape, window_dimensions, window_strides,
+                                             padding, base_dilation, window_dilation))
+
+
+def _pool_one(ctx, operand, out_shape, window_dimensions, window_strides, padding,
+              base_dilation, window_dilation):
   per_axis = {}
   for ax, r in enumerate(operand.roles):
     trivial = (window_dimensions[ax] == 1 and window_strides[ax] == 1 and
@@ -167,14 +193,16 @@ def _pool(ctx, operand, window_dimensions, window_strides, padding, base_dilatio
   return map_axes(ctx, operand, per_axis, out_shape)
 
 
-@register(P.reduce_window_sum_p, family='spatial', requirement=mixes_positions)
+@register(P.reduce_window_sum_p, family='spatial', requirement=mixes_positions,
+          accepts=(A.ChannelConcat,))
 def reduce_window_sum_rule(ctx, operand, *, window_dimensions, window_strides, padding,
                            base_dilation, window_dilation, **_):
   return _pool(ctx, operand, window_dimensions, window_strides, padding, base_dilation,
                window_dilation)
 
 
-@register(P.reduce_window_p, family='spatial', body=(P.add_p,), requirement=mixes_positions)
+@register(P.reduce_window_p, family='spatial', body=(P.add_p,), requirement=mixes_positions,
+          accepts=(A.ChannelConcat,))
 def reduce_window_rule(ctx, operand, init, *, jaxpr, consts=(), window_dimensions,
                        window_strides, padding, base_dilation, window_dilation, **_):
   # The interpreter has checked the body is one addition (the `body` fact).
@@ -187,7 +215,11 @@ def reduce_window_rule(ctx, operand, init, *, jaxpr, consts=(), window_dimension
 
 def spatial_sum(ctx, operand: A.Wide, axes):
   """`reduce_sum` over spatial axes (global sum/average pooling)."""
-  out_shape = tuple(ctx.eqn.outvars[0].aval.shape)
+  return per_part(operand, tuple(ctx.eqn.outvars[0].aval.shape),
+                  lambda w, shape: _spatial_sum_one(ctx, w, axes, shape), dropped=axes)
+
+
+def _spatial_sum_one(ctx, operand, axes, out_shape):
   per_axis = {a: ('vec', np.ones(operand.shape[a])) for a in axes if operand.shape[a] != 1}
   if len(per_axis) != len(axes):
     # Size-1 axes summed away: drop them from the roles too.

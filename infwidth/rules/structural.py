@@ -164,11 +164,39 @@ def broadcast_in_dim_rule(ctx, operand, *dyn, shape, broadcast_dimensions, **_):
 
 
 @register(P.reshape_p, family='structural', det_roles=_reshape_roles,
-          structured='permutation')
+          structured='permutation', accepts=(A.ChannelConcat,))
 def reshape_rule(ctx, operand, *dyn, new_sizes, dimensions=None, **_):
   new = tuple(new_sizes)
   if isinstance(operand, A.ParamRef):
     return _param_reshape(operand, new)
+  if isinstance(operand, A.ChannelConcat):
+    return _reshape_concat(operand, new)
+  return _reshape_wide(operand, new)
+
+
+def _reshape_concat(operand: A.ChannelConcat, new) -> A.ChannelConcat:
+  """A Flatten of values concatenated along their channel axis: each block
+  flattened alone (a readout sums over all flattened channels, so their
+  order does not matter; the blocks keep their channel counts)."""
+  groups = _reshape_groups(operand.shape, new)
+  axis = operand.channel_axis
+  j = next((j for j, g in enumerate(groups) if g is not None and axis in g), None)
+  if j is None:
+    raise UnsupportedValueError('a reshape of a value concatenated along its channel axis '
+                                'other than a Flatten')
+  parts = []
+  for part in operand.parts:
+    shape = list(new)
+    shape[j] = new[j] // operand.width * part.width
+    parts.append(_reshape_wide(part, tuple(shape)))
+  if any(p.roles != parts[0].roles or p.hidden != parts[0].hidden for p in parts):
+    raise UnsupportedValueError('a reshape of a value concatenated along its channel axis '
+                                'that splits its blocks differently')
+  return A.ChannelConcat(tuple(new), parts[0].roles, (), None, parts[0].hidden,
+                         parts=tuple(parts))
+
+
+def _reshape_wide(operand: A.Wide, new) -> A.Wide:
   split = _channel_split(operand, new)
   if split is not None:
     return relayout(operand, split, new)
