@@ -93,10 +93,10 @@ def dot_general_rule(ctx, lhs, rhs, *, dimension_numbers, **_):
     b_axes = [i for i in x_free if x.roles[i] == 'b']
     s_axes = [i for i in x_free if x.roles[i] not in ('b', None)]
     drop = [i for i in x_free if x.roles[i] is None]
-    if any(x.shape[i] != 1 for i in drop):
-      raise UnsupportedValueError(
-          f'cannot tell which axis of an input of shape {x.shape} is the batch axis; '
-          'the inputs must have their batch axis first.')
+    # An array built inside the function from shapes (an RNN's initial state
+    # `zeros((x.shape[0], H))`) carries no batch axis: it is the same along
+    # such an axis, and the output is a broadcast along it.
+    v = _constant_along(x.value, v, [i for i in drop if x.shape[i] != 1], x.shape)
     v = jnp.transpose(v, b_axes + s_axes + list(xc) + drop)
     v = v.reshape(v.shape[:len(b_axes) + len(s_axes) + len(xc)])
     if not b_axes:
@@ -106,6 +106,24 @@ def dot_general_rule(ctx, lhs, rhs, *, dimension_numbers, **_):
   ctx.moments.sources[key] = src
   ctx.moments.keep_alive.append(x)
   return A.Wide(out_shape, roles, (A.Term(Chain(), A.combo_of(src, spatial)),))
+
+
+def _constant_along(value, v, axes, shape):
+  """`v` (the array `value`) with size-1 `axes`, where it is the same along
+  them (checked on the concrete value); else the error that the batch axis
+  cannot be told."""
+  if not axes:
+    return v
+  index = tuple(slice(0, 1) if i in axes else slice(None) for i in range(v.ndim))
+  same = not isinstance(value, jax.core.Tracer) and bool(
+      np.all(np.asarray(value) == np.asarray(value)[index]))
+  if same:
+    return jnp.asarray(np.asarray(value)[index])
+  raise UnsupportedValueError(
+      f'cannot tell which axis of an input of shape {shape} is the batch axis: an array '
+      'that varies along an axis of the input\'s batch size is not derived from the inputs. '
+      'The inputs must have their batch axis first; arrays built inside the function '
+      'must not vary along it.')
 
 
 def _gather_roles(eqn, invals, outs):
