@@ -80,7 +80,7 @@ __all__ = [
     'GlobalSumPool', 'Flatten', 'LayerNorm', 'Relu', 'LeakyRelu', 'ABRelu', 'Abs',
     'Sign', 'Erf', 'Gelu', 'Sin', 'Cos', 'Exp', 'Gaussian', 'Rbf', 'Sigmoid_like',
     'Elementwise', 'ElementwiseNumerical', 'Monomial', 'RectifiedMonomial', 'Polynomial',
-    'Hermite', 'Gabor', 'ExpNormalized', 'FanInProd', 'DotGeneral', 'Index', 'Slice',
+    'Hermite', 'Gabor', 'ExpNormalized', 'FanInProd', 'DotGeneral', 'Index', 'Slice', 'repeat',
     'ImageResize',
 ]
 
@@ -229,6 +229,32 @@ def serial(*layers) -> Layer:
     return [s(p) for s, p in zip(stats_fns, params)]
 
   return Layer(init_fn, apply_fn, stats_fn)
+
+
+def repeat(layer, n: int) -> Layer:
+  """`layer` applied `n` times with the same parameters (NT's `stax.repeat`);
+  its output shape must equal its input shape. Its kernel is derived through
+  kernelize with the weights shared: the NNGP equals that of `serial` with
+  independent copies, and so does the NTK (the gradients of one weight at
+  different depths are uncorrelated in the limit; docs/semantics.md)."""
+  if not isinstance(n, int) or n < 0:
+    raise ValueError(f'repeat needs a non-negative integer count, got {n!r}.')
+  init_one, apply_one = layer[0], layer[1]
+  stats_one = _stats_of(layer)
+
+  def init_fn(key, input_shape):
+    output_shape, params = init_one(key, input_shape)
+    if n and tuple(output_shape) != tuple(input_shape):
+      raise ValueError(f'repeat: the layer maps shape {tuple(input_shape)} to '
+                       f'{tuple(output_shape)}; its output shape must equal its input shape.')
+    return (input_shape if n == 0 else output_shape), params
+
+  def apply_fn(params, x, **kwargs):
+    for _ in range(n):
+      x = apply_one(params, x, **kwargs)
+    return x
+
+  return Layer(init_fn, apply_fn, stats_one)
 
 
 def parallel(*layers) -> Layer:
