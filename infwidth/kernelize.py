@@ -161,7 +161,8 @@ def _bound_kernel_fn(apply_fn, params, options, stacklevel=2):
     if noisy:
       msg = ', '.join(f'{n} ({s} entries, ±{100 * e:.0f}%)' for n, s, e in noisy)
       warnings.warn(f'parameter moments estimated from small samples: {msg}. Pass '
-                    'param_stats with exact moments for an exact kernel.', stacklevel=stacklevel)
+                    'param_stats with exact moments for an exact kernel (estimated means '
+                    'within 3 standard errors of 0 are taken as 0).', stacklevel=stacklevel)
     try:
       k = analytic_kernels(apply_fn, shapes, leaves_info, x1, x2, x1_is_x2, apply_kwargs, gets)
     except UnsupportedPrimitiveError as e:
