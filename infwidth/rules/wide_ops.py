@@ -49,10 +49,17 @@ def det_to_canonical(d: Det, roles: Sequence[Any], what: str = 'a deterministic 
     if v.shape[i] == 1:
       continue
     if r == 'c':
+      # A constant array along the channel axis (a per-channel array whose
+      # entries are all equal: BatchNorm's initial statistics) is its value.
+      first = None if xp is jnp else np.take(v, [0], axis=i)
+      if first is not None and np.all(v == first):
+        v = first
+        continue
       raise UnsupportedValueError(
-          f'{what} varies along the channel (wide) axis, so channels are not '
-          'i.i.d. and no infinite-width limit exists; fixed per-channel masks or '
-          'mixing matrices on a wide axis are not supported.')
+          f'{what} varies along the channel (wide) axis: a fixed per-channel array with '
+          'distinct entries (e.g. trained BatchNorm statistics) has a limit (its entries '
+          'extended i.i.d. from their empirical distribution) that is not supported yet; '
+          'arrays whose entries are all equal are, and so are parameters.')
     if d.roles[i] != r and d.roles[i] is not None:
       raise InternalError(f'axis {i} of {what} has role {d.roles[i]}, expected {r}')
   spatial = [i for i, r in enumerate(roles) if r not in ('b', 'c', None)]
