@@ -374,10 +374,7 @@ class Moments:
       if deps:
         match[i] = deps[0]
     ka, kb = len(sa), len(sb)
-    wa, wb = ('rows', 'cols') if mode == 'cross' else (('rows', 'rows') if mode == 'diag1'
-                                                       else ('cols', 'cols'))
-    place = self.as_side if mode == 'cross' else self.as_diag_side
-    put = lambda arr, side: arr if isinstance(arr, float) else place(arr, side, ka, kb)
+    wa, wb, put = self._sides(mode, ka, kb)
     means = 1.0
     for i in range(len(pa)):
       if i not in match:
@@ -402,6 +399,15 @@ class Moments:
       ntk = _add(ntk, _mul(rest, n))
     return value, ntk
 
+  def _sides(self, mode: str, ka: int, kb: int):
+    """For a pair block of `mode` ('cross', 'diag1', 'diag2'): the halves of
+    the joint batch its two sides read ('rows'/'cols'), and `put(arr, side)`
+    placing a side's `(B, *S)` statistic in the block's layout."""
+    wa, wb = ('rows', 'cols') if mode == 'cross' else (('rows', 'rows') if mode == 'diag1'
+                                                       else ('cols', 'cols'))
+    place = self.as_side if mode == 'cross' else self.as_diag_side
+    return wa, wb, lambda arr, side: arr if isinstance(arr, float) else place(arr, side, ka, kb)
+
   # -- chains of several Gaussians ------------------------------------------
 
   def _joint_side(self, term: Term, which: str, put, k: int):
@@ -425,11 +431,8 @@ class Moments:
     fac_m, fac_ntk = _factor_moments(ta.factors, tb.factors)
     if _is_zero(fac_m):
       return 0.0, None
-    wa, wb = ('rows', 'cols') if mode == 'cross' else (('rows', 'rows') if mode == 'diag1'
-                                                       else ('cols', 'cols'))
-    place = self.as_side if mode == 'cross' else self.as_diag_side
-    put_a = lambda arr: arr if isinstance(arr, float) else place(arr, 'a', ka, kb)
-    put_b = lambda arr: arr if isinstance(arr, float) else place(arr, 'b', ka, kb)
+    wa, wb, put = self._sides(mode, ka, kb)
+    put_a, put_b = (lambda arr: put(arr, 'a')), (lambda arr: put(arr, 'b'))
     mean_a, cov_a = self._joint_side(ta, wa, put_a, len(ta.combo.spatial))
     mean_b, cov_b = self._joint_side(tb, wb, put_b, len(tb.combo.spatial))
     ga, gb = (ta.combo,) + tuple(ta.gargs), (tb.combo,) + tuple(tb.gargs)
@@ -466,8 +469,8 @@ class Moments:
         t = self.combo_ntk(ci, dj)
         if _is_zero(t):
           continue
-        e = gaussian_engine.expect_multi(_input_derivative(ta.chain, na, i), aa, na,
-                                         _input_derivative(tb.chain, nb, j), ab, means, cov,
+        e = gaussian_engine.expect_multi(_input_derivative(ta.chain, i), aa, na,
+                                         _input_derivative(tb.chain, j), ab, means, cov,
                                          degree)
         ntk = _add(ntk, _mul(fac_m, _mul(e, t)))
     if fac_ntk:
@@ -483,14 +486,12 @@ class Moments:
       return 0.0, None
     st = self.combo_pair(ta.combo, tb.combo)
     cov = {'cross': st.cross, 'diag1': st.diag1, 'diag2': st.diag2}[mode]
-    wa, wb = ('rows', 'cols') if mode == 'cross' else (('rows', 'rows') if mode == 'diag1' else ('cols', 'cols'))
-    place = self.as_side if mode == 'cross' else self.as_diag_side
-    put = lambda arr, s, k1, k2: arr if isinstance(arr, float) else place(arr, s, k1, k2)
-    ma, mb = put(self._mean(ta.combo, wa), 'a', ka, kb), put(self._mean(tb.combo, wb), 'b', ka, kb)
-    va = put(self._var(ta.combo, wa), 'a', ka, kb)
-    vb = put(self._var(tb.combo, wb), 'b', ka, kb)
-    aa = tuple(put(x, 'a', ka, kb) for x in self._args(ta, wa))
-    ab = tuple(put(x, 'b', ka, kb) for x in self._args(tb, wb))
+    wa, wb, put = self._sides(mode, ka, kb)
+    ma, mb = put(self._mean(ta.combo, wa), 'a'), put(self._mean(tb.combo, wb), 'b')
+    va = put(self._var(ta.combo, wa), 'a')
+    vb = put(self._var(tb.combo, wb), 'b')
+    aa = tuple(put(x, 'a') for x in self._args(ta, wa))
+    ab = tuple(put(x, 'b') for x in self._args(tb, wb))
     both_gauss = ta.chain.is_identity and tb.chain.is_identity
     if both_gauss:
       second = _add(cov, _mul(ma, mb))
@@ -510,8 +511,8 @@ class Moments:
         t = self.combo_ntk(pa, pb)
         if _is_zero(t):
           continue
-        e = _constant_folded(gaussian_engine.expect_pair_fn, _arg_derivative(ta.chain, i), aa,
-                             _arg_derivative(tb.chain, j), ab, ma, mb, va, vb, cov)
+        e = _constant_folded(gaussian_engine.expect_pair_fn, _input_derivative(ta.chain, i + 1), aa,
+                             _input_derivative(tb.chain, j + 1), ab, ma, mb, va, vb, cov)
         ntk = _add(ntk, _mul(fac_m, _mul(e, t)))
     if ta.pargs or tb.pargs:
       for i, pa in enumerate(ta.pargs):
@@ -680,27 +681,15 @@ def _product_without(fa, fb, leaf):
   return m
 
 
-def _input_derivative(chain: Chain, n_gauss: int, i: int):
-  """∂φ/∂(input i) of `φ(z₀, …, z_{n−1}, *args)` as a callable of the same
-  arguments: input 0 is `u`, inputs `1…` are the chain's arguments in order
-  (the further Gaussians, then the parameter arguments)."""
-  def d(*zs_and_args):
-    zs, args = list(zs_and_args[:n_gauss]), list(zs_and_args[n_gauss:])
-    flat = zs + args
-    shape = jnp.broadcast_shapes(*(jnp.shape(a) for a in flat))
-    flat = [jnp.broadcast_to(a, shape) for a in flat]
-    f = lambda xi: jnp.sum(chain(*(flat[:i] + [xi] + flat[i + 1:])))
-    return jax.grad(f)(flat[i])
-  return d
-
-
-def _arg_derivative(chain: Chain, i: int):
-  """∂φ/∂(argument i) as a callable `(u, *args)`."""
-  def d(u, *args):
-    shape = jnp.broadcast_shapes(jnp.shape(u), *(jnp.shape(a) for a in args))
-    args = [jnp.broadcast_to(a, shape) for a in args]
-    f = lambda ai: jnp.sum(chain(jnp.broadcast_to(u, shape), *args[:i], ai, *args[i + 1:]))
-    return jax.grad(f)(args[i])
+def _input_derivative(chain: Chain, i: int):
+  """∂φ/∂(input i) of `φ(u, *args)` as a callable of the same arguments:
+  input 0 is `u`, input `k ≥ 1` the chain's argument `k − 1` (the further
+  Gaussians, then the parameter arguments, then deterministic arrays)."""
+  def d(*inputs):
+    shape = jnp.broadcast_shapes(*(jnp.shape(a) for a in inputs))
+    inputs = [jnp.broadcast_to(a, shape) for a in inputs]
+    f = lambda xi: jnp.sum(chain(*(inputs[:i] + [xi] + inputs[i + 1:])))
+    return jax.grad(f)(inputs[i])
   return d
 
 
