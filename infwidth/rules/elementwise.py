@@ -156,14 +156,15 @@ def _select_by_indicator(vals, dets, roles, shape, dtype):
   s = _extend_chain(P.convert_element_type_p, dict(new_dtype=np.dtype(dtype), weak_type=False,
                                                     sharding=None), [pred], [None], roles, shape)
 
-  def wide(v, d):
-    return v if isinstance(v, A.Wide) else None if not np.any(np.asarray(d) != 0) else d
+  def as_wide(v, d):
+    """A case as a wide value; None for a constant zero."""
+    if isinstance(v, A.Wide):
+      return v
+    if _concrete(d) and not np.any(np.asarray(d) != 0):
+      return None
+    return add_offset(A.Wide(shape, roles, ()), d)
 
-  wa, wb = wide(a, dets[1]), wide(b, dets[2])
-  if wa is not None and not isinstance(wa, A.Wide):
-    wa = add_offset(A.Wide(shape, roles, ()), wa)
-  if wb is not None and not isinstance(wb, A.Wide):
-    wb = add_offset(A.Wide(shape, roles, ()), wb)
+  wa, wb = as_wide(a, dets[1]), as_wide(b, dets[2])
   diff = wb if wa is None else (map_terms_scale(wa, -1.0) if wb is None else add_wides(wb, wa, -1.0))
   if diff is None:
     return A.Wide(shape, roles, (), jnp.zeros((1,) * (1 + len(pred.spatial))))
