@@ -124,15 +124,13 @@ def relayout(w: A.Wide, roles: Tuple[Any, ...], shape: Tuple[int, ...], hidden=N
       return arr
     return A.align(arr, src, dst)
 
+  def fix_combo(c):
+    return A.Combo(c.sources, tuple(fix(k) for k in c.coefs), dst, fix(c.mean))
+
   def fix_term(t):
-    c = t.combo
-    combo = A.Combo(c.sources, tuple(fix(k) for k in c.coefs), dst, fix(c.mean))
-    pargs = tuple(A.Combo(p.sources, tuple(fix(k) for k in p.coefs), dst, fix(p.mean))
-                  for p in t.pargs)
-    gargs = tuple(A.Combo(p.sources, tuple(fix(k) for k in p.coefs), dst, fix(p.mean))
-                  for p in t.gargs)
-    return A.Term(t.chain, combo, pargs, tuple(fix(d) for d in t.dargs), t.factors,
-                  tuple(fix_term(f) for f in t.cofactors), gargs)
+    return A.Term(t.chain, fix_combo(t.combo), tuple(fix_combo(p) for p in t.pargs),
+                  tuple(fix(d) for d in t.dargs), t.factors,
+                  tuple(fix_term(f) for f in t.cofactors), tuple(fix_combo(g) for g in t.gargs))
 
   terms = [fix_term(t) for t in w.terms]
   off = None if w.offset is None else fix(w.offset)
