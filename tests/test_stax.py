@@ -237,14 +237,14 @@ def test_float32():
     assert _rel_err(getattr(k, g), _NT[f'dense_relu_standard/{g}']) < 1e-5
 
 
-def test_flatten_without_readout_raises():
-  """NT's kernel of a Flatten output averages over pixels; kernelize supports Flatten
-  only as the input of a Dense readout and says so otherwise."""
-  _, _, kernel_fn = stax.serial(stax.Conv(1, (3, 3), padding='SAME'), stax.Relu(),
-                                stax.Flatten())
+def test_flatten_without_readout_averages_over_pixels():
+  """NT's kernel of a Flatten output averages the pixel-diagonal kernel over
+  pixels (tests/test_flatten_readout.py checks it against Monte Carlo)."""
+  body = [stax.Conv(1, (3, 3), padding='SAME'), stax.Relu()]
   x1, _ = INPUTS['img']()
-  with pytest.raises(iw.InfwidthError, match='reshape'):
-    kernel_fn(x1, None, 'nngp')
+  k = stax.serial(*body, stax.Flatten())[2](x1, None, 'nngp')
+  spatial = stax.serial(*body)[2](x1, None, 'nngp', diagonal_spatial=True)
+  np.testing.assert_allclose(k, spatial.mean((-2, -1)), rtol=1e-10)
 
 
 def test_kernel_composition_after_scalar_output():

@@ -80,7 +80,7 @@ def leaf_moments(params, param_stats=None, ntk_weights=None
                             'must be finite with a variance of at least 0.')
     elif _is_tracer(leaf):
       a = jnp.asarray(leaf)
-      mean, var = jnp.mean(a), jnp.var(a)
+      mean, var = centred_if_insignificant(jnp.mean(a), jnp.var(a), a.size)
     else:
       a = _leaf_values(leaf, name)
       mean, var = float(a.mean()), float(a.var())
@@ -109,6 +109,9 @@ def centred_if_insignificant(mean: float, var: float, size: int) -> Tuple[float,
   accurate, kernel). The second moment `E[θ²]`, which the kernel depends on,
   is kept either way.
   """
+  if _is_tracer(mean) or _is_tracer(var):  # parameters traced under jit
+    small = (size > 1) & (jnp.abs(mean) <= MEAN_SIGNIFICANCE * jnp.sqrt(var / size))
+    return jnp.where(small, 0.0, mean), jnp.where(small, var + mean * mean, var)
   if size > 1 and abs(mean) <= MEAN_SIGNIFICANCE * math.sqrt(var / size):
     return 0.0, var + mean * mean
   return mean, var
