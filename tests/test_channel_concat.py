@@ -105,7 +105,9 @@ def _mc_nngp(layer, x, width, n_draws=64):
   mc_check.check_against_mc(k, draws, 2, width, 4.0, 2.0, per_entry=False)
 
 
-@pytest.mark.parametrize('head', ['GlobalAvgPool', 'AvgPool', 'Flatten', 'LayerNorm'])
+@pytest.mark.parametrize('head', [pytest.param('GlobalAvgPool', marks=pytest.mark.slow),
+                                  pytest.param('AvgPool', marks=pytest.mark.slow),
+                                  'Flatten', 'LayerNorm'])
 def test_maps_of_concatenated_convolutions_match_monte_carlo(head):
   """Pooling, flattening and normalising over the channels act on each block
   (statistics over the channels average the blocks by their channel counts)."""

@@ -304,7 +304,7 @@ def test_parameter_free_networks_give_nt_input_kernels(layers):
   assert k.cov1.shape == (3,) + tuple(d for s in spatial for d in (s, s))
 
 
-@pytest.mark.parametrize('axis', [(1, 2, 3), (2, 3)])
+@pytest.mark.parametrize('axis', [(1, 2, 3), pytest.param((2, 3), marks=pytest.mark.slow)])
 def test_layer_norm_over_spatial_and_channel_axes(axis):
   """The statistics over positions and channels are per-input averages of the
   per-position channel means: deterministic in the limit (Monte Carlo)."""
