@@ -13,6 +13,7 @@ Two forms, like `jax.grad`:
 from __future__ import annotations
 
 import functools
+import math
 import warnings
 from typing import Any, Callable, Optional
 
@@ -159,10 +160,12 @@ def _bound_kernel_fn(apply_fn, params, options, stacklevel=2):
       x1_is_x2 = x2 is None or x2 is x1
       _check_inputs(x1, None if x1_is_x2 else x2)
     if noisy:
-      msg = ', '.join(f'{n} ({s} entries, ±{100 * e:.0f}%)' for n, s, e in noisy)
-      warnings.warn(f'parameter moments estimated from small samples: {msg}. Pass '
-                    'param_stats with exact moments for an exact kernel (estimated means '
-                    'within 3 standard errors of 0 are taken as 0).', stacklevel=stacklevel)
+      msg = ', '.join(f'{n} ({s} entries, ±{100 * e:.1f}%)' for n, s, e in noisy)
+      total = 100 * math.sqrt(sum(e * e for _, _, e in noisy))
+      warnings.warn(f'parameter moments estimated from small samples: {msg}; the kernel may '
+                    f'be off by up to about ±{total:.1f}%. Pass param_stats with exact '
+                    'moments for an exact kernel (estimated means within 3 standard errors '
+                    'of 0 are taken as 0).', stacklevel=stacklevel)
     try:
       k = analytic_kernels(apply_fn, shapes, leaves_info, x1, x2, x1_is_x2, apply_kwargs, gets)
     except UnsupportedPrimitiveError as e:

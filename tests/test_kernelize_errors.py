@@ -151,12 +151,26 @@ def test_sampling_error_warning_names_the_noisy_leaves():
   msgs = _warnings_of(lambda: kf(X, None, 'nngp'))
   assert len(msgs) == 1                       # once per call, listing every noisy leaf
   assert "['w1']" in msgs[0] and "['b0']" in msgs[0] and '256 entries' in msgs[0]
-  assert "['w0']" not in msgs[0]
-  assert 'param_stats' in msgs[0]
+  assert "['w0']" in msgs[0] and '1536 entries, ±3.6%' in msgs[0]
+  assert 'param_stats' in msgs[0] and '±13.0%' in msgs[0]   # √(3.6² + 8.8² + 8.8²)
   # Exact moments for the noisy leaves silence it.
-  stats = {'w0': None, 'b0': iw.ParamStats(0.0, 1.0), 'w1': iw.ParamStats(0.0, 1.0)}
+  stats = {'w0': iw.ParamStats(0.0, 1.0), 'b0': iw.ParamStats(0.0, 1.0),
+           'w1': iw.ParamStats(0.0, 1.0)}
   kf = iw.kernelize(_biased_net, params, param_stats=stats)
   assert _warnings_of(lambda: kf(X, None, 'nngp')) == []
+
+
+def test_sampling_error_warning_bounds_the_effect_on_the_kernel():
+  """A 1024-entry bias (±4.4% on its variance) moves the kernel by percents:
+  it warns although no leaf exceeds 5%; leaves of 10⁵ entries (±0.4%) do not."""
+  big = {'w0': jax.random.normal(jax.random.PRNGKey(5), (D, 1024)),
+         'b0': jax.random.normal(jax.random.PRNGKey(6), (1024,)),
+         'w1': jax.random.normal(jax.random.PRNGKey(7), (1024, 128))}
+  stats = {'w0': iw.ParamStats(0.0, 1.0), 'b0': None, 'w1': iw.ParamStats(0.0, 1.0)}
+  msgs = _warnings_of(lambda: iw.kernelize(_biased_net, big, param_stats=stats)(X, None, 'nngp'))
+  assert len(msgs) == 1 and "['b0']" in msgs[0] and '±4.4%' in msgs[0]
+  stats = {'w0': iw.ParamStats(0.0, 1.0), 'b0': iw.ParamStats(0.0, 1.0), 'w1': None}
+  assert _warnings_of(lambda: iw.kernelize(_biased_net, big, param_stats=stats)(X, None, 'nngp')) == []
 
 
 def test_sampling_error_warning_for_a_64_entry_weight():

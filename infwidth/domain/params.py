@@ -18,8 +18,13 @@ import numpy as np
 from infwidth.domain.errors import InfwidthError
 from infwidth.domain.values import ParamLeaf
 
-#: Relative sampling error of an estimated variance above which kernelize warns.
-SAMPLING_ERROR_WARN = 0.05
+#: Bound on the kernel's relative error from estimated variances above which
+#: kernelize warns: a leaf's variance estimated from `n` Gaussian entries is
+#: off by about `√(2/n)`, and a kernel moves by at most about that much per
+#: leaf, so the bound is the root sum of squares over the estimated leaves.
+SAMPLING_ERROR_WARN = 0.02
+#: Leaves named in the warning: those whose own error exceeds this.
+SAMPLING_ERROR_NAMED = 0.01
 
 
 class ParamStats(NamedTuple):
@@ -85,15 +90,17 @@ def leaf_moments(params, param_stats=None, ntk_weights=None
       a = _leaf_values(leaf, name)
       mean, var = float(a.mean()), float(a.var())
       mean, var = centred_if_insignificant(mean, var, a.size)
-    if st is None and math.sqrt(2.0 / max(math.prod(shape), 1)) > SAMPLING_ERROR_WARN and (
-        _is_tracer(var) or var > 0):
+    if st is None and (_is_tracer(var) or var > 0):
       # Relative error of a variance estimate from `size` Gaussian entries.
-      size = math.prod(shape)
+      size = max(math.prod(shape), 1)
       noisy.append((name, size, math.sqrt(2.0 / size)))
     leaf_obj = ParamLeaf(i, name, shape, mean, var, w)
     leaf_obj.exact = st is not None
     out.append(leaf_obj)
-  return out, noisy
+  total = math.sqrt(sum(e * e for _, _, e in noisy))
+  if total <= SAMPLING_ERROR_WARN:
+    return out, []
+  return out, [n for n in noisy if n[2] > SAMPLING_ERROR_NAMED]
 
 
 #: An estimated mean within this many standard errors of 0 is taken as 0.
