@@ -614,6 +614,121 @@ def _hom_pair(f: Form, g: Form, s1, s2, rho, ntk: bool, raw_rho=None):
   return t, dt
 
 
+# Gauss–Legendre nodes on [0, 1] for the bivariate normal CDF (64 nodes:
+# 1e-13 against SciPy over means up to 5 and |ρ| up to 1, measured).
+_GL_T, _GL_W = np.polynomial.legendre.leggauss(64)
+_GL_T, _GL_W = (_GL_T + 1) / 2, _GL_W / 2
+# Standardised means beyond this are ±∞ for every float (Φ(±40) = 1, 0).
+_BIG = 40.0
+
+
+@jax.custom_jvp
+def bivariate_normal_cdf(h, k, rho):
+  """Φ₂(h, k; ρ) = P(x < h, y < k) for standard normals of correlation ρ.
+
+  Sheppard's formula with r = sin θ: Φ(h)Φ(k) + (1/2π) ∫₀^{arcsin ρ}
+  exp(-(h² + k² − 2hk sin θ) / (2 cos² θ)) dθ, by a 64-point Gauss–Legendre
+  rule (the integrand is smooth on the interval, and flat where cos θ → 0).
+  Derivatives are the closed forms (∂/∂ρ is the density), finite at |ρ| = 1.
+  """
+  dtype = jnp.result_type(h, k, rho)
+  theta = jnp.arcsin(jnp.clip(rho, -1, 1))[..., None] * jnp.asarray(_GL_T, dtype)
+  hh, kk = jnp.asarray(h)[..., None], jnp.asarray(k)[..., None]
+  c2 = jnp.cos(theta) ** 2
+  f = jnp.exp(-(hh * hh + kk * kk - 2 * hh * kk * jnp.sin(theta)) / (2 * c2))
+  integral = jnp.sum(jnp.asarray(_GL_W, dtype) * f, -1) * jnp.arcsin(jnp.clip(rho, -1, 1))
+  return _ndtr(h) * _ndtr(k) + _INV_TWO_PI * integral
+
+
+@bivariate_normal_cdf.defjvp
+def _bivariate_normal_cdf_jvp(primals, tangents):
+  h, k, rho = primals
+  dh, dk, drho = tangents
+  sigma = _safe_sigma(rho)
+  pdf = lambda t: _INV_SQRT_2PI * jnp.exp(-t * t / 2)
+  # ∂Φ₂/∂h = φ(h) Φ((k − ρh)/σ); ∂Φ₂/∂ρ = φ₂(h, k; ρ) = φ(h) φ((k − ρh)/σ)/σ.
+  gh = pdf(h) * _ndtr((k - rho * h) / sigma)
+  gk = pdf(k) * _ndtr((h - rho * k) / sigma)
+  grho = pdf(h) * pdf((k - rho * h) / sigma) / sigma
+  return bivariate_normal_cdf(h, k, rho), gh * dh + gk * dk + grho * drho
+
+
+def _safe_sigma(rho):
+  """√(1 − ρ²), kept above a tiny positive number (a step at |ρ| = 1)."""
+  dtype = jnp.result_type(rho)
+  floor = jnp.sqrt(jnp.finfo(dtype).eps) * 1e-3
+  return jnp.maximum(safe_sqrt(1 - rho * rho), floor)
+
+
+def _quadrant_moments(m1, m2, s1, s2, rho):
+  """P(u > 0, v > 0), E[u⁺], E[v⁺], E[u·1(v>0)], E[v·1(u>0)] and E[u⁺ v⁺] for
+  jointly Gaussian u, v with means m, standard deviations s, correlation ρ.
+
+  With x = (u − m1)/s1, y = (v − m2)/s2, h = m1/s1, k = m2/s2 and
+  R = {x > −h, y > −k} (truncated bivariate normal moments, e.g. Rosenbaum
+  1961): P(R) = Φ₂(h, k; ρ),
+  E[x 1_R] = φ(h) Φ((k − ρh)/σ) + ρ φ(k) Φ((h − ρk)/σ), σ = √(1 − ρ²),
+  E[xy 1_R] = ρ P − ρh φ(h) Φ((k − ρh)/σ) − ρk φ(k) Φ((h − ρk)/σ)
+              + σ φ(h) φ((k − ρh)/σ).
+  """
+  def standard(m, sd):
+    ok = sd > 0
+    return jnp.where(ok, jnp.clip(m / jnp.where(ok, sd, 1), -_BIG, _BIG),
+                     jnp.sign(m) * _BIG)
+  h, k = standard(m1, s1), standard(m2, s2)
+  sigma = safe_sqrt(1 - rho * rho)
+  sg = _safe_sigma(rho)
+  pdf = lambda t: _INV_SQRT_2PI * jnp.exp(-t * t / 2)
+  # Φ((k − ρh)/σ) and Φ((h − ρk)/σ): steps at σ = 0 (ties give ½, the limit
+  # of both sides).
+  ck, ch = _ndtr((k - rho * h) / sg), _ndtr((h - rho * k) / sg)
+  p = bivariate_normal_cdf(h, k, rho)
+  ex = pdf(h) * ck + rho * pdf(k) * ch
+  ey = pdf(k) * ch + rho * pdf(h) * ck
+  exy = (rho * p - rho * h * pdf(h) * ck - rho * k * pdf(k) * ch
+         + sigma * pdf(h) * pdf((k - rho * h) / sg))
+  pos1, pos2 = m1 * _ndtr(h) + s1 * pdf(h), m2 * _ndtr(k) + s2 * pdf(k)
+  cov = rho * s1 * s2
+  # Stein: E[u·1(v>0)] = m1 Φ(k) + cov φ(k)/s2 = m1 Φ(k) + ρ s1 φ(k).
+  u_vpos = m1 * _ndtr(k) + rho * s1 * pdf(k)
+  v_upos = m2 * _ndtr(h) + rho * s2 * pdf(h)
+  both = m1 * m2 * p + m1 * s2 * ey + m2 * s1 * ex + s1 * s2 * exy
+  # E[u v⁺] = m1 E[v⁺] + cov Φ(k) and E[u⁺ v] likewise (Stein).
+  u_vplus = m1 * pos2 + cov * _ndtr(k)
+  uplus_v = m2 * pos1 + cov * _ndtr(h)
+  return dict(p=p, ph=_ndtr(h), pk=_ndtr(k), pos1=pos1, pos2=pos2, u_vpos=u_vpos,
+              v_upos=v_upos, both=both, u_vplus=u_vplus, uplus_v=uplus_v,
+              uplus_vpos=m1 * p + s1 * ex, vplus_upos=m2 * p + s2 * ey, uv=cov + m1 * m2)
+
+
+def _hom_pair_noncentred(f: Form, g: Form, m1, m2, s1, s2, rho, ntk: bool):
+  """(E[f g], E[f′ g′]) for the hom1/hom0 families of non-centred Gaussians:
+  f = A·u + (B − A)·u⁺ (hom1) or A + (B − A)·1(u > 0) (hom0), through the
+  quadrant moments (`_quadrant_moments`)."""
+  q = _quadrant_moments(m1, m2, s1, s2, rho)
+  (a1, b1), (a2, b2) = f.c[:2], g.c[:2]
+  d1, d2 = b1 - a1, b2 - a2
+
+  def steps(a, d, c, e):
+    # E[(a + d·1(u>0))(c + e·1(v>0))]
+    return a * c + a * e * q['pk'] + d * c * q['ph'] + d * e * q['p']
+
+  if f.kind == 'hom1' and g.kind == 'hom1':
+    t = (a1 * a2 * q['uv'] + a1 * d2 * q['u_vplus'] + d1 * a2 * q['uplus_v']
+         + d1 * d2 * q['both'])
+    return t, steps(a1, d1, a2, d2) if ntk else None
+  if f.kind == 'hom0' and g.kind == 'hom0':
+    t = steps(a1, d1, a2, d2)
+    return t, (0 * t) if ntk else None
+  if f.kind == 'hom0':  # g hom1: E[(a1 + d1 1(u>0))(a2 v + d2 v⁺)]
+    t = (a1 * a2 * m2 + a1 * d2 * q['pos2'] + d1 * a2 * q['v_upos']
+         + d1 * d2 * q['vplus_upos'])
+    return t, (0 * t) if ntk else None
+  t = (a2 * a1 * m1 + a2 * d1 * q['pos1'] + d2 * a1 * q['u_vpos']
+       + d2 * d1 * q['uplus_vpos'])
+  return t, (0 * t) if ntk else None
+
+
 def affine_pair(f: Form, moments_g, mean1, sd2, cov, ntk: bool = True):
   """(E[f(u) g(v)], E[f'(u) g'(v)]) for affine f(u) = a·u + c from g's single moments.
 
@@ -647,6 +762,9 @@ def pair_moments(f: Form, g: Form, mean1, mean2, var1, var2, cov,
     return None if sm is None else affine_pair(f, sm, m1, s2, cov, ntk)
   if f.kind in _HOM and g.kind in _HOM and zero_means:
     t, dt = _hom_pair(f, g, s1, s2, rho, ntk, raw_rho)
+    return _offset_terms(f, g, t, m1, m2, s1, s2), dt
+  if f.kind in _HOM and g.kind in _HOM:
+    t, dt = _hom_pair_noncentred(f, g, m1, m2, s1, s2, rho, ntk)
     return _offset_terms(f, g, t, m1, m2, s1, s2), dt
   if f.kind == 'erf' and g.kind == 'erf' and zero_means:
     (al1, a1), (al2, a2) = f.c, g.c
