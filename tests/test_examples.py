@@ -1,0 +1,67 @@
+"""The example scripts run with --quick and print numbers in the expected range."""
+
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def run_example(name, tmp_path):
+  """Runs examples/<name>.py --quick writing figures to tmp_path; returns stdout."""
+  env = dict(os.environ, PYTHONPATH=str(ROOT))
+  out = subprocess.run(
+      [sys.executable, str(ROOT / 'examples' / f'{name}.py'), '--quick', f'--out={tmp_path}'],
+      capture_output=True, text=True, env=env, timeout=600, check=False)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert (tmp_path / f'{name}.png').exists()
+  return out.stdout
+
+
+def numbers(pattern, text):
+  return [float(m) for m in re.findall(pattern, text)]
+
+
+@pytest.mark.slow
+def test_infinite_vs_finite(tmp_path):
+  text = run_example('infinite_vs_finite', tmp_path)
+  inf_train, inf_test = re.search(
+      r'NTK\) after \d+ steps: train loss ([\d.]+), test loss ([\d.]+)', text).groups()
+  inf_train, inf_test = float(inf_train), float(inf_test)
+  assert inf_train < 0.01 and inf_test < 0.1
+  gaps = numbers(r'max \|ensemble mean - NTK mean\| ([\d.]+)', text)
+  ratios = numbers(r'ensemble std / NTK std ([\d.]+)', text)
+  assert len(gaps) == 2 and len(ratios) == 2
+  # The wider ensemble is closer to the infinite one, and close in absolute terms.
+  assert gaps[1] < gaps[0] and gaps[1] < 0.15
+  # 20 networks: the sample std is within ~±35% of the true one (chi, 19 dof, 2σ).
+  assert all(0.65 < r < 1.35 for r in ratios)
+
+
+@pytest.mark.slow
+def test_monte_carlo_convergence(tmp_path):
+  text = run_example('monte_carlo_convergence', tmp_path)
+  in_samples = numbers(r'slope in samples \(width \d+\): (-?[\d.]+)', text)
+  in_width = numbers(r'slope in width \(\d+ sample\(s\)\): (-?[\d.]+)', text)
+  assert len(in_samples) == 2 and len(in_width) == 2  # NNGP and NTK of the MLP
+  # Independent samples: error ∝ samples^(-1/2); 3 seeds of 6 counts each.
+  assert all(abs(s + 0.5) < 0.15 for s in in_samples), in_samples
+  assert all(s < -0.3 for s in in_width), in_width
+
+
+@pytest.mark.slow
+def test_architecture_comparison(tmp_path):
+  text = run_example('architecture_comparison', tmp_path)
+  for arch in ('FC', 'CNN-Flatten', 'CNN-GAP'):
+    for g in ('nngp', 'ntk'):
+      line = re.search(rf'^{arch} {g}: accuracy ([\d. ]+)\| mse ([\d. ]+)\|', text, re.M)
+      accuracy = [float(a) for a in line.group(1).split()]
+      mse = [float(m) for m in line.group(2).split()]
+      # 10 classes: chance is 0.1; 200 digits suffice for > 0.9 with any of these kernels.
+      assert accuracy[0] > 0.3 and accuracy[-1] > 0.9, (arch, g, accuracy)
+      assert mse[-1] < mse[0] < 0.09, (arch, g, mse)
+  assert len(re.findall(r'ordering by marginal likelihood', text)) == 2
