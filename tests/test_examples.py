@@ -13,6 +13,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 def run_example(name, tmp_path):
   """Runs examples/<name>.py --quick writing figures to tmp_path; returns stdout."""
+  for module in ('matplotlib', 'sklearn'):  # the `examples` extra
+    pytest.importorskip(module)
   env = dict(os.environ, PYTHONPATH=str(ROOT))
   out = subprocess.run(
       [sys.executable, str(ROOT / 'examples' / f'{name}.py'), '--quick', f'--out={tmp_path}'],
