@@ -230,10 +230,12 @@ def constant_map(ctx, lhs, rhs, dimension_numbers):
     raise ctx.unsupported('a constant contracted with several spatial axes of a wide value, or '
                           'with several free axes of its own, is not supported yet (one axis '
                           'at a time is)')
+  if isinstance(d.value, jax.core.Tracer):
+    raise ctx.unsupported('a contraction of a wide value with an array known only at run time')
   (ax,) = wc
-  m = np.asarray(d.value) if not isinstance(d.value, jax.core.Tracer) else d.value
+  m = np.asarray(d.value)
   if d_free:
-    mat = jnp.moveaxis(jnp.asarray(m), dc[0], 1) if isinstance(m, jax.core.Tracer) else np.moveaxis(m, dc[0], 1)
+    mat = np.moveaxis(m, dc[0], 1)  # (free, contracted)
     in_place = list(w.shape)
     in_place[ax] = mat.shape[0]
     mapped = spatial.map_axes(ctx, w, {ax: ('mat', mat)}, tuple(in_place))
