@@ -90,22 +90,29 @@ def dot_general_rule(ctx, lhs, rhs, *, dimension_numbers, **_):
       raise UnsupportedValueError('a weight contracts the batch axis of the input: the inputs '
                           'must have their batch axis first and it must not be summed.')
     v = jnp.asarray(x.value)
-    b_axes = [i for i in x_free if x.roles[i] == 'b']
-    s_axes = [i for i in x_free if x.roles[i] not in ('b', None)]
     drop = [i for i in x_free if x.roles[i] is None]
     # An array built inside the function from shapes (an RNN's initial state
     # `zeros((x.shape[0], H))`) carries no batch axis: it is the same along
     # such an axis, and the output is a broadcast along it.
     v = _constant_along(x.value, v, [i for i in drop if x.shape[i] != 1], x.shape)
-    v = jnp.transpose(v, b_axes + s_axes + list(xc) + drop)
-    v = v.reshape(v.shape[:len(b_axes) + len(s_axes) + len(xc)])
-    if not b_axes:
-      v = v[None]
-    src = A.LinearSource(p, v, spatial)
+    src = A.LinearSource(p, _batch_first(v, x.roles, x_free, xc), spatial)
   src.contracted_leaf_axes = contracted_leaf_axes
   ctx.moments.sources[key] = src
   ctx.moments.keep_alive.append(x)
   return A.Wide(out_shape, roles, (A.Term(Chain(), A.combo_of(src, spatial)),))
+
+
+def _batch_first(v, roles, free, trailing=()):
+  """`v` in canonical input layout `(B|1, *S, *trailing)`: its free axes with
+  role 'b', then those with spatial roles, then the `trailing` axes; free axes
+  without a role must have size 1 and are dropped."""
+  free = list(free)
+  b_axes = [i for i in free if roles[i] == 'b']
+  s_axes = [i for i in free if roles[i] not in ('b', None)]
+  drop = [i for i in free if roles[i] is None]
+  v = jnp.transpose(v, b_axes + s_axes + list(trailing) + drop)
+  v = v.reshape(v.shape[:len(b_axes) + len(s_axes) + len(trailing)])
+  return v if b_axes else v[None]
 
 
 def _constant_along(value, v, axes, shape):
@@ -164,17 +171,13 @@ def gather_rule(ctx, operand, indices, *, dimension_numbers, slice_sizes, **_):
   roles = tuple(roles)
   ids = jnp.asarray(indices.value)[..., 0]
   id_roles = indices.roles[:-1]
-  b_axes = [i for i, r in enumerate(id_roles) if r == 'b']
   s_axes = [i for i, r in enumerate(id_roles) if r not in ('b', None)]
   drop = [i for i, r in enumerate(id_roles) if r is None]
   if any(ids.shape[i] != 1 for i in drop):
     raise UnsupportedValueError(
         f'cannot tell which axis of token ids of shape {ids.shape} is the batch axis; '
         'the inputs must have their batch axis first.')
-  ids = jnp.transpose(ids, b_axes + s_axes + drop).reshape(
-      [ids.shape[i] for i in b_axes + s_axes])
-  if not b_axes:
-    ids = ids[None]
+  ids = _batch_first(ids, id_roles, range(ids.ndim))
   spatial = tuple(id_roles[i] for i in s_axes)
   key = ('embedding-source', id(p.leaf), id(indices), p.axes, p.scale)
   src = ctx.moments.sources.get(key)
