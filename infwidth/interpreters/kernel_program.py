@@ -97,7 +97,7 @@ def _float_dtype(shapes):
 
 
 def _trace_kernels(apply_fn, shapes, leaves_info, apply_kwargs, feature_shape, n1, n2,
-                   x1_is_x2, dtype, x_dtype=None):
+                   x1_is_x2, dtype, x_dtype):
   """The kernel computation for `n1` and `n2` inputs of shape `feature_shape`
   and dtype `x_dtype` (the same inputs if `x1_is_x2`) as a jaxpr of their
   joint batch, computed in `dtype`: `(closed jaxpr, output treedef)`."""
@@ -112,7 +112,7 @@ def _trace_kernels(apply_fn, shapes, leaves_info, apply_kwargs, feature_shape, n
     return leaves
 
   n_joint = n1 if x1_is_x2 else n1 + n2
-  xj = jax.ShapeDtypeStruct((n_joint,) + tuple(feature_shape), x_dtype or dtype)
+  xj = jax.ShapeDtypeStruct((n_joint,) + tuple(feature_shape), x_dtype)
   closed = trace(kernels_of, xj)
   return closed, out_tree[0]
 

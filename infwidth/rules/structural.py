@@ -234,9 +234,8 @@ def _channel_split(operand, new):
   old = [(n, r) for n, r in zip(operand.shape, operand.roles) if n != 1]
   if operand.hidden:
     return None
-  roles, i = [], 0
-  sizes = list(new)
-  j = 0
+  roles, i, j = [], 0, 0
+  sizes = new
   while j < len(sizes):
     if sizes[j] == 1:
       roles.append(None)
