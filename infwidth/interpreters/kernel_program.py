@@ -65,26 +65,37 @@ def analytic_kernels(apply_fn, shapes, leaves_info, x1, x2, x1_is_x2, apply_kwar
   per_pair = largest_value(whole[0].jaxpr, lead=(n1, n2)) // max(n1 * n2, 1)
   rows = pair_blocks.block_rows(n1, n2, per_pair)
   _check_memory(whole[0].jaxpr, None if rows is None else traced(rows, rows, False)[0].jaxpr,
-                n1, n2, fused=isinstance(x1, jax.core.Tracer),
+                n1, n2, rows, symmetric=x2 is None, fused=isinstance(x1, jax.core.Tracer),
                 joint_loop=isinstance(x1, jax.core.Tracer) and _joint_loop(gets))
   if rows is not None:
     return pair_blocks.blocked_kernel(pair_kernels, x1, x2, rows)
   return _eval_kernels(*whole, x1 if x2 is None else jnp.concatenate([x1, x2]), gets)
 
 
-def _check_memory(whole, block, n1, n2, fused, joint_loop):
-  """Raises `KernelMemoryError` before a computation that cannot fit: the
-  whole jaxpr's peak, or (computed on blocks of pairs, one compiled loop)
-  the stacked and assembled results plus one block's peak. `fused`: the
-  computation is traced into a compiled program (under `jit`); `joint_loop`:
-  with the NNGP and NTK in one loop (`_joint`)."""
+def _check_memory(whole, block, n1, n2, rows, symmetric, fused, joint_loop):
+  """Raises `KernelMemoryError` before a computation that cannot fit.
+
+  Computed at once: the whole jaxpr's peak. On blocks of `rows` pairs (one
+  compiled loop): the computed blocks stacked (those on and above the
+  diagonal only when `symmetric`), the assembled results and one block's
+  peak. `fused`: the computation is traced into a compiled program (under
+  `jit`). `joint_loop`: the NNGP and NTK come from one loop (`_joint`) that
+  reads each result padded to twice its size; the padding is formed once the
+  recursion's intermediates are dead, so it raises the peak only where the
+  results and their padded copies exceed it (measured in
+  `benchmarks/bench_memory_estimate.py`)."""
+  def with_joint(peak, out):
+    return max(peak, 3 * out) if joint_loop else peak
+
   out = memory.output_bytes(whole)
   if block is None:
-    peak = memory.peak_bytes(whole, fused)
+    peak = with_joint(memory.peak_bytes(whole, fused), out)
   else:
-    peak = 2 * out + memory.peak_bytes(block, fused=True)
-  if joint_loop:
-    peak += 2 * out   # `joint` pads each result to twice its size
+    nb1, nb2 = -(-n1 // rows), -(-n2 // rows)
+    computed = nb1 * (nb1 + 1) // 2 if symmetric else nb1 * nb2
+    stacked = out * computed // (nb1 * nb2)
+    peak = out + stacked + with_joint(memory.peak_bytes(block, fused=True),
+                                      memory.output_bytes(block))
   memory.check_fits(peak, out, n1, n2)
 
 
