@@ -288,6 +288,48 @@ def check_kernel_larger_than_a_limit(out):
   np.testing.assert_allclose(tiled[:40, -24:], corner, rtol=1e-12)
 
 
+def diagonal_flags_of_stax():
+  """NT's layouts: `diagonal_batch` keeps only the variances in `cov1`."""
+  _, _, kf = iw.stax.serial(iw.stax.Dense(8, W_std=SW, b_std=SB), iw.stax.Relu(),
+                            iw.stax.Dense(1, W_std=SW, b_std=SB))
+  return (kf(X, None, ('nngp', 'cov1'), diagonal_batch=True),
+          kf(X, None, ('nngp', 'cov1'), diagonal_batch=False))
+
+
+def check_diagonal_flags_of_stax(out):
+  diag, full = out
+  assert diag.nngp.shape == full.nngp.shape == (5, 5)
+  assert diag.cov1.shape == (5,) and full.cov1.shape == (5, 5)
+  np.testing.assert_allclose(diag.cov1, np.diagonal(full.cov1), rtol=1e-12)
+  np.testing.assert_allclose(diag.nngp, full.nngp, rtol=1e-12)
+
+
+def integer_inputs_to_an_embedding():
+  """Token ids stay integer; a row of i.i.d. entries is a source per token."""
+  ids = jnp.array([[0, 3], [3, 1], [2, 2]])
+  table = jax.random.normal(KEY, (4, 16))
+  f = lambda p, t: p[t].mean(1) * SW
+  return ids, iw.kernelize(f, table, param_stats=iw.ParamStats(0.0, 1.0))(ids, None, 'nngp')
+
+
+def check_integer_inputs_to_an_embedding(out):
+  ids, k = out
+  ids = np.asarray(ids)
+  same = (ids[:, None, :, None] == ids[None, :, None, :]).mean((2, 3))
+  np.testing.assert_allclose(k, SW ** 2 * same, rtol=1e-12)
+
+
+def a_noisy_bias_with_a_large_effect():
+  """A 1024-entry bias (±4.4% on its variance) moves the kernel by percents."""
+  w0, b0 = jax.random.normal(KEY, (D, 1024)), jax.random.normal(jax.random.PRNGKey(6), (1024,))
+  w1 = jax.random.normal(jax.random.PRNGKey(7), (1024, 128))
+  f = lambda p, x: jax.nn.relu(x @ p[0] / np.sqrt(D) + p[1]) @ p[2] / np.sqrt(1024)
+  stats = (iw.ParamStats(0.0, 1.0), None, iw.ParamStats(0.0, 1.0))
+  with warnings.catch_warnings():
+    warnings.simplefilter('always')
+    iw.kernelize(f, (w0, b0, w1), param_stats=stats)(X, None, 'nngp')
+
+
 @dataclasses.dataclass
 class Case:
   name: str
@@ -336,6 +378,13 @@ CASES = [
                                    r'infwidth.batch\(kernel_fn, batch_size=\d+\)'])),
     Case('a kernel larger than a memory limit', kernel_larger_than_a_limit,
          check_kernel_larger_than_a_limit),
+    Case('diagonal_batch passed to a stax kernel_fn', diagonal_flags_of_stax,
+         check_diagonal_flags_of_stax),
+    Case('integer inputs to an embedding', integer_inputs_to_an_embedding,
+         check_integer_inputs_to_an_embedding),
+    Case('estimated moments of a 1024-entry bias', a_noisy_bias_with_a_large_effect,
+         Raises(UserWarning, ['estimated from small samples', r'\[1\]', '1024 entries',
+                              'param_stats'])),
 ]
 
 

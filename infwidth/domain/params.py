@@ -128,6 +128,8 @@ def _flatten_like(params, tree, what: str, leaf_kind: str) -> list:
   """`tree`'s leaves, one per parameter; an error showing both structures if
   `tree` does not match `params`."""
   treedef = jax.tree_util.tree_structure(params)
+  if _is_stats(tree) and treedef.num_nodes == treedef.num_leaves == 1:   # one array
+    return [tree]
   try:
     if _is_stats(tree):
       raise ValueError('a single ParamStats')
