@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import jax
+import tree_math as tm
 
 PyTree = Any
 
@@ -23,9 +24,9 @@ def linearize(f: Callable[..., PyTree], params: PyTree) -> Callable[..., PyTree]
   """
 
   def f_lin(p: PyTree, *args, **kwargs) -> PyTree:
-    dp = jax.tree.map(lambda a, b: a - b, p, params)
+    dp = (tm.Vector(p) - tm.Vector(params)).tree
     out, tangent = jax.jvp(lambda q: f(q, *args, **kwargs), (params,), (dp,))
-    return jax.tree.map(lambda a, b: a + b, out, tangent)
+    return (tm.Vector(out) + tm.Vector(tangent)).tree
 
   return f_lin
 
@@ -47,7 +48,7 @@ def taylor_expand(f: Callable[..., PyTree], params: PyTree,
     raise ValueError(f'`degree` must be non-negative, got {degree}.')
 
   def f_tayl(p: PyTree, *args, **kwargs) -> PyTree:
-    dp = jax.tree.map(lambda a, b: a - b, p, params)
+    dp = (tm.Vector(p) - tm.Vector(params)).tree
 
     def expand(g, k):
       # g(q) = D^k f(q)[dp, …, dp]; the series is g(params) + expand(Dg)/(k+1).
@@ -55,7 +56,7 @@ def taylor_expand(f: Callable[..., PyTree], params: PyTree,
         return g(params)
       dg = lambda q: jax.jvp(g, (q,), (dp,))[1]
       rest = expand(dg, k + 1)
-      return jax.tree.map(lambda a, b: a + b / (k + 1), g(params), rest)
+      return (tm.Vector(g(params)) + tm.Vector(rest) / (k + 1)).tree
 
     return expand(lambda q: f(q, *args, **kwargs), 0)
 

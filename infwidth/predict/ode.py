@@ -5,7 +5,8 @@ state at each of the non-decreasing times `ts`. Unlike
 `jax.experimental.ode.odeint` it steps exactly onto each requested time
 (no dense-output interpolation), and it is built from `lax.scan` and
 `lax.while_loop` only, so it is jittable and forward-mode differentiable;
-reverse-mode differentiation through it is not supported.
+reverse-mode differentiation through it is not supported. States are
+`tree_math.Vector`s inside: pytree arithmetic reads as vector arithmetic.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any, Callable, Tuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tree_math as tm
 
 # Dormand & Prince (1980), "A family of embedded Runge-Kutta formulae",
 # Table 2 (RK5(4)7M): nodes c, stages a, 5th-order weights b, and the
@@ -34,22 +36,16 @@ _B_ERR = _B - np.array([5179 / 57600, 0., 7571 / 16695, 393 / 640,
                         -92097 / 339200, 187 / 2100, 1 / 40])
 
 
-def _axpy(y: Any, h: jax.Array, coeffs: Any, ks: Any) -> Any:
-  """`y + h Σ_i coeffs_i k_i` on pytrees."""
-  def leaf(y, *k):
-    acc = y
-    for c, ki in zip(coeffs, k):
-      if c != 0.:
-        acc = acc + (h * c).astype(y.dtype) * ki
-    return acc
-  return jax.tree_util.tree_map(leaf, y, *ks)
+def _axpy(y: tm.Vector, h: jax.Array, coeffs: Any, ks: Any) -> tm.Vector:
+  """`y + h Σ_i coeffs_i k_i`."""
+  for c, k in zip(coeffs, ks):
+    if c != 0.:
+      y = y + (h * c).astype(y.dtype) * k
+  return y
 
 
-def _rms(tree: Any) -> jax.Array:
-  leaves = jax.tree_util.tree_leaves(tree)
-  total = sum(jnp.sum(l ** 2) for l in leaves)
-  size = sum(l.size for l in leaves)
-  return jnp.sqrt(total / max(size, 1))
+def _rms(v: tm.Vector) -> jax.Array:
+  return jnp.sqrt(tm.numpy.square(v).mean()) if v.size else jnp.zeros(())
 
 
 def _step(f, y, f0, t, h):
@@ -58,7 +54,7 @@ def _step(f, y, f0, t, h):
   for i in range(1, 7):
     ks.append(f(_axpy(y, h, _A[i], ks), t + _C[i] * h))
   y1 = _axpy(y, h, _A[6], ks[:6])  # The 7th stage is at y1 (FSAL).
-  err = _axpy(jax.tree_util.tree_map(jnp.zeros_like, y), h, _B_ERR, ks)
+  err = _axpy(tm.numpy.zeros_like(y), h, _B_ERR, ks)
   return y1, ks[6], err
 
 
@@ -81,21 +77,19 @@ def odeint(f: Callable[[Any, jax.Array], Any], y0: Any, ts: jax.Array,
     a boolean that is False if `max_steps` was exhausted or a step turned
     non-finite (the states are then unreliable).
   """
-  y0 = jax.tree_util.tree_map(jnp.asarray, y0)
-  leaves = jax.tree_util.tree_leaves(y0)
-  dtype = jnp.result_type(*leaves) if leaves else ts.dtype
+  rhs = lambda y, t: tm.Vector(f(y.tree, t))
+  y0 = tm.Vector(jax.tree_util.tree_map(jnp.asarray, y0))
+  dtype = y0.dtype if jax.tree_util.tree_leaves(y0) else ts.dtype
   ts = ts.astype(dtype)
   t0 = jnp.zeros((), dtype)
-  f0 = f(y0, t0)
+  f0 = rhs(y0, t0)
 
   # Initial step size: Hairer, Nørsett & Wanner, "Solving ODEs I", §II.4.
-  scale = jax.tree_util.tree_map(lambda y: atol + rtol * jnp.abs(y), y0)
-  ratio = lambda a: jax.tree_util.tree_map(lambda x, s: x / s, a, scale)
-  d0, d1 = _rms(ratio(y0)), _rms(ratio(f0))
+  scale = atol + rtol * abs(y0)
+  d0, d1 = _rms(y0 / scale), _rms(f0 / scale)
   h0 = jnp.where((d0 < 1e-5) | (d1 < 1e-5), 1e-6, 0.01 * d0 / d1)
   y1 = _axpy(y0, h0, [1.], [f0])
-  d2 = _rms(ratio(jax.tree_util.tree_map(lambda a, b: a - b, f(y1, h0), f0)))
-  d2 = d2 / h0
+  d2 = _rms((rhs(y1, h0) - f0) / scale) / h0
   h1 = jnp.where(jnp.maximum(d1, d2) <= 1e-15, jnp.maximum(1e-6, h0 * 1e-3),
                  (0.01 / jnp.maximum(d1, d2)) ** (1 / 5))
   h = jnp.minimum(100 * h0, h1).astype(dtype)
@@ -109,25 +103,21 @@ def odeint(f: Callable[[Any, jax.Array], Any], y0: Any, ts: jax.Array,
       y, fy, t, h, steps, ok = c
       hh = jnp.minimum(h, target - t)
       last = hh >= target - t
-      y_new, f_new, err = _step(f, y, fy, t, hh)
-      tol = jax.tree_util.tree_map(
-          lambda a, b: atol + rtol * jnp.maximum(jnp.abs(a), jnp.abs(b)),
-          y, y_new)
-      e = _rms(jax.tree_util.tree_map(lambda x, s: x / s, err, tol))
+      y_new, f_new, err = _step(rhs, y, fy, t, hh)
+      e = _rms(err / (atol + rtol * tm.numpy.maximum(abs(y), abs(y_new))))
       accept = e <= 1
       # Step-size control with safety 0.9, bounded in [0.2, 10]: (1/e)^(1/5).
       factor = jnp.clip(0.9 * jnp.where(e > 0, e, 1e-10) ** (-1 / 5), 0.2, 10.)
       h_next = jnp.where(accept & last, h, hh * factor).astype(dtype)
       t_new = jnp.where(last, target, t + hh)
-      pick = lambda a, b: jax.tree_util.tree_map(
-          lambda u, v: jnp.where(accept, u, v), a, b)
+      pick = lambda a, b: tm.numpy.where(accept, a, b)
       ok = ok & jnp.isfinite(e)
       return (pick(y_new, y), pick(f_new, fy), jnp.where(accept, t_new, t),
               h_next, steps + 1, ok)
 
     y, fy, t, h, steps, ok = jax.lax.while_loop(cond, body, carry)
     ok = ok & (t >= target)
-    return (y, fy, t, h, steps, ok), (y, ok)
+    return (y, fy, t, h, steps, ok), (y.tree, ok)
 
   init = (y0, f0, t0, h, jnp.zeros((), jnp.int32), jnp.asarray(True))
   _, (ys, oks) = jax.lax.scan(advance, init, ts)
