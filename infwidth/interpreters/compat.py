@@ -52,3 +52,23 @@ def bind_equation(eqn, invals) -> list:
   with eqn.ctx.manager:
     out = eqn.primitive.bind(*subfuns, *invals, **params)
   return list(out) if eqn.primitive.multiple_results else [out]
+
+
+def source_of(eqn):
+  """A context in which new equations get `eqn`'s source line (for re-tracing
+  a jaxpr equation by equation)."""
+  import contextlib
+  try:
+    from jax._src import source_info_util
+  except ImportError:   # the location is a courtesy
+    return contextlib.nullcontext()
+  info = eqn.source_info
+  return source_info_util.user_context(info.traceback, name_stack=info.name_stack)
+
+
+def without_dead_code(closed):
+  """`closed` without the equations that no output depends on (its inputs kept)."""
+  from jax._src.interpreters import partial_eval as pe
+  from jax.extend.core import ClosedJaxpr
+  jaxpr, _ = pe.dce_jaxpr(closed.jaxpr, [True] * len(closed.jaxpr.outvars), instantiate=True)
+  return ClosedJaxpr(jaxpr, closed.consts)

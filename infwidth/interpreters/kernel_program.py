@@ -26,6 +26,7 @@ from infwidth.domain.values import Det
 from infwidth.interpreters.kernel_interpreter import interpret
 from infwidth.interpreters.loop_rolling import eval_rolled
 from infwidth.interpreters.requirements import requirements
+from infwidth.interpreters.loops import unroll_loops
 from infwidth.interpreters.sizes import largest_value
 from infwidth.interpreters.walker import trace
 
@@ -162,6 +163,7 @@ def _interpret(apply_fn, shapes, leaves_info, batches, xj, x_val, apply_kwargs) 
   value `x_val`); `batches` is `(n1, n2, x1_is_x2, dtype)`, or a `Moments`."""
   closed, out_shapes = trace(lambda p, x: apply_fn(p, x, **apply_kwargs), shapes, xj,
                              return_shape=True)
+  closed = unroll_loops(closed)
   if isinstance(batches, M.Moments):
     moments = batches
   else:

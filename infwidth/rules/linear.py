@@ -85,6 +85,11 @@ def dot_general_rule(ctx, lhs, rhs, *, dimension_numbers, **_):
     n = int(np.prod([x.shape[i] for i in xc_big if x.roles[i] == 'c'], dtype=int))
     n //= int(np.prod([size for _, size in x.hidden], dtype=int))
     src = A.LinearSource(p, x, spatial, width=n, traced=traced)
+  elif _all_zero(x.value):
+    # A zero input (an RNN's zero initial state): the product is exactly zero,
+    # the same for every input; the weight is not used.
+    dtype = ctx.eqn.outvars[0].aval.dtype
+    return A.Det(np.zeros(out_shape, dtype), roles, compact=np.zeros((1,) * len(out_shape), dtype))
   else:
     if 'b' in [x.roles[i] for i in xc]:
       raise UnsupportedValueError('a weight contracts the batch axis of the input: the inputs '
@@ -100,6 +105,10 @@ def dot_general_rule(ctx, lhs, rhs, *, dimension_numbers, **_):
   ctx.moments.sources[key] = src
   ctx.moments.keep_alive.append(x)
   return A.Wide(out_shape, roles, (A.Term(Chain(), A.combo_of(src, spatial)),))
+
+
+def _all_zero(value) -> bool:
+  return not isinstance(value, jax.core.Tracer) and not np.any(np.asarray(value))
 
 
 def _batch_first(v, roles, free, trailing=()):

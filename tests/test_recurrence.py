@@ -1,0 +1,218 @@
+"""Recurrent networks through `lax.scan`, `fori_loop` and `while_loop`.
+
+Loops are unrolled before the kernel interpretation (the same weight at every
+step is one source: `docs/semantics.md`, "Weight sharing"), so each loop form
+must give exactly the kernel of the same network written as a Python loop
+(the second implementation, itself checked against Monte Carlo in
+`test_arrays_built_inside.py`); pooling over steps is checked against Monte
+Carlo here. Flax's `nn.RNN` and Haiku's `dynamic_unroll` run unchanged.
+"""
+
+import flax.linen as nn
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+import infwidth as iw
+from test_kernelize_monte_carlo import check_against_mc, monte_carlo
+
+N, T, D, H = 3, 3, 4, 512
+X = jax.random.normal(jax.random.PRNGKey(0), (N, T, D))
+SHAPES = {'wh': (H, H), 'wx': (D, H), 'b': (H,), 'o': (H, 256)}
+STATS = {k: iw.ParamStats(0., 1.) for k in SHAPES}
+GET = ('nngp', 'ntk')
+
+
+def cell(p, h, x_t):
+  """Elman step: tanh(1.2 W_h h/√H + W_x x_t/√D + 0.2 b)."""
+  return jnp.tanh(h @ p['wh'] * 1.2 / np.sqrt(H) + x_t @ p['wx'] / np.sqrt(D) + 0.2 * p['b'])
+
+
+def readout(p, h):
+  return h @ p['o'] / np.sqrt(H)
+
+
+def h0(x):
+  return jnp.zeros((x.shape[0], H), x.dtype)
+
+
+def python_loop(p, x, reverse=False, pool=False):
+  h, hs = h0(x), []
+  for t in (reversed(range(T)) if reverse else range(T)):
+    h = cell(p, h, x[:, t])
+    hs.append(h)
+  return readout(p, sum(hs) / T if pool else h)
+
+
+def with_scan(p, x, reverse=False, pool=False):
+  h, hs = lax.scan(lambda h, x_t: (cell(p, h, x_t),) * 2, h0(x), jnp.swapaxes(x, 0, 1),
+                   reverse=reverse)
+  return readout(p, hs.mean(0) if pool else h)
+
+
+def with_fori(p, x):
+  return readout(p, lax.fori_loop(0, x.shape[1], lambda t, h: cell(p, h, x[:, t]), h0(x)))
+
+
+def with_while(p, x):
+  def body(c):
+    t, h = c
+    return t + 1, cell(p, h, lax.dynamic_index_in_dim(x, t, 1, keepdims=False))
+  return readout(p, lax.while_loop(lambda c: c[0] < x.shape[1], body, (0, h0(x)))[1])
+
+
+def kernel(f, x=X, shapes=SHAPES, stats=STATS):
+  params = jax.tree.map(jnp.ones, shapes, is_leaf=lambda s: isinstance(s, tuple))
+  return iw.kernelize(f, params, param_stats=stats)(x, None, GET)
+
+
+@pytest.fixture(scope='module')
+def reference():
+  return kernel(python_loop)
+
+
+def assert_same(a, b):
+  np.testing.assert_allclose(a.nngp, b.nngp, rtol=1e-12, atol=1e-14)
+  np.testing.assert_allclose(a.ntk, b.ntk, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize('loop', [with_scan, with_fori, with_while],
+                         ids=['scan', 'fori_loop', 'while_loop'])
+def test_loops_equal_the_python_loop(loop, reference):
+  assert_same(kernel(loop), reference)
+
+
+def test_reverse_scan_equals_the_reversed_python_loop():
+  assert_same(kernel(lambda p, x: with_scan(p, x, reverse=True)),
+              kernel(lambda p, x: python_loop(p, x, reverse=True)))
+
+
+def test_pooling_over_steps_matches_monte_carlo():
+  """The mean of the hidden states over steps: a sum of values of different
+  steps (correlated through the shared weight and the recursion)."""
+  pooled = lambda p, x: with_scan(p, x, pool=True)
+  k = kernel(pooled)
+  assert_same(k, kernel(lambda p, x: python_loop(p, x, pool=True)))
+  nngp, ntk = monte_carlo(pooled, SHAPES, STATS, X)
+  check_against_mc(k.nngp, nngp, T, H)
+  check_against_mc(k.ntk, ntk, T, H)
+
+
+def test_stacked_layers_scan_over_the_steps_of_the_layer_below():
+  shapes = dict(SHAPES, wh2=(H, H), wx2=(H, H))
+  stats = {k: iw.ParamStats(0., 1.) for k in shapes}
+
+  def layer(p, xs, wh, wx, scale):
+    step = lambda h, x_t: (jnp.tanh(h @ wh * 1.2 / np.sqrt(H) + x_t @ wx / scale),) * 2
+    return lax.scan(step, jnp.zeros((xs.shape[1], H), xs.dtype), xs)[1]
+
+  def two_layers(p, x):
+    ys = layer(p, jnp.swapaxes(x, 0, 1), p['wh'], p['wx'], np.sqrt(D))
+    return readout(p, layer(p, ys, p['wh2'], p['wx2'], np.sqrt(H))[-1])
+
+  def two_layers_python(p, x):
+    h1, h2 = h0(x), h0(x)
+    for t in range(T):
+      h1 = jnp.tanh(h1 @ p['wh'] * 1.2 / np.sqrt(H) + x[:, t] @ p['wx'] / np.sqrt(D))
+      h2 = jnp.tanh(h2 @ p['wh2'] * 1.2 / np.sqrt(H) + h1 @ p['wx2'] / np.sqrt(H))
+    return readout(p, h2)
+
+  assert_same(kernel(two_layers, shapes=shapes, stats=stats),
+              kernel(two_layers_python, shapes=shapes, stats=stats))
+
+
+def test_flax_rnn_equals_plain_jax():
+  """`nn.RNN(nn.SimpleCell)` (a scan over time, outputs stacked and
+  transposed back to batch-major), the last step and the mean over steps."""
+  class Net(nn.Module):
+    pool: bool
+
+    @nn.compact
+    def __call__(self, x):
+      ys = nn.RNN(nn.SimpleCell(H, param_dtype=x.dtype))(x)   # (N, T, H)
+      return nn.Dense(256, use_bias=False, param_dtype=x.dtype)(
+          ys.mean(1) if self.pool else ys[:, -1])
+
+  def plain(p, x, pool):
+    h, hs = h0(x), []
+    for t in range(T):
+      h = jnp.tanh(x[:, t] @ p['wx'] + p['b'] + h @ p['wh'])
+      hs.append(h)
+    return (sum(hs) / T if pool else h) @ p['o']
+
+  for pool in (False, True):
+    net = Net(pool)
+    params = net.init(jax.random.PRNGKey(0), X)['params']
+    stats = {'SimpleCell_0': {'i': {'kernel': iw.ParamStats(0., 1. / D),
+                                    'bias': iw.ParamStats(0., 0.)},
+                              'h': {'kernel': iw.ParamStats(0., 1. / H)}},
+             'Dense_0': {'kernel': iw.ParamStats(0., 1. / H)}}
+    flax_k = iw.kernelize(lambda p, x: net.apply({'params': p}, x), params,
+                          param_stats=stats)(X, None, GET)
+    plain_shapes = {'wx': (D, H), 'b': (H,), 'wh': (H, H), 'o': (H, 256)}
+    plain_stats = {'wx': iw.ParamStats(0., 1. / D), 'b': iw.ParamStats(0., 0.),
+                   'wh': iw.ParamStats(0., 1. / H), 'o': iw.ParamStats(0., 1. / H)}
+    assert_same(flax_k, kernel(lambda p, x: plain(p, x, pool), shapes=plain_shapes,
+                               stats=plain_stats))
+
+
+def test_haiku_dynamic_unroll_equals_plain_jax():
+  def forward(x):
+    core = hk.VanillaRNN(H)
+    ys, _ = hk.dynamic_unroll(core, jnp.swapaxes(x, 0, 1), core.initial_state(x.shape[0]))
+    return hk.Linear(256, with_bias=False)(ys[-1])
+
+  f = hk.without_apply_rng(hk.transform(forward))
+  params = f.init(jax.random.PRNGKey(0), X)
+  stats = jax.tree.map(lambda l: iw.ParamStats(0., 1. / l.shape[0] if l.ndim == 2 else 0.),
+                       params)
+  hk_k = iw.kernelize(f.apply, params, param_stats=stats)(X, None, GET)
+
+  def plain(p, x):
+    h = h0(x)
+    for t in range(T):
+      # VanillaRNN: relu, a bias on each of its two linear maps.
+      h = jax.nn.relu(x[:, t] @ p['wx'] + p['b'] + h @ p['wh'] + p['b2'])
+    return h @ p['o']
+  shapes = {'wx': (D, H), 'b': (H,), 'b2': (H,), 'wh': (H, H), 'o': (H, 256)}
+  stats = {'wx': iw.ParamStats(0., 1. / D), 'b': iw.ParamStats(0., 0.),
+           'b2': iw.ParamStats(0., 0.),
+           'wh': iw.ParamStats(0., 1. / H), 'o': iw.ParamStats(0., 1. / H)}
+  assert_same(hk_k, kernel(plain, shapes=shapes, stats=stats))
+
+
+def test_bidirectional_concatenates_the_two_directions():
+  def bidirectional(p, x):
+    xs = jnp.swapaxes(x, 0, 1)
+    fwd = lax.scan(lambda h, x_t: (cell(p, h, x_t),) * 2, h0(x), xs)[1]
+    bwd = lax.scan(lambda h, x_t: (cell(p, h, x_t),) * 2, h0(x), xs, reverse=True)[1]
+    both = jnp.concatenate([fwd, bwd], axis=-1)        # (T, N, 2H)
+    return both.mean(0) @ p['o2'] / np.sqrt(2 * H)
+
+  def python_bidirectional(p, x):
+    f, b, fs, bs = h0(x), h0(x), [], []
+    for t in range(T):
+      f = cell(p, f, x[:, t])
+      b = cell(p, b, x[:, T - 1 - t])
+      fs.append(f)
+      bs.append(b)
+    both = jnp.concatenate([sum(fs) / T, sum(bs) / T], axis=-1)
+    return both @ p['o2'] / np.sqrt(2 * H)
+
+  shapes = dict(SHAPES, o2=(2 * H, 256))
+  stats = {k: iw.ParamStats(0., 1.) for k in shapes}
+  assert_same(kernel(bidirectional, shapes=shapes, stats=stats),
+              kernel(python_bidirectional, shapes=shapes, stats=stats))
+
+
+def test_a_while_loop_of_unknown_length_is_refused_with_its_line():
+  def until_small(p, x):
+    h = lax.while_loop(lambda h: jnp.sum(h ** 2) > 1.0, lambda h: cell(p, h, x[:, 0]),
+                       x[:, 0] @ p['wx'])
+    return readout(p, h)
+  with pytest.raises(iw.UnsupportedPrimitiveError,
+                     match='(?s)while_loop whose trip count.*test_recurrence.py.*lax.scan'):
+    kernel(until_small)
