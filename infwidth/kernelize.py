@@ -54,25 +54,47 @@ def _is_tracer(x) -> bool:
 
 
 def _check_inputs(x1, x2):
-  if not hasattr(x1, 'shape') or jnp.ndim(x1) < 1:
-    raise InfwidthError(f'x1 must be an array with a leading batch axis, got {type(x1).__name__} '
-                        f'of shape {getattr(x1, "shape", None)}.')
+  """Inputs are an array, or a pytree of arrays (several inputs), each with a
+  leading batch axis of one size; `x2` has `x1`'s structure and shapes apart
+  from the batch axis."""
+  leaves1, tree1 = jax.tree_util.tree_flatten(x1)
+  if not leaves1 or any(not hasattr(l, 'shape') or jnp.ndim(l) < 1 for l in leaves1):
+    raise InfwidthError(f'x1 must be an array with a leading batch axis (or a tuple, list or '
+                        f'dict of them), got {type(x1).__name__} of shape '
+                        f'{getattr(x1, "shape", None)}.')
+  if len({l.shape[0] for l in leaves1}) > 1:
+    raise InfwidthError('the inputs in x1 must have one batch size (the leading axis); got '
+                        f'shapes {[tuple(l.shape) for l in leaves1]}.')
   if x2 is not None:
-    if not hasattr(x2, 'shape') or tuple(x2.shape[1:]) != tuple(x1.shape[1:]):
+    leaves2, tree2 = jax.tree_util.tree_flatten(x2)
+    shape = lambda ls: [tuple(getattr(l, 'shape', ()))[1:] for l in ls]
+    if tree2 != tree1 or shape(leaves2) != shape(leaves1) or len(
+        {getattr(l, 'shape', (None,))[0] for l in leaves2}) > 1:
       raise InfwidthError(
           f'x1 and x2 must have the same shape apart from the batch axis: got '
-          f'{tuple(x1.shape)} and {tuple(getattr(x2, "shape", ()))}.')
-  for name, x in (('x1', x1), ('x2', x2)):
-    if x is None or _is_tracer(x):
-      continue
-    a = np.asarray(x)
-    if not np.issubdtype(a.dtype, np.floating) or a.size == 0:
-      continue
-    bad = ~np.isfinite(a.reshape(a.shape[0], -1)).all(axis=1)
-    if bad.any():
-      rows = np.nonzero(bad)[0][:10].tolist()
-      raise InfwidthError(f'{name} has NaN or inf entries in rows {rows}; the kernel would be '
-                          'meaningless. (Under jax.jit non-finite inputs propagate as NaN.)')
+          f'{_shapes_of(x1)} and {_shapes_of(x2)}.')
+  for name, xs in (('x1', leaves1), ('x2', jax.tree_util.tree_leaves(x2))):
+    for x in xs:
+      _check_finite(name, x)
+
+
+def _shapes_of(x):
+  if hasattr(x, 'shape'):
+    return tuple(x.shape)
+  return jax.tree_util.tree_map(lambda l: tuple(getattr(l, 'shape', ())), x)
+
+
+def _check_finite(name, x):
+  if _is_tracer(x):
+    return
+  a = np.asarray(x)
+  if not np.issubdtype(a.dtype, np.floating) or a.size == 0:
+    return
+  bad = ~np.isfinite(a.reshape(a.shape[0], -1)).all(axis=1)
+  if bad.any():
+    rows = np.nonzero(bad)[0][:10].tolist()
+    raise InfwidthError(f'{name} has NaN or inf entries in rows {rows}; the kernel would be '
+                        'meaningless. (Under jax.jit non-finite inputs propagate as NaN.)')
 
 
 def kernelize(apply_fn: Optional[Callable] = None, params: Any = None, *,

@@ -127,8 +127,13 @@ def _input_shape(x1) -> Tuple[Shape, Any]:
       raise InfwidthError('a Kernel in place of x1 needs shape1 (the shape of the '
                           'previous layer output).')
     return (int(jnp.shape(x1.nngp)[0]),) + tuple(x1.shape1[1:]), jnp.result_type(x1.nngp)
+  if isinstance(x1, (tuple, list)):   # several inputs (a network starting with `parallel`)
+    shapes_dtypes = [_input_shape(x) for x in x1]
+    floats = [d for _, d in shapes_dtypes]
+    return type(x1)(s for s, _ in shapes_dtypes), jnp.result_type(*floats)
   if not hasattr(x1, 'shape'):
-    raise InfwidthError(f'x1 must be an array or an infwidth.Kernel; got {type(x1).__name__}.')
+    raise InfwidthError(f'x1 must be an array, a tuple or list of arrays, or an '
+                        f'infwidth.Kernel; got {type(x1).__name__}.')
   dtype = x1.dtype if jnp.issubdtype(x1.dtype, jnp.floating) else jnp.float32
   return tuple(x1.shape), dtype
 

@@ -45,8 +45,8 @@ def blocked_kernel(pair_fn: Callable, x1, x2, rows: int):
   Args:
     pair_fn: the kernels of two batches `(n, ...)`, `(n', ...)` as separate
       inputs (`x1_is_x2=False`).
-    x1: `(N1, ...)` inputs.
-    x2: `(N2, ...)` inputs, or None for the kernel of `x1` with itself.
+    x1: `(N1, ...)` inputs (or a pytree of them).
+    x2: `(N2, ...)` inputs (the same structure), or None for the kernel of `x1` with itself.
     rows: block size (at most the batch size on each side).
 
   With `x2=None` only blocks on and above the diagonal are computed. With an
@@ -56,12 +56,14 @@ def blocked_kernel(pair_fn: Callable, x1, x2, rows: int):
   """
   if x2 is None:
     return _blocks(pair_fn, x1, x1, rows, symmetric=True)
-  if x1.shape != x2.shape:
+  if _shapes(x1) != _shapes(x2):
     return _blocks(pair_fn, x1, x2, rows, symmetric=False)
 
   @jax.custom_jvp
   def kernel(a, b):
-    return _blocks(pair_fn, a, b, rows, symmetric=jnp.array_equal(a, b))
+    equal = [jnp.array_equal(u, v) for u, v in zip(jax.tree_util.tree_leaves(a),
+                                                   jax.tree_util.tree_leaves(b))]
+    return _blocks(pair_fn, a, b, rows, symmetric=jnp.all(jnp.stack(equal)))
 
   @kernel.defjvp
   def _(primals, tangents):
@@ -70,8 +72,20 @@ def blocked_kernel(pair_fn: Callable, x1, x2, rows: int):
   return kernel(x1, x2)
 
 
+def _shapes(x):
+  return [jnp.shape(l) for l in jax.tree_util.tree_leaves(x)], jax.tree_util.tree_structure(x)
+
+
+def _batch_size(x) -> int:
+  return jax.tree_util.tree_leaves(x)[0].shape[0]
+
+
 def _split(x, rows: int):
-  """`(N, ...)` → `(B, rows, ...)`, padding with copies of the last row."""
+  """Each leaf `(N, ...)` → `(B, rows, ...)`, padding with copies of the last row."""
+  return jax.tree_util.tree_map(lambda l: _split_leaf(l, rows), x)
+
+
+def _split_leaf(x, rows: int):
   n_blocks = -(-x.shape[0] // rows)
   pad = n_blocks * rows - x.shape[0]
   if pad:
@@ -82,9 +96,9 @@ def _split(x, rows: int):
 def _blocks(pair_fn, x1, x2, rows, symmetric):
   """The blocked computation. `symmetric`: True (static: upper blocks only),
   False, or a traced bool (all blocks visited; lower ones skipped when true)."""
-  n1, n2 = x1.shape[0], x2.shape[0]
+  n1, n2 = _batch_size(x1), _batch_size(x2)
   b1, b2 = _split(x1, min(rows, n1)), _split(x2, min(rows, n2))
-  nb1, nb2 = b1.shape[0], b2.shape[0]
+  nb1, nb2 = _batch_size(b1), _batch_size(b2)
   static_upper = symmetric is True
   pairs = [(i, j) for i in range(nb1) for j in range(nb2) if not static_upper or i <= j]
   index = {p: t for t, p in enumerate(pairs)}
@@ -93,7 +107,8 @@ def _blocks(pair_fn, x1, x2, rows, symmetric):
 
   def one(ij):
     i, j = ij
-    compute = lambda: pair_fn(b1[i], b2[j])
+    compute = lambda: pair_fn(jax.tree_util.tree_map(lambda l: l[i], b1),
+                              jax.tree_util.tree_map(lambda l: l[j], b2))
     if skip is None:
       return compute()
     zeros = jax.tree_util.tree_map(jnp.zeros_like, jax.eval_shape(compute))

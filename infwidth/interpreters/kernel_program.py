@@ -42,23 +42,32 @@ def analytic_kernels(apply_fn, shapes, leaves_info, x1, x2, x1_is_x2, apply_kwar
     moments, xj, x_val = _kernel_input(x1)
     return _joint(_interpret(apply_fn, shapes, leaves_info, moments, xj, x_val, apply_kwargs),
                   gets)
-  x1 = jnp.asarray(x1)
+  # Inputs may be a pytree of arrays (several inputs, NT's `parallel` first
+  # layers), each with the batch axis first.
+  x1 = jax.tree_util.tree_map(jnp.asarray, x1)
+  leaves = jax.tree_util.tree_leaves(x1)
   # Integer and boolean inputs stay as they are (token ids for an embedding
   # lookup); the kernel is computed in the parameters' float dtype.
-  dtype = x1.dtype if jnp.issubdtype(x1.dtype, jnp.floating) else _float_dtype(shapes)
-  x2 = None if x1_is_x2 else jnp.asarray(x2, x1.dtype)
-  n1, n2 = x1.shape[0], (x1 if x2 is None else x2).shape[0]
+  floats = [l.dtype for l in leaves if jnp.issubdtype(l.dtype, jnp.floating)]
+  dtype = jnp.result_type(*floats) if floats else _float_dtype(shapes)
+  x2 = None if x1_is_x2 else jax.tree_util.tree_map(lambda b, a: jnp.asarray(b, a.dtype), x2, x1)
+  n1 = leaves[0].shape[0]
+  n2 = n1 if x2 is None else jax.tree_util.tree_leaves(x2)[0].shape[0]
+  spec = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), x1)
+  traced_x = any(isinstance(l, jax.core.Tracer) for l in leaves)
   traces = {}
 
   def traced(r1, r2, same):
     """The kernel computation for batches of r1 and r2 inputs (memoised)."""
     if (r1, r2, same) not in traces:
       traces[r1, r2, same] = _trace_kernels(apply_fn, shapes, leaves_info, apply_kwargs,
-                                            x1.shape[1:], r1, r2, same, dtype, x1.dtype)
+                                            spec, r1, r2, same, dtype)
     return traces[r1, r2, same]
 
   def pair_kernels(a, b):
-    return _eval_kernels(*traced(a.shape[0], b.shape[0], False), jnp.concatenate([a, b]), gets)
+    n_a = jax.tree_util.tree_leaves(a)[0].shape[0]
+    n_b = jax.tree_util.tree_leaves(b)[0].shape[0]
+    return _eval_kernels(*traced(n_a, n_b, False), _joined(a, b), gets)
 
   # Spatial kernels are computed on blocks of input pairs, sized from the
   # entries of each pair's largest intermediate.
@@ -66,11 +75,16 @@ def analytic_kernels(apply_fn, shapes, leaves_info, x1, x2, x1_is_x2, apply_kwar
   per_pair = largest_value(whole[0].jaxpr, lead=(n1, n2)) // max(n1 * n2, 1)
   rows = pair_blocks.block_rows(n1, n2, per_pair)
   _check_memory(whole[0].jaxpr, None if rows is None else traced(rows, rows, False)[0].jaxpr,
-                n1, n2, rows, symmetric=x2 is None, fused=isinstance(x1, jax.core.Tracer),
-                joint_loop=isinstance(x1, jax.core.Tracer) and _joint_loop(gets))
+                n1, n2, rows, symmetric=x2 is None, fused=traced_x,
+                joint_loop=traced_x and _joint_loop(gets))
   if rows is not None:
     return pair_blocks.blocked_kernel(pair_kernels, x1, x2, rows)
-  return _eval_kernels(*whole, x1 if x2 is None else jnp.concatenate([x1, x2]), gets)
+  return _eval_kernels(*whole, x1 if x2 is None else _joined(x1, x2), gets)
+
+
+def _joined(a, b):
+  """The joint batch of two input pytrees: each leaf concatenated."""
+  return jax.tree_util.tree_map(lambda u, v: jnp.concatenate([u, v]), a, b)
 
 
 def _check_memory(whole, block, n1, n2, rows, symmetric, fused, joint_loop):
@@ -108,32 +122,42 @@ def _float_dtype(shapes):
   return jnp.result_type(*floats) if floats else jnp.result_type(float)
 
 
-def _trace_kernels(apply_fn, shapes, leaves_info, apply_kwargs, feature_shape, n1, n2,
-                   x1_is_x2, dtype, x_dtype):
-  """The kernel computation for `n1` and `n2` inputs of shape `feature_shape`
-  and dtype `x_dtype` (the same inputs if `x1_is_x2`) as a jaxpr of their
-  joint batch, computed in `dtype`: `(closed jaxpr, output treedef)`."""
+def _trace_kernels(apply_fn, shapes, leaves_info, apply_kwargs, spec, n1, n2, x1_is_x2,
+                   dtype):
+  """The kernel computation for `n1` and `n2` inputs (the same inputs if
+  `x1_is_x2`) as a jaxpr of their joint batch, computed in `dtype`: `(closed
+  jaxpr, output treedef)`. `spec`: a pytree of `ShapeDtypeStruct`s, each
+  input's shape and dtype without the batch axis."""
   out_tree = []
+  specs, in_tree = jax.tree_util.tree_flatten(spec)
 
-  def kernels_of(xj):
-    x_val = Det(xj, ('b',) + tuple(f'x{i}' for i in range(1, xj.ndim)))
-    k = _interpret(apply_fn, shapes, leaves_info, (n1, n2, x1_is_x2, dtype), xj, x_val,
-                   apply_kwargs)
+  def kernels_of(*xj):
+    x_vals = [Det(x, ('b',) + _input_roles(k if len(xj) > 1 else None, x.ndim))
+              for k, x in enumerate(xj)]
+    k = _interpret(apply_fn, shapes, leaves_info, (n1, n2, x1_is_x2, dtype),
+                   jax.tree_util.tree_unflatten(in_tree, xj), x_vals, apply_kwargs)
     leaves, tree = jax.tree_util.tree_flatten(k)
     out_tree.append(tree)
     return leaves
 
   n_joint = n1 if x1_is_x2 else n1 + n2
-  xj = jax.ShapeDtypeStruct((n_joint,) + tuple(feature_shape), x_dtype)
-  closed = trace(kernels_of, xj)
+  closed = trace(kernels_of, *[jax.ShapeDtypeStruct((n_joint,) + s.shape, s.dtype)
+                               for s in specs])
   return closed, out_tree[0]
+
+
+def _input_roles(leaf, ndim):
+  """Spatial roles of an input's axes after the batch axis: one per axis and
+  input (`leaf`: its index among several inputs, or None)."""
+  return tuple(f'x{i}' if leaf is None else f'x{leaf}_{i}' for i in range(1, ndim))
 
 
 def _eval_kernels(closed, out_tree, xj, gets):
   # Evaluated with its repeated blocks (one per layer of a deep network) as
   # scans: XLA:CPU compiles a long unrolled program slowly and recomputes
   # across its layers.
-  return _joint(jax.tree_util.tree_unflatten(out_tree, eval_rolled(closed, xj)), gets)
+  return _joint(jax.tree_util.tree_unflatten(
+      out_tree, eval_rolled(closed, *jax.tree_util.tree_leaves(xj))), gets)
 
 
 def _joint(kernels, gets):
@@ -169,10 +193,12 @@ def _interpret(apply_fn, shapes, leaves_info, batches, xj, x_val, apply_kwargs) 
   else:
     # Pixel diagonals only where no output keeps spatial axes (DESIGN §5);
     # the moment engine then tracks full blocks below pooling only.
-    diag = DIAGONAL_SPATIAL and len(xj.shape) > 2 and requirements(closed).pixel_diagonal
+    diag = (DIAGONAL_SPATIAL and any(jnp.ndim(l) > 2 for l in jax.tree_util.tree_leaves(xj))
+            and requirements(closed).pixel_diagonal)
     moments = M.Moments(*batches, diag=diag)
   param_vals = [A.ParamRef(l, l.shape, tuple(range(len(l.shape)))) for l in leaves_info]
-  outs = interpret(closed.jaxpr, closed.consts, param_vals + [x_val], moments)
+  x_vals = x_val if isinstance(x_val, list) else [x_val]
+  outs = interpret(closed.jaxpr, closed.consts, param_vals + x_vals, moments)
   return _kernels(outs, out_shapes, moments)
 
 
