@@ -160,12 +160,20 @@ def _parameter_free_kernel(apply_fn, params, x1, x2, **kwargs) -> Kernel:
                       spatial_shape=spatial, dtype=dtype)
 
 
+def _param_shapes(init_fn: Callable, input_shape: Shape) -> Any:
+  """`init_fn(key, input_shape)` as shapes. The key is made inside
+  `eval_shape`, so that under an outer trace (`jax.jit`, `make_jaxpr`) no
+  operation is staged: the traced kernel function is the same whether or not
+  the parameter shapes were looked up before."""
+  return jax.eval_shape(lambda: init_fn(jax.random.PRNGKey(0), input_shape))
+
+
 def _kernel_fn(init_fn: Callable, apply_fn: Callable, stats_fn: StatsFn) -> Callable:
   """kernelize of `apply_fn` at the parameter shapes `init_fn` draws for `x1`."""
 
   @functools.lru_cache(maxsize=32)
   def build(input_shape: Shape, dtype) -> Callable:
-    _, shapes = jax.eval_shape(lambda k: init_fn(k, input_shape), jax.random.PRNGKey(0))
+    _, shapes = _param_shapes(init_fn, input_shape)
     params = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), shapes)
     return kernelize(apply_fn, params, param_stats=stats_fn(params))
 
@@ -174,7 +182,7 @@ def _kernel_fn(init_fn: Callable, apply_fn: Callable, stats_fn: StatsFn) -> Call
       x1 = kernel_layout.input_kernel(x1)
     input_shape, dtype = _input_shape(x1)
     if not isinstance(x1, Kernel):
-      _, shapes = jax.eval_shape(lambda k: init_fn(k, input_shape), jax.random.PRNGKey(0))
+      _, shapes = _param_shapes(init_fn, input_shape)
       if not jax.tree_util.tree_leaves(shapes):
         k = _parameter_free_kernel(apply_fn, shapes, x1, x2, **kwargs)
         return k if get is None else k.get(get) if isinstance(get, str) else k.get(tuple(get))

@@ -515,3 +515,17 @@ def test_batch_under_jit_gives_the_same_values():
     got = jax.jit(batched, static_argnums=2)(x, x2, ('nngp', 'ntk'))
     np.testing.assert_allclose(got.nngp, want.nngp, rtol=1e-6)
     np.testing.assert_allclose(got.ntk, want.ntk, rtol=1e-6)
+
+
+def test_checkpoint_of_a_stax_kernel_fn_resumes_in_the_same_process(tmp_path):
+  # The first call of a fresh stax kernel_fn looks its parameter shapes up for
+  # the first time; the checkpoint's fingerprint of it must not depend on that.
+  from infwidth import stax
+  _, _, kernel_fn = stax.serial(stax.Dense(16), stax.Relu(), stax.Dense(1))
+  x = _data(6)
+  batched = iw.batch(kernel_fn, 2, device_count=0, checkpoint_dir=str(tmp_path))
+  k = batched(x, None, 'nngp')
+  np.testing.assert_array_equal(batched(x, None, 'nngp'), k)  # from disk
+  traced = lambda: str(jax.make_jaxpr(lambda a: kernel_fn(a, None, 'nngp'))(x[:1]))
+  _, _, kernel_fn = stax.serial(stax.Dense(16), stax.Relu(), stax.Dense(1))
+  assert traced() == traced()

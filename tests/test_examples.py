@@ -67,3 +67,30 @@ def test_architecture_comparison(tmp_path):
       assert accuracy[0] > 0.3 and accuracy[-1] > 0.9, (arch, g, accuracy)
       assert mse[-1] < mse[0] < 0.09, (arch, g, mse)
   assert len(re.findall(r'ordering by marginal likelihood', text)) == 2
+
+
+@pytest.mark.slow
+def test_large_kernel(tmp_path):
+  text = run_example('large_kernel', tmp_path)
+  assert numbers(r'throughput: ([\d.e+-]+) kernel entries/s', text)[0] > 0
+  loaded, computed, difference = re.search(
+      r'resumed: (\d+) tiles loaded, (\d+) computed, max \|difference\| ([\d.e+-]+)',
+      text).groups()
+  total = int(re.search(r'of (\d+) tiles on disk', text).group(1))
+  # Interrupted halfway: the resumed call computes only the tiles not on disk,
+  # with the same compiled tile functions, so the kernel is bitwise the same.
+  assert int(loaded) > 0 and int(computed) > 0, text
+  assert int(loaded) + int(computed) == total, text
+  assert float(difference) == 0.
+  worst, fraction = re.search(
+      r'cg vs cholesky: max relative difference ([\d.e+-]+) \(at most ([\d.e+-]+) of the '
+      r'bound', text).groups()
+  # CG stops at relative residual tol=1e-10, which bounds the difference of the
+  # predictions (printed per size, about 1e-6 here); both solves are float64.
+  assert float(fraction) <= 1. and float(worst) < 1e-6, text
+  mse = [float(m) for m in re.search(r'test mse by N: ([\d. ]+) \(', text).group(1).split()]
+  floor = float(re.search(r'noise floor ([\d.]+)\)', text).group(1))
+  # More data helps; the NNGP mean is far better than predicting 0 (mse ≈ 1 on
+  # standardised targets) and cannot beat the noise.
+  assert all(b < a for a, b in zip(mse, mse[1:])) and floor < mse[-1] < 0.2, mse
+  assert len(re.findall(r'cg iterations \(\w+, N=\d+\): \d+', text)) >= 2
