@@ -245,29 +245,42 @@ def serial(*layers) -> Layer:
 
 
 def repeat(layer, n: int) -> Layer:
-  """`layer` applied `n` times with the same parameters (NT's `stax.repeat`);
-  its output shape must equal its input shape. Its kernel is derived through
-  kernelize with the weights shared: the NNGP equals that of `serial` with
-  independent copies, and so does the NTK (the gradients of one weight at
-  different depths are uncorrelated in the limit; docs/semantics.md)."""
+  """`layer` composed `n` times in a loop (NT's `stax.repeat`): equivalent to
+  `serial(*[layer] * n)`, with independent parameters for each repetition
+  stacked along a leading axis of size `n` (drawn as NT draws them, so the
+  same key gives NT's parameters), and `apply_fn` a `lax.scan` over them.
+  Its output shape must equal its input shape. The kernel is derived through
+  kernelize of that scan."""
   if not isinstance(n, int) or n < 0:
     raise ValueError(f'repeat needs a non-negative integer count, got {n!r}.')
   init_one, apply_one = layer[0], layer[1]
   stats_one = _stats_of(layer)
 
   def init_fn(key, input_shape):
-    output_shape, params = init_one(key, input_shape)
-    if n and tuple(output_shape) != tuple(input_shape):
+    box = []
+    jax.eval_shape(lambda k: box.append(init_one(k, input_shape)[0]), key)
+    output_shape = box[0]
+    if tuple(output_shape) != tuple(input_shape):
       raise ValueError(f'repeat: the layer maps shape {tuple(input_shape)} to '
-                       f'{tuple(output_shape)}; its output shape must equal its input shape.')
-    return (input_shape if n == 0 else output_shape), params
+                       f'{tuple(output_shape)}; its output shape must equal its input shape '
+                       '(use serial(*[layer] * n) otherwise).')
+
+    def one(key, _):
+      key, layer_key = jax.random.split(key)
+      return key, init_one(layer_key, input_shape)[1]
+
+    return input_shape, jax.lax.scan(one, key, None, n)[1]
 
   def apply_fn(params, x, **kwargs):
-    for _ in range(n):
-      x = apply_one(params, x, **kwargs)
-    return x
+    return jax.lax.scan(lambda x, p: (apply_one(p, x, **kwargs), None), x, params, n)[0]
 
-  return Layer(init_fn, apply_fn, stats_one)
+  def stats_fn(params):
+    # One repetition's moments hold for every slice of the stacked leaves.
+    one = jax.tree_util.tree_map(lambda l: jax.ShapeDtypeStruct(np.shape(l)[1:], l.dtype),
+                                 params)
+    return stats_one(one)
+
+  return Layer(init_fn, apply_fn, stats_fn)
 
 
 def parallel(*layers) -> Layer:

@@ -15,7 +15,7 @@ from infwidth import stax
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), 'fixtures'))
 from mc_check import check_against_mc  # noqa: E402
-from stax_architectures import API_ARCHITECTURES, INPUTS  # noqa: E402
+from stax_architectures import API_ARCHITECTURES, INPUTS, input_shape  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 
@@ -59,7 +59,7 @@ def test_init_and_apply_shapes_match_nt(name):
   box = {}
 
   def init(key):
-    box['out_shape'], params = init_fn(key, x1.shape)
+    box['out_shape'], params = init_fn(key, input_shape(x1))
     return params
 
   params = jax.eval_shape(init, jax.random.PRNGKey(1))

@@ -1,10 +1,19 @@
-"""`stax.repeat(layer, n)`: the same parameters at every repetition (NT's
-semantics). Its kernel, through kernelize with the weights shared, equals the
-kernel of `serial` with independent copies (NNGP and NTK), and Monte Carlo of
-the shared-weight finite network confirms it."""
+"""`stax.repeat(layer, n)` with NT's semantics: `serial(*[layer] * n)` as a
+loop, independent parameters per repetition stacked along a leading axis and
+`apply_fn` a `lax.scan` over them. Its kernel, through kernelize of that scan
+(each slice of a stacked leaf an independent leaf), equals the kernel of
+`serial` with independent copies (NNGP and NTK), and Monte Carlo of the
+finite network confirms it. NT 0.6.5's values: `test_stax_nt_api.py`.
+
+Slices of parameters in plain JAX: a scan over stacked weights equals the
+Python loop over them; slices that share entries are refused."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import pytest
+
+import infwidth as iw
 
 import mc_check
 from infwidth import stax
@@ -27,12 +36,13 @@ def test_repeat_equals_serial_with_independent_copies():
   init_fn, apply_fn, _ = rep
   shape, params = init_fn(jax.random.PRNGKey(1), X.shape)
   assert shape == (4, 3) and apply_fn(params, X).shape == (4, 3)
-  # One set of parameters for the three repetitions.
-  assert len(jax.tree.leaves(params[1])) == len(jax.tree.leaves(_block(64)[0](
-      jax.random.PRNGKey(0), (4, 64))[1]))
+  # The parameters of the three repetitions, stacked along a leading axis.
+  one = _block(64)[0](jax.random.PRNGKey(0), (4, 64))[1]
+  assert ([l.shape for l in jax.tree.leaves(params[1])] ==
+          [(3,) + l.shape for l in jax.tree.leaves(one)])
 
 
-def test_repeat_matches_monte_carlo_with_shared_weights():
+def test_repeat_matches_monte_carlo():
   width = 512
   init_fn, apply_fn, kernel_fn = stax.serial(stax.Dense(width, 1.2, 0.1),
                                              stax.repeat(_block(width), 3), stax.Dense(128))
@@ -43,10 +53,8 @@ def test_repeat_matches_monte_carlo_with_shared_weights():
   mc_check.check_against_mc(k, draws, 4, width, 4.0, 2.0)
 
 
-def test_repeat_ntk_matches_monte_carlo_with_shared_weights():
-  """The shared weight's gradients at different depths are uncorrelated in the
-  limit, so the NTK is that of independent copies; the finite network's NTK
-  (two logits, structured derivatives) agrees."""
+def test_repeat_ntk_matches_monte_carlo():
+  """The finite network's NTK (two logits, structured derivatives) agrees."""
   from infwidth.empirical import NtkImplementation, empirical_ntk_fn
   width = 512
   init_fn, apply_fn, kernel_fn = stax.serial(stax.Dense(width, 1.2, 0.1),
@@ -58,3 +66,55 @@ def test_repeat_ntk_matches_monte_carlo_with_shared_weights():
   draws = np.stack([one(init_fn(key, X.shape)[1])
                     for key in jax.random.split(jax.random.PRNGKey(2), 64)])
   mc_check.check_against_mc(k, draws, 4, width, 4.0, 2.0)
+
+
+H = 256
+UNIT = iw.ParamStats(0., 1.)
+
+
+def _stacked_params():
+  return {'w': jnp.ones((3, H, H)), 'inp': jnp.ones((6, H)), 'o': jnp.ones((H, 8))}
+
+
+def _stats():
+  return {'w': UNIT, 'inp': UNIT, 'o': UNIT}
+
+
+def test_a_scan_over_stacked_weights_equals_the_python_loop():
+  def scanned(p, x):
+    h = x @ p['inp'] / np.sqrt(6)
+    h = jax.lax.scan(lambda h, w: (jnp.tanh(h @ w * 1.3 / np.sqrt(H)), None), h, p['w'])[0]
+    return h @ p['o'] / np.sqrt(H)
+
+  def python_loop(p, x):
+    h = x @ p['inp'] / np.sqrt(6)
+    for i in range(3):
+      h = jnp.tanh(h @ p['w'][i] * 1.3 / np.sqrt(H))
+    return h @ p['o'] / np.sqrt(H)
+
+  def separate(p, x):
+    h = x @ p['inp'] / np.sqrt(6)
+    for w in (p['w0'], p['w1'], p['w2']):
+      h = jnp.tanh(h @ w * 1.3 / np.sqrt(H))
+    return h @ p['o'] / np.sqrt(H)
+
+  get = ('nngp', 'ntk')
+  a = iw.kernelize(scanned, _stacked_params(), param_stats=_stats())(X, None, get)
+  b = iw.kernelize(python_loop, _stacked_params(), param_stats=_stats())(X, None, get)
+  params = {'w0': jnp.ones((H, H)), 'w1': jnp.ones((H, H)), 'w2': jnp.ones((H, H)),
+            'inp': jnp.ones((6, H)), 'o': jnp.ones((H, 8))}
+  c = iw.kernelize(separate, params, param_stats={k: UNIT for k in params})(X, None, get)
+  for k in (a, b):
+    np.testing.assert_allclose(k.nngp, c.nngp, rtol=1e-12)
+    np.testing.assert_allclose(k.ntk, c.ntk, rtol=1e-12)
+
+
+@pytest.mark.parametrize('second', [lambda h, w: h @ w[0:2][1],
+                                    lambda h, w: jnp.einsum('bh,khc->bkc', h, w).sum(1)],
+                         ids=['overlapping', 'whole'])
+def test_slices_that_share_entries_are_refused(second):
+  def net(p, x):
+    h = jnp.tanh(x @ p['inp'] / np.sqrt(6))
+    return (h @ p['w'][0] + second(h, p['w'])) @ p['o'] / H
+  with pytest.raises(iw.UnsupportedPrimitiveError, match='overlapping slices|both whole and'):
+    iw.kernelize(net, _stacked_params(), param_stats=_stats())(X, None, 'nngp')

@@ -45,6 +45,7 @@ class Moments:
     self._full_cache: Dict[Any, Any] = {}  # full blocks needed below a diagonal value
     self.sources: Dict[Any, Any] = {}  # interning of linear sources by use
     self.keep_alive = []  # values whose ids key `sources`
+    self.param_slices: Dict[int, Dict[Any, Any]] = {}  # sub-leaves by parent leaf id
 
   # -- layout plumbing ------------------------------------------------------
 

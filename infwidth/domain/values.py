@@ -66,13 +66,19 @@ class Det:
 
 @dataclasses.dataclass(eq=False)
 class ParamLeaf:
-  """One parameter tensor: its moments, NTK weight and name for messages."""
+  """One parameter tensor: its moments, NTK weight and name for messages.
+
+  A slice of a leaf (`W[i]` of weights stacked along a leading axis) is a
+  leaf of its own (`parent` set): its entries are other i.i.d. entries with
+  the same moments, so distinct slices are independent sources.
+  """
   index: int
   name: str
   shape: Tuple[int, ...]
   mean: float
   var: float
   ntk_weight: float
+  parent: Optional['ParamLeaf'] = None
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -25,6 +25,7 @@ from infwidth.domain import moments as M
 from infwidth.domain.errors import UnsupportedValueError
 from infwidth.domain.chain import Chain
 from infwidth.rules.registry import register
+from infwidth.rules.wide_ops import check_whole_use
 
 
 
@@ -131,6 +132,7 @@ def conv_rule(ctx, lhs, rhs, *, window_strides, padding, lhs_dilation, rhs_dilat
          tuple(rspec), tuple(ospec))
   src = ctx.moments.sources.get(key)
   if src is None:
+    check_whole_use(ctx, rhs)
     if isinstance(lhs, A.Wide):
       src = A.LinearSource(rhs, inputs, spatial, width=width, transform=transform)
     else:

@@ -13,7 +13,7 @@ from infwidth.domain.errors import UnsupportedValueError
 from infwidth.domain.chain import Chain
 from infwidth.rules import spatial
 from infwidth.rules.registry import register
-from infwidth.rules.wide_ops import relayout
+from infwidth.rules.wide_ops import check_whole_use, relayout
 
 
 def _dot_general_roles(eqn, invals, outs):
@@ -84,6 +84,7 @@ def dot_general_rule(ctx, lhs, rhs, *, dimension_numbers, **_):
     traced = tuple(r for r, _ in x.hidden) + tuple(k for k in kinds if k != 'c')
     n = int(np.prod([x.shape[i] for i in xc_big if x.roles[i] == 'c'], dtype=int))
     n //= int(np.prod([size for _, size in x.hidden], dtype=int))
+    check_whole_use(ctx, p)
     src = A.LinearSource(p, x, spatial, width=n, traced=traced)
   elif _all_zero(x.value):
     # A zero input (an RNN's zero initial state): the product is exactly zero,
@@ -100,6 +101,7 @@ def dot_general_rule(ctx, lhs, rhs, *, dimension_numbers, **_):
     # `zeros((x.shape[0], H))`) carries no batch axis: it is the same along
     # such an axis, and the output is a broadcast along it.
     v = _constant_along(x.value, v, [i for i in drop if x.shape[i] != 1], x.shape)
+    check_whole_use(ctx, p)
     src = A.LinearSource(p, _batch_first(v, x.roles, x_free, xc), spatial)
   src.contracted_leaf_axes = contracted_leaf_axes
   ctx.moments.sources[key] = src
@@ -191,6 +193,7 @@ def gather_rule(ctx, operand, indices, *, dimension_numbers, slice_sizes, **_):
   key = ('embedding-source', id(p.leaf), id(indices), p.axes, p.scale)
   src = ctx.moments.sources.get(key)
   if src is None:
+    check_whole_use(ctx, p)
     src = A.LinearSource(p, ids, spatial, input_moment=_token_equality)
     src.contracted_leaf_axes = (p.axes[0],)
     ctx.moments.sources[key] = src

@@ -229,9 +229,11 @@ def _spatial_sum_one(ctx, operand, axes, out_shape):
 
 @register(P.slice_p, family='spatial', det_roles=resized_roles)
 def slice_rule(ctx, operand, *, start_indices, limit_indices, strides=None, **_):
-  _check_wide(ctx, operand, 'slicing')
   out_shape = tuple(ctx.eqn.outvars[0].aval.shape)
   strides = strides or (1,) * len(out_shape)
+  if isinstance(operand, A.ParamRef):
+    return param_slice(ctx, operand, start_indices, limit_indices, strides, out_shape)
+  _check_wide(ctx, operand, 'slicing')
   per_axis = {}
   for ax, r in enumerate(operand.roles):
     if (start_indices[ax], limit_indices[ax], strides[ax]) == (0, operand.shape[ax], 1):
@@ -245,6 +247,42 @@ def slice_rule(ctx, operand, *, start_indices, limit_indices, strides=None, **_)
   if not per_axis:
     return A.Wide(out_shape, operand.roles, operand.terms, operand.offset, operand.hidden)
   return map_axes(ctx, operand, per_axis, out_shape)
+
+
+def param_slice(ctx, p: A.ParamRef, start, limit, strides, out_shape) -> A.ParamRef:
+  """A slice of a parameter: a leaf of its own, with the parent's moments (its
+  entries are other i.i.d. entries), the same leaf for the same slice, so
+  distinct slices (the per-repetition weights of a stacked leaf) are
+  independent. Overlapping slices, or a leaf used both whole and sliced,
+  would share entries: refused."""
+  leaf = p.leaf
+  picked = []
+  for ax, (s, l, st) in enumerate(zip(start, limit, strides)):
+    if (s, l, st) != (0, p.shape[ax], 1) and p.axes[ax] is not None:
+      picked.append((p.axes[ax], tuple(range(s, l, st))))
+  if not picked:
+    return A.ParamRef(leaf, out_shape, p.axes, p.scale)
+  key = tuple(sorted(picked))
+  subs = ctx.moments.param_slices.setdefault(id(leaf), {})
+  if key not in subs:
+    if any(getattr(src, 'leaf', None) is leaf for src in ctx.moments.sources.values()):
+      raise ctx.unsupported(f'a slice of parameter {leaf.name!r}, which is also used whole')
+    if any(_overlap(key, other) for other in subs):
+      raise ctx.unsupported(f'overlapping slices of parameter {leaf.name!r}')
+    shape = list(leaf.shape)
+    for axis, idx in key:
+      shape[axis] = len(idx)
+    where = ', '.join(f'axis {a}: {i[0]}' + (f'..{i[-1]}' if len(i) > 1 else '') for a, i in key)
+    subs[key] = A.ParamLeaf(leaf.index, f'{leaf.name}[{where}]', tuple(shape), leaf.mean,
+                            leaf.var, leaf.ntk_weight, parent=leaf)
+    ctx.moments.keep_alive.append(subs[key])
+  return A.ParamRef(subs[key], out_shape, p.axes, p.scale)
+
+
+def _overlap(a, b) -> bool:
+  """Whether two slices (leaf axis → indices; absent axes whole) share entries."""
+  da, db = dict(a), dict(b)
+  return all(set(da[ax]) & set(db[ax]) for ax in set(da) & set(db))
 
 
 @register(P.dynamic_slice_p, family='spatial', det_roles=resized_roles)

@@ -364,3 +364,10 @@ def finish_term(b: ChainBuilder, out, combo: Optional[A.Combo], pargs: list, dar
     combo = A.Combo((), (), tuple(spatial), 0.0)
   return A.Term(chain, combo, tuple(p for _, p in pargs), tuple(d for _, d in dargs),
                 gargs=tuple(g for _, g in gargs))
+
+
+def check_whole_use(ctx, p) -> None:
+  """Refuses the whole of a parameter where slices of it are used too (they
+  would share entries; `spatial.param_slice`)."""
+  if ctx.moments.param_slices.get(id(p.leaf)):
+    raise ctx.unsupported(f'parameter {p.leaf.name!r} is used both whole and sliced')
