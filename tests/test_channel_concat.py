@@ -107,7 +107,8 @@ def _mc_nngp(layer, x, width, n_draws=64):
 
 @pytest.mark.parametrize('head', [pytest.param('GlobalAvgPool', marks=pytest.mark.slow),
                                   pytest.param('AvgPool', marks=pytest.mark.slow),
-                                  'Flatten', 'LayerNorm'])
+                                  pytest.param('Flatten', marks=pytest.mark.slow),
+                                  'LayerNorm'])
 def test_maps_of_concatenated_convolutions_match_monte_carlo(head):
   """Pooling, flattening and normalising over the channels act on each block
   (statistics over the channels average the blocks by their channel counts)."""

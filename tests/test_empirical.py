@@ -339,8 +339,17 @@ def model_and_oracle(name, same):
   return f, params, x1, x1 if same else x2, full
 
 
-@pytest.mark.parametrize('impl', IMPLS, ids=lambda i: i.name)
-@pytest.mark.parametrize('name', sorted(MODELS))
+def _model_impl_cases():
+  """Every model with every implementation; Jacobian contraction (the plain
+  `jax.jacobian` path, the slowest) on all models but the MLP in `slow`."""
+  for name in sorted(MODELS):
+    for impl in IMPLS:
+      slow = impl == iw.NtkImplementation.JACOBIAN_CONTRACTION and name != 'mlp'
+      yield pytest.param(name, impl, id=f'{name}-{impl.name}',
+                         marks=[pytest.mark.slow] if slow else [])
+
+
+@pytest.mark.parametrize('name,impl', list(_model_impl_cases()))
 def test_ntk_matches_explicit_jacobians(name, impl):
   f, params, x1, _ = MODELS[name]()
   shape = f(params, x1).shape

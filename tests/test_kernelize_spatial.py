@@ -102,7 +102,8 @@ def test_only_values_below_a_pooling_are_tracked_in_full(monkeypatch):
   assert np.abs(full.ntk).max() > 0.1
 
 
-@pytest.mark.parametrize('name', list(NETS))
+@pytest.mark.parametrize('name', ['flatten', pytest.param('global_avg_pool',
+                                                          marks=pytest.mark.slow)])
 def test_circular_cnn_against_monte_carlo(name):
   # Oracle: 32 finite networks of width 64 with 16 logits (float64). NNGP:
   # mean of f(x1) f(x2)ᵀ / 16 within 3.5 SE + 5 % (finite-width bias O(1/n));
@@ -125,6 +126,7 @@ def test_circular_cnn_against_monte_carlo(name):
     assert not np.all(np.abs(est.mean(0) - 1.5 * want) < tol)
 
 
+@pytest.mark.slow   # fallbacks are covered by test_fallback_engages.py
 def test_nonlinearity_of_pooled_relu_is_unsupported_and_falls_back():
   # relu(avg_pool(relu(h))) maps a non-Gaussian value: reported as an
   # unsupported primitive, so fallback='empirical' applies and gives exactly

@@ -214,6 +214,7 @@ def test_index_of_the_batch_axis_is_a_clear_error():
   assert list(apply_fn(params, x1).shape) == _META['index_batch']['apply_shape']
 
 
+@pytest.mark.slow   # ~10 s; 'nearest' covers the resize rule in the default run
 def test_image_resize_linear():
   """'linear' resizing multiplies each spatial axis by a constant weight
   matrix (`dot_general` with a constant: `K ↦ M K Mᵀ` per axis). Monte Carlo
