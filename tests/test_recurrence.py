@@ -216,3 +216,44 @@ def test_a_while_loop_of_unknown_length_is_refused_with_its_line():
   with pytest.raises(iw.UnsupportedPrimitiveError,
                      match='(?s)while_loop whose trip count.*test_recurrence.py.*lax.scan'):
     kernel(until_small)
+
+
+def test_flax_scan_over_layers_equals_the_unrolled_layers():
+  """`nn.scan` of a block with `variable_axes={'params': 0}`: the parameters
+  of the layers stacked, each step a slice (an independent weight)."""
+  class Block(nn.Module):
+    @nn.compact
+    def __call__(self, h, _):
+      return nn.tanh(nn.Dense(H, param_dtype=h.dtype)(h)), None
+
+  class Scanned(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      h = nn.Dense(H, param_dtype=x.dtype)(x)
+      layers = nn.scan(Block, variable_axes={'params': 0}, split_rngs={'params': True},
+                       length=3)
+      return nn.Dense(8, param_dtype=x.dtype)(layers()(h, None)[0])
+
+  class Unrolled(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      h = nn.Dense(H, param_dtype=x.dtype)(x)
+      for _ in range(3):
+        h = nn.tanh(nn.Dense(H, param_dtype=x.dtype)(h))
+      return nn.Dense(8, param_dtype=x.dtype)(h)
+
+  def stats(path, leaf):   # N(0, 1/fan_in) kernels, zero biases
+    if 'kernel' in jax.tree_util.keystr(path):
+      return iw.ParamStats(0., 1. / leaf.shape[-2])
+    return iw.ParamStats(0., 0.)
+
+  x = X[:, 0]
+  kernels = []
+  for net in (Scanned(), Unrolled()):
+    params = net.init(jax.random.PRNGKey(0), x)['params']
+    kf = iw.kernelize(lambda p, x, net=net: net.apply({'params': p}, x), params,
+                      param_stats=jax.tree_util.tree_map_with_path(stats, params))
+    kernels.append(kf(x, None, GET))
+  stacked = Scanned().init(jax.random.PRNGKey(0), x)['params']['ScanBlock_0']['Dense_0']
+  assert stacked['kernel'].shape == (3, H, H)
+  assert_same(*kernels)
