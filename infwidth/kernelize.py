@@ -53,6 +53,11 @@ def _is_tracer(x) -> bool:
   return isinstance(x, jax.core.Tracer)
 
 
+def _is_array_tree(v) -> bool:
+  leaves = jax.tree_util.tree_leaves(v)
+  return bool(leaves) and all(isinstance(l, (jax.Array, np.ndarray)) for l in leaves)
+
+
 def _check_inputs(x1, x2):
   """Inputs are an array, or a pytree of arrays (several inputs), each with a
   leading batch axis of one size; `x2` has `x1`'s structure and shapes apart
@@ -140,7 +145,7 @@ def kernelize(apply_fn: Optional[Callable] = None, params: Any = None, *,
   if fallback not in _FALLBACKS:
     raise InfwidthError(f"fallback={fallback!r}: must be 'error', 'monte_carlo' or 'empirical'.")
   if params is not None:
-    return _bound_kernel_fn(apply_fn, params, options)
+    return _bound_kernel_fn(apply_fn, params, options, compile_eager=True)
 
   def kernel_fn(params, x1, x2=None, get=None, **apply_kwargs):
     return _bound_kernel_fn(apply_fn, params, options, stacklevel=3)(x1, x2, get, **apply_kwargs)
@@ -164,11 +169,38 @@ def _rank_promotion_allowed(fn):
   return wrapped
 
 
-def _bound_kernel_fn(apply_fn, params, options, stacklevel=2):
-  """`kernel_fn(x1, x2=None, get=None, **apply_kwargs)` at these parameters."""
+def _bound_kernel_fn(apply_fn, params, options, stacklevel=2, compile_eager=False):
+  """`kernel_fn(x1, x2=None, get=None, **apply_kwargs)` at these parameters.
+
+  `compile_eager`: eager calls run the analytic kernel as one compiled
+  computation, cached by input shapes, dtypes, `get` and the non-array
+  keyword arguments (as `jax.jit(kernel_fn)` would), so that an eager call
+  costs what the first call of the jitted form does and repeated calls reuse
+  it. Off for the transform form, whose parameters may change at each call.
+  """
   leaves_info, noisy = leaf_moments(params, options['param_stats'], options['ntk_weights'])
   set_wide_axes(leaves_info, params, options['wide_axes'])
   shapes = jax.tree_util.tree_map(lambda l: jax.ShapeDtypeStruct(np.shape(l), l.dtype), params)
+
+  def analytic(x1, x2, x1_is_x2, gets, apply_kwargs):
+    return analytic_kernels(apply_fn, shapes, leaves_info, x1, x2, x1_is_x2, apply_kwargs, gets)
+
+  @functools.partial(jax.jit, static_argnames=('x1_is_x2', 'gets', 'static_kwargs'))
+  def compiled(x1, x2, array_kwargs, x1_is_x2, gets, static_kwargs):
+    return analytic(x1, x2, x1_is_x2, gets, {**array_kwargs, **dict(static_kwargs)})
+
+  def analytic_maybe_compiled(x1, x2, x1_is_x2, gets, apply_kwargs):
+    eager = not any(_is_tracer(l) for l in jax.tree_util.tree_leaves((x1, x2, apply_kwargs)))
+    if compile_eager and eager and not isinstance(x1, Kernel):
+      arrays = {k: v for k, v in apply_kwargs.items() if _is_array_tree(v)}
+      static = tuple(sorted((k, v) for k, v in apply_kwargs.items() if k not in arrays))
+      try:
+        hash(static)
+      except TypeError:   # unhashable options: evaluated op by op
+        return analytic(x1, x2, x1_is_x2, gets, apply_kwargs)
+      with jax.numpy_rank_promotion('allow'):
+        return compiled(x1, None if x1_is_x2 else x2, arrays, x1_is_x2, gets, static)
+    return analytic(x1, x2, x1_is_x2, gets, apply_kwargs)
 
   @_rank_promotion_allowed
   def kernel_fn(x1, x2=None, get=None, **apply_kwargs):
@@ -189,7 +221,7 @@ def _bound_kernel_fn(apply_fn, params, options, stacklevel=2):
                     'moments for an exact kernel (estimated means within 3 standard errors '
                     'of 0 are taken as 0).', stacklevel=stacklevel)
     try:
-      k = analytic_kernels(apply_fn, shapes, leaves_info, x1, x2, x1_is_x2, apply_kwargs, gets)
+      k = analytic_maybe_compiled(x1, x2, x1_is_x2, gets, apply_kwargs)
     except UnsupportedPrimitiveError as e:
       if options['fallback'] == 'error':
         raise

@@ -526,3 +526,27 @@ def test_auto_picks_structured_for_wide_mlp():
   choice = ntk_module._choose_implementation(
       f, x, None, params, {}, (-1,), (), 0, None)
   assert choice == iw.NtkImplementation.STRUCTURED_DERIVATIVES
+
+
+def test_structured_derivatives_of_a_pooled_flax_cnn():
+  """Two convolutions with average pooling between them: a structured
+  contraction with no pairwise order within the inputs' size (numpy's path
+  then contracts several operands at once) still runs, and equals the
+  Jacobian contraction."""
+  import flax.linen as nn
+
+  class CNN(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x = nn.avg_pool(nn.relu(nn.Conv(32, (3, 3), param_dtype=x.dtype)(x)), (2, 2), (2, 2))
+      x = nn.relu(nn.Conv(32, (3, 3), param_dtype=x.dtype)(x)).mean((1, 2))
+      return nn.Dense(10, param_dtype=x.dtype)(x)
+
+  x = jax.random.normal(jax.random.PRNGKey(0), (25, 8, 8, 1))
+  model = CNN()
+  params = model.init(jax.random.PRNGKey(1), x)
+  f = lambda p, x: model.apply(p, x)
+  ntk = lambda impl: iw.empirical_ntk_fn(f, vmap_axes=0, implementation=impl)(x, None, params)
+  want = ntk(iw.NtkImplementation.JACOBIAN_CONTRACTION)
+  got = ntk(iw.NtkImplementation.STRUCTURED_DERIVATIVES)
+  np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)

@@ -71,10 +71,11 @@ def channel_sum_net(p, x):
   return h * jnp.sum(h, axis=-1, keepdims=True)
 
 
-def scan_net(p, x):
+def gated_scan_net(p, x):
+  """A recurrence through a nonlinearity of a product (an LSTM's tanh(c))."""
   def step(h, _):
-    return jnp.tanh(h @ p['w1'] + x @ p['w0']), None
-  h, _ = jax.lax.scan(step, jnp.zeros((x.shape[0], W)), None, length=3)
+    return jnp.tanh((h @ p['w1']) * (x @ p['w0'])), None
+  h, _ = jax.lax.scan(step, jnp.tanh(x @ p['w0']), None, length=3)
   return h
 
 
@@ -85,7 +86,7 @@ CASES = {
     'tanh of a product': (tanh_of_product_net, [(D, W), (D, W)]),
     'constant on the wide axis': (per_channel_constant_net, [(D, W)]),
     'channel sum': (channel_sum_net, [(D, W)]),
-    'scan': (scan_net, [(D, W), (W, W)]),
+    'gated scan': (gated_scan_net, [(D, W), (W, W)]),
 }
 
 

@@ -120,7 +120,13 @@ def einsum(*operands_and_subscripts, out: Sequence[str]) -> jax.Array:
   shapes = [np.broadcast_to(np.zeros((), np.float32), a.shape) for a in arrays]
   path, _ = np.einsum_path(spec, *shapes, optimize=('optimal', limit))
   if any(len(step) > 2 for step in path[1:]):
-    path, _ = np.einsum_path(spec, *shapes, optimize='optimal')
+    # No pairwise order within the limit (numpy then contracts several
+    # operands at once, which jnp.einsum cannot): drop the limit.
+    unlimited = 2 ** 62
+    path, _ = np.einsum_path(spec, *shapes, optimize=(
+        'optimal' if len(arrays) <= 6 else 'greedy', unlimited))
+  if any(len(step) > 2 for step in path[1:]):
+    path = ['einsum_path'] + [(0, 1)] * (len(arrays) - 1)
   path = path[1:]  # Drop the leading 'einsum_path' marker.
   return jnp.einsum(spec, *arrays, optimize=path)
 
