@@ -218,6 +218,7 @@ def plot(widths, results, inf_accuracy, n_steps, slope):
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
+  import matplotlib.ticker
   fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 4.2))
   get = lambda key: [results[w][key] for w in widths]
   ax1.semilogx(widths, get('align_0'), 'C0o-', label='at initialisation')
@@ -238,7 +239,7 @@ def plot(widths, results, inf_accuracy, n_steps, slope):
   for ax in (ax1, ax2, ax3):
     ax.set_xlabel('width (channels)')
     ax.set_xticks(widths, [str(w) for w in widths])
-    ax.minorticks_off()
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     ax.legend(fontsize=7)
   os.makedirs(_OUT.value, exist_ok=True)
   path = os.path.join(_OUT.value, 'flax_model_kernel.png')
