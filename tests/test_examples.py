@@ -98,6 +98,7 @@ def test_large_kernel(tmp_path):
 
 @pytest.mark.slow
 def test_flax_model_kernel(tmp_path):
+  pytest.importorskip('flax')
   text = run_example('flax_model_kernel', tmp_path)
   inf = dict(re.findall(r'^infinite (NNGP|NTK) test accuracy ([\d.]+)', text, re.M))
   # 100 training digits: these kernels reach ~0.95 on 200 test images (chance 0.1).
