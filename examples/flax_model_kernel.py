@@ -128,7 +128,8 @@ def fastest_ntk_fn(model, variables, x):
   """The empirical NTK implementation that is fastest here, timed on `x`."""
   times = {}
   for implementation in (iw.NtkImplementation.JACOBIAN_CONTRACTION,
-                         iw.NtkImplementation.NTK_VECTOR_PRODUCTS):
+                         iw.NtkImplementation.NTK_VECTOR_PRODUCTS,
+                         iw.NtkImplementation.STRUCTURED_DERIVATIVES):
     ntk_fn = jax.jit(iw.empirical_ntk_fn(model.apply, vmap_axes=0, implementation=implementation))
     ntk_fn(x, None, variables).block_until_ready()   # compile
     start = time.perf_counter()

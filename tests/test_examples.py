@@ -103,7 +103,8 @@ def test_flax_model_kernel(tmp_path):
   inf = dict(re.findall(r'^infinite (NNGP|NTK) test accuracy ([\d.]+)', text, re.M))
   # 100 training digits: these kernels reach ~0.95 on 200 test images (chance 0.1).
   assert float(inf['NNGP']) > 0.85 and float(inf['NTK']) > 0.85, inf
-  assert 'using JACOBIAN_CONTRACTION' in text or 'using NTK_VECTOR_PRODUCTS' in text
+  assert re.search(r'using (JACOBIAN_CONTRACTION|NTK_VECTOR_PRODUCTS|STRUCTURED_DERIVATIVES)',
+                   text)
   rows = re.findall(r'^width (\d+): alignment at init ([\d.]+), after training ([\d.]+), '
                     r'relative change ([\d.]+) \(uncentred [\d.]+\), train loss ([\d.]+), '
                     r'test accuracy ([\d.]+)', text, re.M)
