@@ -11,9 +11,10 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
-def run_example(name, tmp_path):
-  """Runs examples/<name>.py --quick writing figures to tmp_path; returns stdout."""
-  for module in ('matplotlib', 'sklearn'):  # the `examples` extra
+def run_example(name, tmp_path, needs=('matplotlib', 'sklearn')):
+  """Runs examples/<name>.py --quick writing figures to tmp_path; returns stdout.
+  `needs`: the modules of the `examples` extra it imports."""
+  for module in needs:
     pytest.importorskip(module)
   env = dict(os.environ, PYTHONPATH=str(ROOT))
   out = subprocess.run(
@@ -44,9 +45,9 @@ def test_infinite_vs_finite(tmp_path):
   assert all(0.65 < r < 1.35 for r in ratios)
 
 
-@pytest.mark.slow
 def test_monte_carlo_convergence(tmp_path):
-  text = run_example('monte_carlo_convergence', tmp_path)
+  """In the default run (about 35 s of CPU): the `test` extra has matplotlib."""
+  text = run_example('monte_carlo_convergence', tmp_path, needs=('matplotlib',))
   in_samples = numbers(r'slope in samples \(width \d+\): (-?[\d.]+)', text)
   in_width = numbers(r'slope in width \(\d+ sample\(s\)\): (-?[\d.]+)', text)
   assert len(in_samples) == 2 and len(in_width) == 2  # NNGP and NTK of the MLP
