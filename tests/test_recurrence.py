@@ -257,3 +257,21 @@ def test_flax_scan_over_layers_equals_the_unrolled_layers():
   stacked = Scanned().init(jax.random.PRNGKey(0), x)['params']['ScanBlock_0']['Dense_0']
   assert stacked['kernel'].shape == (3, H, H)
   assert_same(*kernels)
+
+
+def test_polyval_scans_from_zero_to_the_written_polynomial():
+  """`jnp.polyval` is a scan (Horner's rule) whose carry starts at an exact
+  zero: zero times a wide value is zero, never a term of zero variance."""
+  coefs = jnp.array([0.3, -0.5, 0.2, 0.1])
+  shapes = {'w': (D, H), 'o': (H, 8)}
+  stats = {k: iw.ParamStats(0., 1.) for k in shapes}
+  horner = lambda p, x: jnp.polyval(coefs, x[:, 0] @ p['w'] / np.sqrt(D)) @ p['o'] / np.sqrt(H)
+
+  def written(p, x):
+    h = x[:, 0] @ p['w'] / np.sqrt(D)
+    return (0.3 * h ** 3 - 0.5 * h ** 2 + 0.2 * h + 0.1) @ p['o'] / np.sqrt(H)
+
+  a, b = kernel(horner, shapes=shapes, stats=stats), kernel(written, shapes=shapes, stats=stats)
+  assert np.all(np.isfinite(a.nngp)) and np.all(np.isfinite(a.ntk))
+  np.testing.assert_allclose(a.nngp, b.nngp, rtol=1e-12)
+  np.testing.assert_allclose(a.ntk, b.ntk, rtol=1e-12)

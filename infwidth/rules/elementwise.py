@@ -197,9 +197,13 @@ def _linear(prim, vals, dets, shape, roles):
             return None
           return A.Wide(w.shape, w.roles, terms, None, w.hidden)
       return None
-    if isinstance(a, A.Wide):
-      return map_terms_scale(a, _static(dets[1]))
-    return map_terms_scale(b, _static(dets[0]))
+    d = dets[1] if isinstance(a, A.Wide) else dets[0]
+    if _concrete(d) and not np.any(np.asarray(d)):
+      # Times an exact zero (a loop's zero initial state): zero for every
+      # input, with no random part left.
+      zero = np.zeros((1,) * len(shape), np.asarray(d).dtype)
+      return Det(np.broadcast_to(zero, shape), roles, compact=zero)
+    return map_terms_scale(a if isinstance(a, A.Wide) else b, _static(d))
   if prim is P.div_p and isinstance(vals[0], A.Wide) and not isinstance(vals[1], A.Wide):
     c = _static(dets[1])
     return map_terms_scale(vals[0], 1.0 / c)
