@@ -38,7 +38,7 @@ from infwidth.domain.errors import UnsupportedPrimitiveError
 from infwidth.interpreters.compat import (CALL_PRIMITIVES, source_of, subjaxpr_of,
                                           without_dead_code)
 from infwidth.interpreters.kernel_interpreter import source_location
-from infwidth.interpreters.walker import bind, equations, walk
+from infwidth.interpreters.walker import bind, equations, sub_jaxprs, walk
 
 LOOPS = ('scan', 'while')
 #: Most steps a `while_loop` may take before it is taken to be unbounded.
@@ -83,7 +83,7 @@ def _unrolled(eqn, invals):
   if name == 'while':
     return _while(eqn, [_stacked(x) for x in invals])
   if eqn.primitive in CALL_PRIMITIVES and (
-      any(isinstance(x, _Steps) for x in invals) or any(has_loops(s) for s in _subs(eqn))):
+      any(isinstance(x, _Steps) for x in invals) or any(has_loops(s) for s in sub_jaxprs(eqn))):
     sub, sub_consts = subjaxpr_of(eqn)
     return _evaluate(sub, sub_consts, invals[len(invals) - len(sub.invars):])
   if any(isinstance(x, _Steps) for x in invals):
@@ -96,15 +96,6 @@ def _unrolled(eqn, invals):
     with jax.ensure_compile_time_eval():
       return bind(eqn, invals)
   return bind(eqn, invals)
-
-
-def _subs(eqn):
-  for p in eqn.params.values():
-    for s in p if isinstance(p, (tuple, list)) else (p,):
-      if isinstance(s, ClosedJaxpr):
-        yield s.jaxpr
-      elif isinstance(s, Jaxpr):
-        yield s
 
 
 def _scan(eqn, invals):
