@@ -102,8 +102,8 @@ def _scan(eqn, invals):
   p = eqn.params
   body: ClosedJaxpr = p['jaxpr']
   n_consts, n_carry, length = p['num_consts'], p['num_carry'], p['length']
-  consts, carry = invals[:n_consts], list(invals[n_consts:n_consts + n_carry])
-  consts, carry = [_stacked(x) for x in consts], [_stacked(x) for x in carry]
+  consts = [_stacked(x) for x in invals[:n_consts]]
+  carry = [_stacked(x) for x in invals[n_consts:n_consts + n_carry]]
   xs = invals[n_consts + n_carry:]
   steps = range(length - 1, -1, -1) if p['reverse'] else range(length)
   ys_by_step = {}
@@ -177,6 +177,12 @@ _ELEMENTWISE = frozenset((
     'select_n', 'sign', 'sin', 'sinh', 'sqrt', 'square', 'sub', 'tan', 'tanh'))
 
 
+#: Reductions over other axes act per step; over the steps' axis they combine
+#: the steps: (reduction of one step, combination of two).
+_REDUCTIONS = {'reduce_sum': (jnp.sum, jnp.add), 'reduce_max': (jnp.max, jnp.maximum),
+               'reduce_min': (jnp.min, jnp.minimum)}
+
+
 def _per_step(eqn, invals):
   """`eqn` applied to each step of its `_Steps` operands, as a list of output
   values; None where that is not how the equation acts on them."""
@@ -200,16 +206,15 @@ def _per_step(eqn, invals):
     perm = p['permutation']
     inner = [d - (d > axis) for d in perm if d != axis]
     return [_Steps([lax.transpose(v, inner) for v in x.parts], perm.index(axis))]
-  if name in ('reduce_sum', 'reduce_max', 'reduce_min') and x is not None:
+  if name in _REDUCTIONS and x is not None:
     axes = tuple(p['axes'])
     inner = tuple(d - (d > axis) for d in axes if d != axis)
-    reduce = {'reduce_sum': jnp.sum, 'reduce_max': jnp.max, 'reduce_min': jnp.min}[name]
+    reduce, combine = _REDUCTIONS[name]
     parts = [reduce(v, axis=inner) if inner else v for v in x.parts]
     if axis in axes:
       total = parts[0]
       for v in parts[1:]:
-        total = {'reduce_sum': jnp.add, 'reduce_max': jnp.maximum,
-                 'reduce_min': jnp.minimum}[name](total, v)
+        total = combine(total, v)
       return [total]
     return [_Steps(parts, axis - sum(d < axis for d in axes))]
   if name == 'slice' and x is not None:
