@@ -275,3 +275,70 @@ def test_polyval_scans_from_zero_to_the_written_polynomial():
   assert np.all(np.isfinite(a.nngp)) and np.all(np.isfinite(a.ntk))
   np.testing.assert_allclose(a.nngp, b.nngp, rtol=1e-12)
   np.testing.assert_allclose(a.ntk, b.ntk, rtol=1e-12)
+
+
+LSTM_SHAPES = {'wx': (D, 4 * H), 'wh': (H, 4 * H), 'b': (4 * H,), 'o': (H, 256)}
+LSTM_STATS = {'wx': iw.ParamStats(0., 1.), 'wh': iw.ParamStats(0., 1.),
+              'b': iw.ParamStats(0., 0.09), 'o': iw.ParamStats(0., 1.)}
+
+
+def lstm(p, x):
+  """An LSTM whose four gates come from one matrix, split: the blocks are
+  independent Gaussians (other columns of the same weights). The cell state
+  `f⊙c + i⊙g` is a non-polynomial function of all earlier gates, integrated
+  by the quasi-Monte Carlo rule (docs/semantics.md)."""
+  def step(carry, x_t):
+    h, c = carry
+    z = x_t @ p['wx'] / np.sqrt(D) + h @ p['wh'] / np.sqrt(H) + 0.3 * p['b']
+    i, f, g, o = jnp.split(z, 4, axis=-1)
+    c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
+    h = jax.nn.sigmoid(o) * jnp.tanh(c)
+    return (h, c), h
+  (h, _), _ = lax.scan(step, (h0(x), h0(x)), jnp.swapaxes(2. * x, 0, 1))
+  return readout(p, h)
+
+
+def test_lstm_matches_monte_carlo():
+  x = X[:, :2]
+  k = kernel(lstm, x, LSTM_SHAPES, LSTM_STATS)
+  nngp, ntk = monte_carlo(lstm, LSTM_SHAPES, LSTM_STATS, x)
+  check_against_mc(k.nngp, nngp, 2, H)
+  check_against_mc(k.ntk, ntk, 2, H)
+
+
+def test_split_gates_are_independent_blocks():
+  """`z[:, :H] * z[:, H:]` of one dense layer equals the product of two
+  separate layers (the blocks are other columns of the weight), not z²."""
+  def sliced(p, x):
+    z = x @ p['w'] / np.sqrt(D)
+    return (z[:, :H] * jnp.split(z, 2, axis=-1)[1]) @ p['o'] / np.sqrt(H)
+
+  def two(p, x):
+    a, b = x @ p['w'][:, :H] / np.sqrt(D), x @ p['w'][:, H:] / np.sqrt(D)
+    return (a * b) @ p['o'] / np.sqrt(H)
+
+  shapes = {'w': (D, 2 * H), 'o': (H, 8)}
+  stats = {k: iw.ParamStats(0., 1.) for k in shapes}
+  x = X[:, 0]
+  assert_same(kernel(sliced, x, shapes, stats), kernel(two, x, shapes, stats))
+  lin = x @ x.T / D
+  np.testing.assert_allclose(kernel(sliced, x, shapes, stats).nngp, lin ** 2, rtol=1e-10)
+
+
+@pytest.mark.filterwarnings('ignore:parameter moments estimated')
+def test_flax_lstm_cell_runs_unchanged():
+  """Flax's `nn.RNN(nn.LSTMCell)` kernelizes unchanged (gates by separate
+  dense layers): symmetric, positive semi-definite within the rule's error."""
+  class M(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(1)(nn.RNN(nn.LSTMCell(64))(x)[:, -1])
+  m = M()
+  x = 2. * X[:, :2].astype(jnp.float32)
+  v = m.init(jax.random.PRNGKey(1), x)
+  k = iw.kernelize(m.apply, v)(x, None, GET)
+  for a in (k.nngp, k.ntk):
+    a = np.asarray(a, np.float64)
+    np.testing.assert_allclose(a, a.T, rtol=2e-2, atol=1e-4)
+    assert np.linalg.eigvalsh((a + a.T) / 2).min() > -1e-3 * np.abs(a).max()
+    assert np.all(np.diag(a) > 0)

@@ -9,6 +9,11 @@ the interpreter uses it for derivatives with respect to chain arguments
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
+from typing import Optional
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -122,3 +127,136 @@ def expect_multi(f, f_args, ka: int, g, g_args, means, cov, degree=None):
     return acc + wi * jnp.tensordot(w_in, val, axes=1)
 
   return jax.lax.fori_loop(0, n_outer, body, jnp.zeros(shape, dtype))
+
+
+# ----------------------------------------------------------------------------
+# Functions of several Gaussians with no exact rule: quasi-Monte Carlo.
+
+#: Points of the quasi-Monte Carlo rule (`expect_multi_sampled`) unless a
+#: kernel function sets its own (`integration_points`).
+SAMPLED_POINTS = 8192
+#: Independent scramblings the points are split into: their spread gives the
+#: rule's standard error.
+SAMPLED_GROUPS = 8
+_points_option = contextvars.ContextVar('integration_points', default=None)
+
+
+@contextlib.contextmanager
+def integration_points(n: Optional[int]):
+  """Sets the point count of the quasi-Monte Carlo rule while tracing (None: default)."""
+  token = _points_option.set(n)
+  try:
+    yield
+  finally:
+    _points_option.reset(token)
+
+
+def sampled_point_count() -> int:
+  return _points_option.get() or SAMPLED_POINTS
+
+
+@functools.lru_cache(maxsize=64)
+def normal_points(n: int, dim: int, groups: int = SAMPLED_GROUPS) -> np.ndarray:
+  """`(groups, n // groups, dim)` standard normal points: scrambled Sobol
+  sequences (one independent scrambling per group, fixed seeds) through the
+  normal quantile. Deterministic, so kernels are reproducible."""
+  from scipy.stats import qmc
+  from scipy.special import ndtri
+  per = max(1, n // groups)
+  m = int(np.ceil(np.log2(per)))
+  out = []
+  for g in range(groups):
+    u = qmc.Sobol(dim, scramble=True, seed=1234 + g).random_base2(m)[:per]
+    out.append(ndtri(np.clip(u, 1e-12, 1 - 1e-12)))
+  return np.stack(out)
+
+
+def _principal_root(sigma):
+  """`Σ^{1/2} = V diag(√λ) Vᵀ`, the symmetric root (unique, so a permutation
+  of the variables permutes it: the rule is symmetric under exchanging the
+  two sides where the points are)."""
+  lam, vec = jnp.linalg.eigh(sigma)
+  return jnp.einsum('...ik,...k,...jk->...ij', vec, jnp.sqrt(jnp.maximum(lam, 0.)), vec)
+
+
+def expect_multi_sampled(f, f_args, ka: int, g, g_args, means, cov, *, n_diff_a: int = 0,
+                         n_diff_b: int = 0, theta=(), n_points=None, groups: bool = False):
+  """`E[f(z_a, *f_args) g(z_b, *g_args)]` for jointly Gaussian `z = (z_a, z_b)`
+  (`ka` = len(z_a); `means[i]`, `cov[i][j]` as in `expect_multi`) by a
+  quasi-Monte Carlo rule: `z = μ + Σ^{1/2} ξ` over fixed scrambled Sobol
+  normal points `ξ`. With `theta`, a list of `(i, j, Θ_ij)`, also
+  `Σ_ij E[∂_i f ∂_j g] Θ_ij`, where `i < ka + n_diff_a` indexes `z_a` then the
+  first `n_diff_a` of `f_args` (likewise `j` for `g`): the NTK of the pair.
+  `g=None` is the constant 1.
+
+  Returns `(second, ntk or None)`; with `groups=True` each has a leading axis
+  of `SAMPLED_GROUPS` independent estimates (their mean is the estimate, their
+  spread its standard error). The points are looped over in chunks so memory
+  stays `O(output · K · chunk)`.
+  """
+  k = len(means)
+  entries = list(means) + [c for row in cov for c in row] + list(f_args) + list(g_args or ())
+  entries += [t for _, _, t in theta]
+  shape = jnp.broadcast_shapes(*(jnp.shape(a) for a in entries))
+  dtype = jnp.result_type(*(a for a in entries if not isinstance(a, float)), jnp.float32)
+  if not jnp.issubdtype(dtype, jnp.floating):
+    dtype = jnp.result_type(float)
+  n = n_points or sampled_point_count()
+  if g is not None and 2 * ka == k:
+    # Both halves of every point set, exchanged too: the estimate is exactly
+    # symmetric under exchanging the two sides (the kernel's symmetry).
+    half = normal_points(max(1, n // 2), k)
+    pts = np.concatenate([half, np.roll(half, ka, axis=-1)], axis=1)
+  else:
+    pts = normal_points(n, k)                                       # (G, P, K)
+  n_groups, per = pts.shape[:2]
+  size = max(1, int(np.prod(shape, dtype=np.int64)))
+  chunk = int(max(1, min(per, 2 ** 22 // (size * (k + 2)))))
+  while per % chunk:
+    chunk -= 1
+  pts = jnp.asarray(pts.reshape(n_groups, per // chunk, chunk, k), dtype)
+  sigma = jnp.stack([jnp.stack([jnp.broadcast_to(jnp.asarray(c, dtype), shape) for c in row], -1)
+                     for row in cov], -2)                           # (*shape, K, K)
+  root = _principal_root(sigma)
+  mu = jnp.stack([jnp.broadcast_to(jnp.asarray(m, dtype), shape) for m in means], -1)
+  cast = lambda a: jnp.broadcast_to(jnp.asarray(a, dtype), shape)
+  f_args = [cast(a) for a in f_args]
+  g_args = [cast(a) for a in (g_args or ())]
+  theta = [(i, j, cast(t)) for i, j, t in theta]
+
+  def values_and_partials(fn, zs, args, n_diff):
+    lead = jnp.broadcast_shapes(*(jnp.shape(z) for z in zs))
+    args = [jnp.broadcast_to(a, lead) for a in args]
+    if not theta:
+      return fn(*zs, *args), None
+    ins = list(zs) + args[:n_diff]
+    call = lambda *xs: fn(*xs[:len(zs)], *xs[len(zs):], *args[n_diff:])
+    val, pull = jax.vjp(call, *ins)
+    return val, pull(jnp.ones_like(val))
+
+  def chunk_sums(xi):                                               # xi: (C, K)
+    z = mu + jnp.einsum('...kq,cq->c...k', root, xi)                # (C, *shape, K)
+    fa, da = values_and_partials(f, [z[..., i] for i in range(ka)], f_args, n_diff_a)
+    if g is None:
+      return jnp.sum(fa, 0), None
+    gb, db = values_and_partials(g, [z[..., i] for i in range(ka, k)], g_args, n_diff_b)
+    second = jnp.sum(fa * gb, 0)
+    if not theta:
+      return second, None
+    ntk = sum(jnp.sum(da[i] * db[j], 0) * t for i, j, t in theta)
+    return second, ntk
+
+  def group(xs):                                                    # (chunks, C, K)
+    def body(c, acc):
+      s, t = chunk_sums(xs[c])
+      return (acc[0] + s, acc[1] if t is None else acc[1] + t)
+    zero = jnp.zeros(shape, dtype)
+    s, t = jax.lax.fori_loop(0, xs.shape[0], body, (zero, zero))
+    return s / per, t / per
+
+  sec, ntk = jax.lax.map(group, pts)                                # (G, *shape) each
+  if not theta:
+    ntk = None
+  if groups:
+    return sec, ntk
+  return jnp.mean(sec, 0), (None if ntk is None else jnp.mean(ntk, 0))

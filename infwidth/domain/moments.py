@@ -46,6 +46,7 @@ class Moments:
     self.sources: Dict[Any, Any] = {}  # interning of linear sources by use
     self.keep_alive = []  # values whose ids key `sources`
     self.param_slices: Dict[int, Dict[Any, Any]] = {}  # sub-leaves by parent leaf id
+    self.channel_slices: Dict[Any, Any] = {}  # channel blocks of sources and leaves
 
   # -- layout plumbing ------------------------------------------------------
 
@@ -327,7 +328,11 @@ class Moments:
       fac = fac * p.mean
     if term.gargs:
       means, cov = self._joint_side(term, which, lambda a: a, len(term.combo.spatial))
-      degree = polynomial_degree(term.chain, len(means)) // 2 + 1  # exact (see _multi_pair)
+      degree = _exact_degree(term.chain, len(means))
+      if degree is None:
+        first, _ = gaussian_engine.expect_multi_sampled(
+            term.chain, self._args(term, which), len(means), None, (), means, cov)
+        return _mul(fac, first)
       return _mul(fac, gaussian_engine.expect_multi(
           term.chain, self._args(term, which), len(means), None, (), means, cov, degree))
     if term.chain.is_identity:
@@ -453,17 +458,37 @@ class Moments:
     aa = tuple(put_a(x) for x in self._args(ta, wa))
     ab = tuple(put_b(x) for x in self._args(tb, wb))
     means = mean_a + mean_b
-    # The chains are polynomials in their Gaussians (the elementwise rules
-    # admit no others): a tensor Gauss–Hermite rule with d nodes per dimension
-    # is exact up to total degree 2d − 1 (Isserlis' theorem, computed).
-    degree = (polynomial_degree(ta.chain, na) + polynomial_degree(tb.chain, nb)) // 2 + 1
+    # NTK (gradient independence): Σ_{k,l} E[∂_kφ ∂_lψ] Θ(z_k, z′_l) over the
+    # chains' inputs (the Gaussians and the deterministic-valued parameters).
+    ins_a, ins_b = ga + tuple(ta.pargs), gb + tuple(tb.pargs)
+    degree = _exact_degree(ta.chain, na, tb.chain, nb)
+    if degree is None:
+      # Not a polynomial, or too many Gaussians for a tensor rule: quasi-Monte
+      # Carlo over the joint Gaussian, values and NTK from the same points.
+      theta = []
+      if mode == 'cross':
+        for i, ci in enumerate(ins_a):
+          for j, dj in enumerate(ins_b):
+            t = self.combo_ntk(ci, dj)
+            if not _is_zero(t):
+              theta.append((i, j, t))
+      second, e = gaussian_engine.expect_multi_sampled(
+          ta.chain, aa, na, tb.chain, ab, means, cov, n_diff_a=len(ta.pargs),
+          n_diff_b=len(tb.pargs), theta=theta)
+      value = _mul(fac_m, second)
+      if mode != 'cross':
+        return value, None
+      ntk = 0.0 if e is None else _mul(fac_m, e)
+      if fac_ntk:
+        ntk = _add(ntk, _mul(fac_ntk, second))
+      return value, ntk
+    # Polynomials in their Gaussians: a tensor Gauss–Hermite rule with d nodes
+    # per dimension is exact up to total degree 2d − 1 (Isserlis' theorem,
+    # computed).
     second = gaussian_engine.expect_multi(ta.chain, aa, na, tb.chain, ab, means, cov, degree)
     value = _mul(fac_m, second)
     if mode != 'cross':
       return value, None
-    # NTK (gradient independence): Σ_{k,l} E[∂_kφ ∂_lψ] Θ(z_k, z′_l) over the
-    # chains' inputs (the Gaussians and the deterministic-valued parameters).
-    ins_a, ins_b = ga + tuple(ta.pargs), gb + tuple(tb.pargs)
     ntk = 0.0
     for i, ci in enumerate(ins_a):
       for j, dj in enumerate(ins_b):
@@ -680,6 +705,23 @@ def _product_without(fa, fb, leaf):
     if k not in la:
       m *= q.mean
   return m
+
+
+#: The most nodes a tensor Gauss–Hermite rule may have per kernel entry.
+_MAX_GRID = 4096
+
+
+def _exact_degree(fa: Chain, na: int, fb: Optional[Chain] = None, nb: int = 0):
+  """Nodes per dimension of a tensor Gauss–Hermite rule that integrates
+  `fa·fb` (polynomials of total degrees p_a, p_b in their na + nb Gaussians)
+  exactly, `⌊(p_a + p_b)/2⌋ + 1`; None where a chain is not a polynomial or
+  the grid would exceed `_MAX_GRID` nodes (then the quasi-Monte Carlo rule)."""
+  pa = polynomial_degree(fa, na)
+  pb = 0 if fb is None else polynomial_degree(fb, nb)
+  if pa is None or pb is None:
+    return None
+  degree = (pa + pb) // 2 + 1
+  return degree if degree ** (na + nb) <= _MAX_GRID else None
 
 
 def _input_derivative(chain: Chain, i: int):

@@ -21,7 +21,7 @@ from infwidth.domain import closed_forms as cf
 from infwidth.domain import quadrature as quad
 from infwidth.domain import values as A
 from infwidth.domain.errors import InternalError, UnsupportedValueError
-from infwidth.domain.chain import ChainBuilder, const, polynomial_degree
+from infwidth.domain.chain import ChainBuilder, const
 from infwidth.rules.registry import register
 from infwidth.rules.wide_ops import (Det, NotGaussian, SeveralGaussians, add_offset, add_wides,
                                    collapse, det_to_canonical, finish_term, map_terms_scale,
@@ -216,8 +216,9 @@ def _concrete(x) -> bool:
 
 
 #: The most random Gaussian combinations one chain may take (its kernel is a
-#: joint integral over twice as many, `gaussian_engine.expect_multi`).
-MAX_GAUSSIANS = 3
+#: joint integral over twice as many: exact for low-degree polynomials,
+#: quasi-Monte Carlo otherwise, `gaussian_engine`).
+MAX_GAUSSIANS = 64
 
 
 def _extend_chain(prim, params, vals, dets, roles, shape, several=False):
@@ -247,12 +248,6 @@ def _extend_chain(prim, params, vals, dets, roles, shape, several=False):
         'supported; use fallback="monte_carlo".')
   term = finish_term(b, out, combo, pargs, dargs, spatial + tuple(r for r, _ in hidden),
                      gargs or ())
-  if gargs and polynomial_degree(term.chain, 1 + len(gargs)) is None:
-    raise UnsupportedValueError(
-        f'`{prim}` makes a function of several Gaussian values that is not a polynomial in '
-        'them (max(h1, h2), tanh(h1 * h2), a gate inside a nonlinearity); products of '
-        'independent values and polynomials of correlated ones have kernel rules, '
-        'other functions not yet; use fallback="monte_carlo".')
   return A.Wide(shape, roles, (term,), None, hidden)
 
 

@@ -18,6 +18,7 @@ from jax.extend.core import primitives as P
 from infwidth.domain import values as A
 from infwidth.domain.errors import InternalError, UnsupportedValueError
 from infwidth.domain.chain import Chain
+from infwidth.rules.channel_slices import slice_channels
 from infwidth.rules.conv import grid_role
 from infwidth.rules.registry import register
 from infwidth.rules.structural import resized_roles
@@ -233,13 +234,20 @@ def slice_rule(ctx, operand, *, start_indices, limit_indices, strides=None, **_)
   strides = strides or (1,) * len(out_shape)
   if isinstance(operand, A.ParamRef):
     return param_slice(ctx, operand, start_indices, limit_indices, strides, out_shape)
+  return _slice(ctx, operand, start_indices, limit_indices, strides, out_shape)
+
+
+def _slice(ctx, operand, start_indices, limit_indices, strides, out_shape):
   _check_wide(ctx, operand, 'slicing')
   per_axis = {}
   for ax, r in enumerate(operand.roles):
     if (start_indices[ax], limit_indices[ax], strides[ax]) == (0, operand.shape[ax], 1):
       continue
     if r == 'c':
-      continue  # a subset of i.i.d. channels: the same kernel per channel
+      # Other channels: other entries of the same parameters (channel_slices).
+      operand = slice_channels(ctx, operand, ax,
+                               tuple(range(start_indices[ax], limit_indices[ax], strides[ax])))
+      continue
     if r == 'b' or r is None:
       raise ctx.unsupported('slicing the batch axis of a wide value')
     idx = list(range(start_indices[ax], limit_indices[ax], strides[ax]))
@@ -283,6 +291,40 @@ def _overlap(a, b) -> bool:
   """Whether two slices (leaf axis → indices; absent axes whole) share entries."""
   da, db = dict(a), dict(b)
   return all(set(da[ax]) & set(db[ax]) for ax in set(da) & set(db))
+
+
+def _split_roles(eqn, invals, outs):
+  v = invals[0]
+  return [tuple(None if (r == 'b' and v.shape[i] != np.shape(o)[i]) else r
+                for i, r in enumerate(v.roles)) for o in outs]
+
+
+# `jnp.split` binds `split` (JAX ≥ 0.4.36), which `jax.extend` does not list.
+try:
+  from jax._src.lax.lax import split_p as _split_p
+except ImportError:  # older JAX lowers jnp.split to slices
+  _split_p = None
+
+
+def split_rule(ctx, operand, *, sizes, axis, **_):
+  """`jnp.split`: one slice per piece (pieces of the channel axis are
+  independent blocks, `channel_slices`)."""
+  outs, start = [], 0
+  for n in sizes:
+    starts = [0] * len(operand.shape)
+    limits = list(operand.shape)
+    starts[axis], limits[axis] = start, start + int(n)
+    out_shape = tuple(limits[i] - starts[i] for i in range(len(limits)))
+    if isinstance(operand, A.ParamRef):
+      outs.append(param_slice(ctx, operand, starts, limits, (1,) * len(starts), out_shape))
+    else:
+      outs.append(_slice(ctx, operand, starts, limits, (1,) * len(starts), out_shape))
+    start += int(n)
+  return outs
+
+
+if _split_p is not None:
+  register(_split_p, family='spatial', det_roles=_split_roles)(split_rule)
 
 
 @register(P.dynamic_slice_p, family='spatial', det_roles=resized_roles)
