@@ -1,0 +1,153 @@
+"""Random keys and masks: dropout in training mode (docs/semantics.md, "Dropout").
+
+A key passed to the function is a `RandomKey`: what is derived from it
+(split, fold_in, slices, wrapping) is computed on its stand-in, and
+`random_bits` gives `Noise`. Elementwise maps of noise with constants (the
+uniform draw, the comparison with the keep probability) and structural maps
+(broadcasts, reshapes) extend it. Where it meets a wide value, a selection
+(`jnp.where`, `lax.select`) or a product makes the value a product with a
+mask (`NoiseSource`), independent of everything else; any other use of a
+key or of noise is refused, so that the fallbacks apply.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.extend.core import primitives as P
+
+from infwidth.domain import values as A
+from infwidth.domain.chain import Chain
+from infwidth.domain.errors import UnsupportedValueError
+from infwidth.domain.noise import Noise, NoiseStream, RandomKey, layout, resolve
+from infwidth.domain.values import Det
+from infwidth.rules import registry
+from infwidth.rules.registry import register_value_kind
+from infwidth.rules.wide_ops import (SeveralGaussians, add_wides, det_to_canonical, map_terms_scale,
+                                   merge_roles, multiply_independent, relayout)
+
+#: Primitives that move the entries of noise (applied to its index array).
+_STRUCTURAL = ('broadcast_in_dim', 'reshape', 'squeeze', 'expand_dims', 'transpose', 'slice',
+               'rev')
+#: Bit manipulations of JAX's uniform draws, besides the elementwise family.
+_BIT_OPS = ('shift_right_logical', 'shift_right_arithmetic', 'shift_left', 'or', 'and', 'xor',
+            'not', 'bitcast_convert_type')
+
+
+@register_value_kind(RandomKey)
+def key_rule(ctx, *invals, **params):
+  """Keys derived from a key passed to the function, computed on its stand-in;
+  `random_bits` draws noise."""
+  if any(not isinstance(v, (RandomKey, Det)) for v in invals):
+    raise ctx.unsupported('a PRNG key passed to the function is used as data with a wide '
+                          'value; only random masks drawn from it have a kernel rule')
+  dets = [v.det if isinstance(v, RandomKey) else v for v in invals]
+  if ctx.eqn.primitive.name == 'random_bits':
+    return _draw(ctx, dets[0], params)
+  return RandomKey(ctx.fold(dets))
+
+
+def _draw(ctx, key: Det, params) -> Noise:
+  """`random_bits(key)`: the same key and shape give the same bits."""
+  shape = tuple(params['shape'])
+  width = int(params['bit_width'])
+  with jax.ensure_compile_time_eval():
+    data = np.asarray(jax.random.key_data(key.value))
+  ident = (data.tobytes(), data.shape, shape, width)
+  streams = ctx.moments.noise_streams
+  if ident not in streams:
+    streams[ident] = NoiseStream(shape, width, f'<random bits {len(streams)}>')
+  return Noise(streams[ident], np.arange(int(np.prod(shape, dtype=int))).reshape(shape))
+
+
+def _scalar(v):
+  """A concrete scalar constant (or a broadcast of one), else None."""
+  if not isinstance(v, Det):
+    return None
+  c = v.compact if v.compact is not None else v.value
+  if isinstance(c, jax.core.Tracer) or np.size(c) != 1:
+    return None
+  return np.asarray(c).reshape(())
+
+
+@register_value_kind(Noise)
+def noise_rule(ctx, *invals, **params):
+  """Maps of noise, and noise meeting a wide value."""
+  prim = ctx.eqn.primitive
+  if any(isinstance(v, (A.Wide, A.ParamRef)) for v in invals):
+    return _meet(ctx, invals)
+  noises = [v for v in invals if isinstance(v, Noise)]
+  if len(noises) != 1 or any(isinstance(v, RandomKey) for v in invals):
+    raise ctx.unsupported('random values from several draws combined with each other; only '
+                          'a single mask per product has a kernel rule')
+  (z,) = noises
+  if prim.name in _STRUCTURAL and invals[0] is z:
+    index = Det(z.index, (None,) * z.index.ndim)
+    return z.moved(ctx.fold([index] + list(invals[1:])).value)
+  elementwise = registry.fact(prim, 'family') == 'elementwise' or prim.name in _BIT_OPS
+  out_shape = tuple(ctx.eqn.outvars[0].aval.shape)
+  scalars = [v if v is z else _scalar(v) for v in invals]
+  if elementwise and out_shape == z.shape and all(s is not None for s in scalars):
+    return z.mapped(prim, params, scalars)
+  raise ctx.unsupported('random bits used other than by elementwise maps with constants and '
+                        'broadcasts (a random mask with a per-entry probability, for example)')
+
+
+def _meet(ctx, invals):
+  """A selection by a mask (`where(mask, h / keep, 0)`) or a product with
+  one: a product of the value with mask functions (`NoiseSource`s)."""
+  prim = ctx.eqn.primitive
+  shape = tuple(ctx.eqn.outvars[0].aval.shape)
+  if any(isinstance(v, (A.ParamRef, RandomKey)) for v in invals):
+    raise ctx.unsupported('a random mask applied to a parameter directly')
+  roles = merge_roles(shape, *[v for v in invals if isinstance(v, (A.Wide, Det))])
+  if 'c' not in roles or any(isinstance(v, A.Wide) and v.hidden for v in invals):
+    raise ctx.unsupported('a random mask applied to a value without a channel axis')
+  noises = [v for v in invals if isinstance(v, Noise)]
+  try:
+    if prim is P.select_n_p and len(invals) == 3 and invals[0] is noises[0] and len(noises) == 1:
+      pred, a, b = invals
+      g = resolve(pred).map(float)
+      if not set(g.values) <= {0.0, 1.0}:
+        raise UnsupportedValueError('a selection among more than two values by random bits')
+      out = None
+      for fn, case in ((g.map(lambda v: 1.0 - v), a), (g, b)):
+        piece = _times(_lift(pred, fn, roles, shape), case, roles, shape)
+        if piece is not None:
+          out = piece if out is None else add_wides(out, piece)
+      if out is None:
+        zero = np.zeros((1,) * len(shape), ctx.eqn.outvars[0].aval.dtype)
+        return Det(np.broadcast_to(zero, shape), roles, compact=zero)
+      return out
+    if prim is P.mul_p and len(noises) == 1:
+      z = noises[0]
+      other = invals[1] if invals[0] is z else invals[0]
+      return _times(_lift(z, resolve(z).map(float), roles, shape), other, roles, shape)
+  except SeveralGaussians:
+    raise ctx.unsupported('one random mask multiplies a value that already depends on it; '
+                          'its kernel needs the moments of the mask beyond the second') from None
+  raise ctx.unsupported(f'a random mask meets a wide value in `{prim}`: only products with '
+                        'a mask and selections by one (dropout) have a kernel rule')
+
+
+def _lift(z: Noise, fn, roles, shape) -> A.Wide:
+  """The mask function `fn` of `z`'s bits as a wide value of axis `roles`."""
+  batch, spatial = layout(z, roles)
+  sizes = tuple(shape[roles.index(r)] for r in spatial)
+  src = A.NoiseSource(z.stream, fn, batch, spatial, sizes, z.index)
+  value_spatial = tuple(r for r in roles if r not in ('b', 'c', None))
+  combo = A.Combo((src,), (1.0,), value_spatial, fn.mean())
+  return A.Wide(tuple(shape), tuple(roles), (A.Term(Chain(), combo),))
+
+
+def _times(mask: A.Wide, v, roles, shape):
+  """`mask · v` for a wide or deterministic `v`; None where `v` is an exact zero."""
+  if isinstance(v, A.Wide):
+    return multiply_independent(mask, relayout(v, roles, shape))
+  c = _scalar(v)
+  if c is not None:
+    return None if float(c) == 0.0 else map_terms_scale(mask, float(c))
+  d = det_to_canonical(v, roles, 'a value selected by a random mask')
+  if not isinstance(d, jax.core.Tracer) and not np.any(np.asarray(d)):
+    return None
+  return map_terms_scale(mask, d)
