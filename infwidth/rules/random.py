@@ -12,19 +12,24 @@ key or of noise is refused, so that the fallbacks apply.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.extend.core import primitives as P
 
 from infwidth.domain import values as A
 from infwidth.domain.chain import Chain
 from infwidth.domain.errors import UnsupportedValueError
-from infwidth.domain.noise import Noise, NoiseStream, RandomKey, layout, resolve
+from infwidth.domain.noise import (Noise, NoiseStream, Piecewise, RandomKey, layout, resolve,
+                                  merged as noise_merged)
 from infwidth.domain.values import Det
 from infwidth.rules import registry
 from infwidth.rules.registry import register_value_kind
-from infwidth.rules.wide_ops import (SeveralGaussians, add_wides, det_to_canonical, map_terms_scale,
-                                   merge_roles, multiply_independent, relayout)
+from infwidth.rules.wide_ops import (SeveralGaussians, add_wides, canonical_to_value,
+                                   det_to_canonical, map_terms_scale, merge_roles,
+                                   multiply_independent, relayout)
 
 #: Primitives that move the entries of noise (applied to its index array).
 _STRUCTURAL = ('broadcast_in_dim', 'reshape', 'squeeze', 'expand_dims', 'transpose', 'slice',
@@ -151,3 +156,123 @@ def _times(mask: A.Wide, v, roles, shape):
   if not isinstance(d, jax.core.Tracer) and not np.any(np.asarray(d)):
     return None
   return map_terms_scale(mask, d)
+
+
+# ----------------------------------------------------------------------------
+# Nonlinearities of masked values: a mixture over the mask's values.
+
+
+def mixture(ctx, shape, vals, elementwise):
+  """`φ(v₁, …)` for operands that depend on a mask `m` of one array of bits:
+  `Σ_k 1[b ∈ I_k] · φ(v₁|_k, …)`, where the `I_k` are the intervals of the
+  bits on which every mask function of that array is constant and `v|_k`
+  is `v` with each mask replaced by its value there (docs/semantics.md,
+  "Dropout"). Each `φ(v|_k)` is computed by `elementwise(ctx, shape, vals)`
+  (other masks are conditioned on in turn); the indicators are independent
+  of it, so each product is one term with a cofactor. None where no
+  operand holds a mask directly (a pooled masked value)."""
+  srcs = []
+  for v in vals:
+    if isinstance(v, A.Wide):
+      srcs += [s for s in _noise_sources(v) if s not in srcs]
+  if not srcs:
+    return None
+  stream = srcs[0].stream
+  same = [s for s in srcs if s.stream is stream]
+  if any(not s.same_layout(same[0]) for s in same):
+    raise ctx.unsupported('one random mask used in two different layouts')
+  starts, probs = noise_merged(*[s.fn for s in same])
+  total = same[0].fn.breaks[-1]
+  breaks = tuple(starts) + (total,)
+  roles = next(v.roles for v in vals if isinstance(v, A.Wide))
+  value_spatial = tuple(r for r in roles if r not in ('b', 'c', None))
+  out = None
+  for k, start in enumerate(starts):
+    given = {s: s.fn.at(start) for s in same}
+    cond = [_substitute(v, given, roles, shape) if isinstance(v, A.Wide) else v for v in vals]
+    if all(isinstance(v, Det) for v in cond):
+      piece = ctx.fold(cond)
+    else:
+      piece = elementwise(ctx, shape, cond)
+    fn = Piecewise(breaks, tuple(1.0 if j == k else 0.0 for j in range(len(starts))))
+    src = A.NoiseSource(stream, fn, same[0].batch, same[0].spatial, same[0].sizes,
+                        same[0].index)
+    indicator = A.Wide(tuple(shape), tuple(roles),
+                       (A.Term(Chain(), A.Combo((src,), (1.0,), value_spatial, fn.mean())),))
+    if isinstance(piece, A.Wide):
+      piece = relayout(piece, roles, shape)
+    term = _times(indicator, piece, roles, shape)
+    if term is not None:
+      out = term if out is None else add_wides(out, term)
+  if out is None:
+    zero = np.zeros((1,) * len(shape), ctx.eqn.outvars[0].aval.dtype)
+    return Det(np.broadcast_to(zero, shape), roles, compact=zero)
+  return out
+
+
+def _noise_sources(w: A.Wide):
+  """The mask functions a wide value holds in its combinations (not those
+  inside pooled or mapped values)."""
+  out = []
+  for t in w.terms:
+    for part in t.parts:
+      for c in (part.combo,) + tuple(part.gargs) + tuple(part.pargs):
+        out += [s for s in c.sources if isinstance(s, A.NoiseSource) and s not in out]
+  return out
+
+
+def _substitute_combo(c: A.Combo, given) -> A.Combo:
+  """`c` with each mask function `s` in `given` replaced by its value there:
+  its centred part `s − E[s]` becomes the constant `given[s] − E[s]`."""
+  sources, coefs, mean = [], [], c.mean
+  for s, k in zip(c.sources, c.coefs):
+    if s in given:
+      mean = A._add(mean, A._mul(k, given[s] - s.fn.mean()))
+    else:
+      sources.append(s)
+      coefs.append(k)
+  return A.Combo(tuple(sources), tuple(coefs), c.spatial, mean)
+
+
+def _substitute(w: A.Wide, given, roles, shape):
+  """`w` with the masks in `given` at fixed values: a wide value, or a `Det`
+  where nothing random is left."""
+  out, offset = None, w.offset
+  for t in w.terms:
+    factor, parts = 1.0, []
+    for part in t.parts:
+      part = dataclasses.replace(part, combo=_substitute_combo(part.combo, given),
+                                 gargs=tuple(_substitute_combo(g, given) for g in part.gargs),
+                                 pargs=tuple(_substitute_combo(p, given) for p in part.pargs))
+      if part.chain.is_identity and not part.combo.sources and not part.factors:
+        factor = A._mul(factor, part.combo.mean)  # a constant now
+      else:
+        parts.append(part)
+    if A._is_zero(factor):
+      continue
+    if not parts:
+      offset = factor if offset is None else A._add(offset, factor)
+      continue
+    term = dataclasses.replace(parts[0], cofactors=tuple(parts[1:]))
+    value = A.Wide(w.shape, w.roles, (term,), None, w.hidden)
+    if not (isinstance(factor, float) and factor == 1.0):
+      value = map_terms_scale(value, factor)
+    out = value if out is None else add_wides(out, value)
+  if out is None:
+    arr = 0.0 if offset is None else offset
+    if isinstance(arr, float):
+      c = np.full((1,) * len(shape), arr)
+      return Det(np.broadcast_to(c, shape), roles, compact=c)
+    lead = shape[roles.index('b')] if 'b' in roles else 1
+    canonical = (lead,) + tuple(n for n, r in zip(shape, roles) if r not in ('b', 'c', None))
+    xp = jnp if isinstance(arr, jax.core.Tracer) else np
+    arr = xp.broadcast_to(xp.reshape(arr, xp.shape(arr) + (1,) * (len(canonical) - xp.ndim(arr))),
+                          canonical)
+    if xp is jnp:
+      return Det(canonical_to_value(arr, roles, shape), roles)
+    with jax.ensure_compile_time_eval():  # constants stay concrete under a trace
+      return Det(np.asarray(canonical_to_value(arr, roles, shape)), roles)
+  if offset is not None:
+    out = A.Wide(out.shape, out.roles, out.terms,
+                 offset if out.offset is None else A._add(out.offset, offset), out.hidden)
+  return out
