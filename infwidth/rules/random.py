@@ -94,6 +94,10 @@ def noise_rule(ctx, *invals, **params):
   scalars = [v if v is z else _scalar(v) for v in invals]
   if elementwise and out_shape == z.shape and all(s is not None for s in scalars):
     return z.mapped(prim, params, scalars)
+  if elementwise and any(isinstance(v, Det) for v in invals):
+    raise ctx.unsupported('a random mask applied to the inputs (or to values computed from '
+                          'them without parameters): there is no wide axis to average it '
+                          'over, so the kernel has no deterministic limit')
   raise ctx.unsupported('random bits used other than by elementwise maps with constants and '
                         'broadcasts (a random mask with a per-entry probability, for example)')
 
@@ -234,6 +238,19 @@ def _substitute_combo(c: A.Combo, given) -> A.Combo:
   return A.Combo(tuple(sources), tuple(coefs), c.spatial, mean)
 
 
+def _constant_part(part: A.Term):
+  """The value of a term whose combinations hold no source (a float, or a
+  canonical-layout array where it has per-input arguments)."""
+  if part.chain.is_identity:
+    return part.combo.mean
+  args = (part.combo.mean,) + tuple(c.mean for c in part.gargs + part.pargs) + tuple(part.dargs)
+  if any(isinstance(a, jax.core.Tracer) for a in args):
+    return part.chain(*args)
+  with jax.ensure_compile_time_eval():
+    out = np.asarray(part.chain(*args))
+  return float(out) if out.ndim == 0 else out
+
+
 def _substitute(w: A.Wide, given, roles, shape):
   """`w` with the masks in `given` at fixed values: a wide value, or a `Det`
   where nothing random is left."""
@@ -244,8 +261,8 @@ def _substitute(w: A.Wide, given, roles, shape):
       part = dataclasses.replace(part, combo=_substitute_combo(part.combo, given),
                                  gargs=tuple(_substitute_combo(g, given) for g in part.gargs),
                                  pargs=tuple(_substitute_combo(p, given) for p in part.pargs))
-      if part.chain.is_identity and not part.combo.sources and not part.factors:
-        factor = A._mul(factor, part.combo.mean)  # a constant now
+      if not part.factors and not any(c.sources for c in (part.combo,) + part.gargs + part.pargs):
+        factor = A._mul(factor, _constant_part(part))  # a constant now
       else:
         parts.append(part)
     if A._is_zero(factor):
