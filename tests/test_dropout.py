@@ -366,3 +366,25 @@ def test_dropout_on_the_inputs_is_refused():
   kfn = iw.kernelize(net, draw(np.random.default_rng(99), sh), param_stats=unit_stats(sh))
   with pytest.raises(iw.UnsupportedPrimitiveError, match='inputs'):
     kfn(X, None, 'nngp', rng=KEY)
+
+
+def test_monte_carlo_fallback_draws_fresh_masks():
+  """The fallback averages over masks too: a mask shared by the channels of an
+  input (refused) before the readout has, on average over its draws, the
+  same-input moments doubled at keep 0.5 (each draw gives 0 or 4 times)."""
+  noise = lambda h, k: jnp.where(jax.random.bernoulli(k, 0.5, (h.shape[0], 1)), h / 0.5, 0)
+
+  def net(p, x, rng=None):
+    h = jax.nn.relu(dense(*p['l0'], x))
+    h = noise(h, rng) if rng is not None else h
+    return h @ p['out'][0] / np.sqrt(h.shape[-1])
+
+  sh = shapes(64, depth=1)
+  params = draw(np.random.default_rng(99), sh)
+  base = iw.kernelize(net, params, param_stats=unit_stats(sh))(X, None, 'nngp')
+  mc = iw.kernelize(net, params, param_stats=unit_stats(sh), fallback='monte_carlo',
+                    n_samples=256, key=jax.random.PRNGKey(0))
+  with pytest.warns(UserWarning, match='monte_carlo'):
+    k = mc(X, None, 'nngp', rng=KEY)
+  ratio = np.diag(k) / np.diag(base)
+  assert np.all((ratio > 1.5) & (ratio < 2.5)), ratio   # 2 ± 4 SE (SE 0.125)

@@ -38,6 +38,16 @@ GRID = 2 ** 16
 MAX_PIECES = 8
 
 
+def is_key(leaf) -> bool:
+  """A PRNG key: a typed key array, or raw key data (`uint32` with a last axis of 2)."""
+  dtype = getattr(leaf, 'dtype', None)
+  if dtype is None or not hasattr(leaf, 'shape'):
+    return False
+  if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+    return True
+  return dtype == jnp.uint32 and len(leaf.shape) >= 1 and leaf.shape[-1] == 2
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class RandomKey:
   """A PRNG key (or key data) derived from a key passed to the function.

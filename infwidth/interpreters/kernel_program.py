@@ -22,7 +22,7 @@ from infwidth.domain.chain import Chain
 from infwidth.domain.errors import InfwidthError, UnsupportedValueError
 from infwidth.domain.joint_outputs import joint
 from infwidth.domain.kernel import Kernel, build_kernel, interleave
-from infwidth.domain.noise import RandomKey
+from infwidth.domain.noise import RandomKey, is_key
 from infwidth.domain.values import Det
 from infwidth.interpreters.kernel_interpreter import interpret
 from infwidth.interpreters.loop_rolling import eval_rolled
@@ -208,16 +208,6 @@ def _interpret(apply_fn, shapes, leaves_info, batches, xj, x_val, apply_kwargs) 
   x_vals = x_val if isinstance(x_val, list) else [x_val]
   outs = interpret(closed.jaxpr, closed.consts, param_vals + x_vals + key_vals, moments)
   return _kernels(outs, out_shapes, moments)
-
-
-def is_key(leaf) -> bool:
-  """A PRNG key: a typed key array, or raw key data (`uint32` with a last axis of 2)."""
-  dtype = getattr(leaf, 'dtype', None)
-  if dtype is None or not hasattr(leaf, 'shape'):
-    return False
-  if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
-    return True
-  return dtype == jnp.uint32 and len(leaf.shape) >= 1 and leaf.shape[-1] == 2
 
 
 def has_keys(apply_kwargs) -> bool:
