@@ -388,3 +388,47 @@ def test_monte_carlo_fallback_draws_fresh_masks():
     k = mc(X, None, 'nngp', rng=KEY)
   ratio = np.diag(k) / np.diag(base)
   assert np.all((ratio > 1.5) & (ratio < 2.5)), ratio   # 2 ± 4 SE (SE 0.125)
+
+
+def test_haiku_and_equinox_dropout():
+  """`hk.dropout(hk.next_rng_key(), …)` and `eqx.nn.Dropout` under `vmap` with
+  a key per example (an array of keys): before the readout, the kernel without
+  dropout with its same-input entries doubled (keep 0.5)."""
+  import equinox as eqx
+  import haiku as hk
+
+  def f(x, train):
+    h = jax.nn.relu(hk.Linear(128)(x))
+    if train:
+      h = hk.dropout(hk.next_rng_key(), 0.5, h)
+    return hk.Linear(1)(h)
+
+  t = hk.transform(f)
+  p = t.init(jax.random.PRNGKey(0), X, True)
+  k0 = iw.kernelize(lambda p, x: t.apply(p, None, x, False), p)(X, None, 'nngp')
+  k1 = iw.kernelize(lambda p, x, rng: t.apply(p, rng, x, True), p)(X, None, 'nngp', rng=KEY)
+  scale = 1 + np.eye(N)
+  np.testing.assert_allclose(k1, k0 * scale, rtol=1e-10)
+
+  class Net(eqx.Module):
+    l1: eqx.nn.Linear
+    l2: eqx.nn.Linear
+    drop: eqx.nn.Dropout
+
+    def __call__(self, x, key):
+      return self.l2(self.drop(jax.nn.relu(self.l1(x)), key=key))
+
+    def __init__(self, key, p):
+      k1, k2 = jax.random.split(key)
+      self.l1 = eqx.nn.Linear(D, 128, key=k1)
+      self.l2 = eqx.nn.Linear(128, 1, use_bias=False, key=k2)  # no bias: the whole kernel scales
+      self.drop = eqx.nn.Dropout(p)
+
+  def kernel(p):
+    params, static = eqx.partition(Net(jax.random.PRNGKey(0), p), eqx.is_array)
+
+    def apply(q, x, rng):
+      return jax.vmap(eqx.combine(q, static))(x, jax.random.split(rng, x.shape[0]))
+    return iw.kernelize(apply, params)(X, None, 'nngp', rng=KEY)
+
+  np.testing.assert_allclose(kernel(0.5), kernel(0.0) * scale, rtol=1e-10)

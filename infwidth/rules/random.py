@@ -53,8 +53,9 @@ def key_rule(ctx, *invals, **params):
 
 
 def _draw(ctx, key: Det, params) -> Noise:
-  """`random_bits(key)`: the same key and shape give the same bits."""
-  shape = tuple(params['shape'])
+  """`random_bits(key)`: the same key and shape give the same bits (an
+  array of keys, as under `vmap`, draws its own bits for each key)."""
+  shape = tuple(ctx.eqn.outvars[0].aval.shape)
   width = int(params['bit_width'])
   with jax.ensure_compile_time_eval():
     data = np.asarray(jax.random.key_data(key.value))
