@@ -432,3 +432,26 @@ def test_haiku_and_equinox_dropout():
     return iw.kernelize(apply, params)(X, None, 'nngp', rng=KEY)
 
   np.testing.assert_allclose(kernel(0.5), kernel(0.0) * scale, rtol=1e-10)
+
+
+def _layer_norm(h):
+  m = h.mean(-1, keepdims=True)
+  return (h - m) / jnp.sqrt(((h - m) ** 2).mean(-1, keepdims=True) + 1e-6)
+
+
+def test_layernorm_after_dropout_matches_monte_carlo():
+  """LayerNorm's statistics of a masked value (means over the channels of
+  `m·h` and of its square: the mixture per channel), then a ReLU."""
+  width = 512
+
+  def net(p, x, rng=None):
+    h = dense(*p['l0'], x)
+    if rng is not None:
+      h = where_dropout(h, rng, 0.5)
+    return dense(*p['out'], jax.nn.relu(_layer_norm(h)))
+
+  sh = shapes(width, depth=1)
+  k = kernels(net, sh, rng=KEY)
+  nngp, ntk = monte_carlo(net, sh)
+  check(k.nngp, nngp, 1, width)
+  check(k.ntk, ntk, 1, width)

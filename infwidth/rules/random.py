@@ -196,7 +196,7 @@ def mixture(ctx, shape, vals, elementwise):
     given = {s: s.fn.at(start) for s in same}
     cond = [_substitute(v, given, roles, shape) if isinstance(v, A.Wide) else v for v in vals]
     if all(isinstance(v, Det) for v in cond):
-      piece = ctx.fold(cond)
+      piece = _fold_compact(ctx, cond, shape, roles)
     else:
       piece = elementwise(ctx, shape, cond)
     fn = Piecewise(breaks, tuple(1.0 if j == k else 0.0 for j in range(len(starts))))
@@ -213,6 +213,25 @@ def mixture(ctx, shape, vals, elementwise):
     zero = np.zeros((1,) * len(shape), ctx.eqn.outvars[0].aval.dtype)
     return Det(np.broadcast_to(zero, shape), roles, compact=zero)
   return out
+
+
+def _fold_compact(ctx, dets, shape, roles) -> Det:
+  """The elementwise equation on deterministic operands, kept in their
+  compact (un-broadcast) forms: a per-input value stays recognisably
+  constant along the channel axis, also under a trace."""
+  compacts = [d.compact if d.compact is not None else d.value for d in dets]
+  common = np.broadcast_shapes(*[np.shape(c) for c in compacts])
+  traced = any(isinstance(c, jax.core.Tracer) for c in compacts)
+
+  def run():
+    args = [jnp.broadcast_to(jnp.asarray(c), common) for c in compacts]
+    return ctx.eqn.primitive.bind(*args, **ctx.eqn.params)
+  if traced:
+    out = run()
+    return Det(jnp.broadcast_to(out, shape), roles, compact=out)
+  with jax.ensure_compile_time_eval():
+    out = np.asarray(run())
+  return Det(np.broadcast_to(out, shape), roles, compact=out)
 
 
 def _noise_sources(w: A.Wide):
@@ -283,13 +302,16 @@ def _substitute(w: A.Wide, given, roles, shape):
       return Det(np.broadcast_to(c, shape), roles, compact=c)
     lead = shape[roles.index('b')] if 'b' in roles else 1
     canonical = (lead,) + tuple(n for n, r in zip(shape, roles) if r not in ('b', 'c', None))
+    compact_shape = tuple(1 if r == 'c' else n for n, r in zip(shape, roles))
     xp = jnp if isinstance(arr, jax.core.Tracer) else np
     arr = xp.broadcast_to(xp.reshape(arr, xp.shape(arr) + (1,) * (len(canonical) - xp.ndim(arr))),
                           canonical)
     if xp is jnp:
-      return Det(canonical_to_value(arr, roles, shape), roles)
+      compact = canonical_to_value(arr, roles, compact_shape)
+      return Det(jnp.broadcast_to(compact, shape), roles, compact=compact)
     with jax.ensure_compile_time_eval():  # constants stay concrete under a trace
-      return Det(np.asarray(canonical_to_value(arr, roles, shape)), roles)
+      compact = np.asarray(canonical_to_value(arr, roles, compact_shape))
+    return Det(np.broadcast_to(compact, shape), roles, compact=compact)
   if offset is not None:
     out = A.Wide(out.shape, out.roles, out.terms,
                  offset if out.offset is None else A._add(out.offset, offset), out.hidden)
