@@ -216,9 +216,14 @@ def layout(noise: Noise, roles) -> Tuple[bool, Tuple[Any, ...]]:
   axis: a mask shared by the channels would not average out over the width.
   """
   idx = noise.index
-  varies = [bool(np.any(idx != np.take(idx, [0], axis=i))) for i in range(idx.ndim)]
+  flat = idx.reshape(-1)
+  drawn = bool(flat.size) and flat[0] == 0 and bool(np.all(np.diff(flat) == 1))
+  if drawn:  # as drawn: all entries distinct
+    varies = [n > 1 for n in idx.shape]
+  else:
+    varies = [bool(np.any(idx != np.take(idx, [0], axis=i))) for i in range(idx.ndim)]
   count = int(np.prod([n for n, v in zip(idx.shape, varies) if v], dtype=int))
-  if len(np.unique(idx)) != count:
+  if not drawn and len(np.unique(idx)) != count:
     raise UnsupportedValueError('a random mask whose entries repeat across positions in a '
                                 'way other than a broadcast')
   for i, r in enumerate(roles):

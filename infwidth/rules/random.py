@@ -63,7 +63,9 @@ def _draw(ctx, key: Det, params) -> Noise:
   streams = ctx.moments.noise_streams
   if ident not in streams:
     streams[ident] = NoiseStream(shape, width, f'<random bits {len(streams)}>')
-  return Noise(streams[ident], np.arange(int(np.prod(shape, dtype=int))).reshape(shape))
+  size = int(np.prod(shape, dtype=int))
+  return Noise(streams[ident], np.arange(size, dtype=np.int64 if size >= 2 ** 31 else np.int32)
+               .reshape(shape))
 
 
 def _scalar(v):
