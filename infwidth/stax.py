@@ -49,6 +49,11 @@ Differences from Neural Tangents:
 * `ImageResize` to a non-square size ('nearest' or 'linear'): NT resizes its
   kernel in its internal reversed spatial order (H gets W's size); infwidth's
   kernel is the finite network's (checked by Monte Carlo).
+* `Dropout(rate, 'train')` gets NT's kernel where NT has one; a nonlinearity
+  right after it (which NT refuses: its input is not Gaussian) gets the exact
+  mixture over the mask. `kernel_fn(x1, x2)` with an `x2` equal to `x1` in
+  value but a different array counts as two batches (independent masks); NT
+  compares values. `serial` and `parallel` split `rng` per layer, as NT's do.
 * Layers whose finite network uses an operation kernelize cannot interpret
   make `kernel_fn` raise `infwidth.InfwidthError` naming the operation; no
   approximate kernel is substituted. Currently: a `FanInConcat` along the

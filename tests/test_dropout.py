@@ -455,3 +455,27 @@ def test_layernorm_after_dropout_matches_monte_carlo():
   nngp, ntk = monte_carlo(net, sh)
   check(k.nngp, nngp, 1, width)
   check(k.ntk, ntk, 1, width)
+
+
+@pytest.mark.slow
+def test_cnn_with_dropout_before_relu_matches_monte_carlo():
+  """Masks on a convolution's output, before a ReLU (the mixture at each
+  position), then a convolution and global average pooling: full spatial
+  blocks, where the masks of different positions are independent."""
+  width = 256
+  init_fn, apply_fn, kernel_fn = stax.serial(
+      stax.Conv(width, (3, 3), padding='SAME', W_std=1.5, b_std=0.2), stax.Dropout(0.6),
+      stax.Relu(), stax.Conv(width, (3, 3), W_std=1.5), stax.Relu(), stax.GlobalAvgPool(),
+      stax.Dense(C))
+  x = np.random.default_rng(0).standard_normal((3, 6, 6, 2))
+  k = kernel_fn(x, None, 'nngp')
+
+  @jax.jit
+  def one(key):
+    kp, kd = jax.random.split(key)
+    _, params = init_fn(kp, x.shape)
+    out = apply_fn(params, x, rng=kd)
+    return out @ out.T / C
+
+  draws = np.stack([one(jax.random.PRNGKey(s)) for s in range(64)])
+  check(k, draws, 2, width)
