@@ -49,6 +49,11 @@ Differences from Neural Tangents:
 * `ImageResize` to a non-square size ('nearest' or 'linear'): NT resizes its
   kernel in its internal reversed spatial order (H gets W's size); infwidth's
   kernel is the finite network's (checked by Monte Carlo).
+* `Dropout(rate, 'train')` gets NT's kernel where NT has one; a nonlinearity
+  right after it (which NT refuses: its input is not Gaussian) gets the exact
+  mixture over the mask. `kernel_fn(x1, x2)` with an `x2` equal to `x1` in
+  value but a different array counts as two batches (independent masks); NT
+  compares values. `serial` and `parallel` split `rng` per layer, as NT's do.
 * Layers whose finite network uses an operation kernelize cannot interpret
   make `kernel_fn` raise `infwidth.InfwidthError` naming the operation; no
   approximate kernel is substituted. Currently: a `FanInConcat` along the
@@ -81,7 +86,7 @@ __all__ = [
     'Sign', 'Erf', 'Gelu', 'Sin', 'Cos', 'Exp', 'Gaussian', 'Rbf', 'Sigmoid_like',
     'Elementwise', 'ElementwiseNumerical', 'Monomial', 'RectifiedMonomial', 'Polynomial',
     'Hermite', 'Gabor', 'ExpNormalized', 'FanInProd', 'DotGeneral', 'Index', 'Slice', 'repeat',
-    'ImageResize',
+    'ImageResize', 'Dropout',
 ]
 
 Shape = Tuple[int, ...]
@@ -90,13 +95,18 @@ _PADDINGS = ('VALID', 'SAME', 'CIRCULAR')
 
 
 class Layer(tuple):
-  """`(init_fn, apply_fn, kernel_fn)`; also carries `stats_fn(params) -> param_stats`."""
+  """`(init_fn, apply_fn, kernel_fn)`; also carries `stats_fn(params) -> param_stats`
+  and `uses_rng` (its `apply_fn` needs `rng=key`: dropout in training mode)."""
 
   stats_fn: StatsFn
+  uses_rng: bool
 
-  def __new__(cls, init_fn: Callable, apply_fn: Callable, stats_fn: StatsFn):
-    self = super().__new__(cls, (init_fn, apply_fn, _kernel_fn(init_fn, apply_fn, stats_fn)))
+  def __new__(cls, init_fn: Callable, apply_fn: Callable, stats_fn: StatsFn,
+              uses_rng: bool = False):
+    self = super().__new__(cls, (init_fn, apply_fn,
+                                 _kernel_fn(init_fn, apply_fn, stats_fn, uses_rng)))
     self.stats_fn = stats_fn
+    self.uses_rng = uses_rng
     return self
 
   @property
@@ -168,8 +178,26 @@ def _param_shapes(init_fn: Callable, input_shape: Shape) -> Any:
   return jax.eval_shape(lambda: init_fn(jax.random.PRNGKey(0), input_shape))
 
 
-def _kernel_fn(init_fn: Callable, apply_fn: Callable, stats_fn: StatsFn) -> Callable:
-  """kernelize of `apply_fn` at the parameter shapes `init_fn` draws for `x1`."""
+def _uses_rng(layers) -> bool:
+  return any(getattr(l, 'uses_rng', False) for l in layers)
+
+
+def _split_rng(kwargs, n: int):
+  """`n` keyword dicts with `rng` split into one key per layer (`None`s
+  without one), as NT's (and `jax.example_libraries.stax`'s) combinators do."""
+  rng = kwargs.get('rng')
+  rest = {k: v for k, v in kwargs.items() if k != 'rng'}
+  rngs = jax.random.split(rng, n) if rng is not None else (None,) * n
+  return [dict(rest, rng=r) for r in rngs]
+
+
+def _kernel_fn(init_fn: Callable, apply_fn: Callable, stats_fn: StatsFn,
+               uses_rng: bool = False) -> Callable:
+  """kernelize of `apply_fn` at the parameter shapes `init_fn` draws for `x1`.
+
+  With `uses_rng` (dropout in training mode) and no `rng` given, a fixed key
+  is passed: the kernel does not depend on the key, only on the masks being
+  random."""
 
   @functools.lru_cache(maxsize=32)
   def build(input_shape: Shape, dtype) -> Callable:
@@ -180,10 +208,16 @@ def _kernel_fn(init_fn: Callable, apply_fn: Callable, stats_fn: StatsFn) -> Call
   def full_fn(x1, x2, get, **kwargs):
     if isinstance(x1, Kernel):
       x1 = kernel_layout.input_kernel(x1)
+    if uses_rng and kwargs.get('rng') is None:
+      kwargs = dict(kwargs, rng=jax.random.PRNGKey(0))
     input_shape, dtype = _input_shape(x1)
     if not isinstance(x1, Kernel):
       _, shapes = _param_shapes(init_fn, input_shape)
       if not jax.tree_util.tree_leaves(shapes):
+        if uses_rng:
+          raise InfwidthError('Dropout cannot be applied to the input layer: a network '
+                              'without parameters has no wide axis to average its masks '
+                              'over.')
         k = _parameter_free_kernel(apply_fn, shapes, x1, x2, **kwargs)
         return k if get is None else k.get(get) if isinstance(get, str) else k.get(tuple(get))
     try:
@@ -234,14 +268,14 @@ def serial(*layers) -> Layer:
     return input_shape, params
 
   def apply_fn(params, x, **kwargs):
-    for f, p in zip(apply_fns, params):
-      x = f(p, x, **kwargs)
+    for f, p, kw in zip(apply_fns, params, _split_rng(kwargs, len(layers))):
+      x = f(p, x, **kw)
     return x
 
   def stats_fn(params):
     return [s(p) for s, p in zip(stats_fns, params)]
 
-  return Layer(init_fn, apply_fn, stats_fn)
+  return Layer(init_fn, apply_fn, stats_fn, _uses_rng(layers))
 
 
 def repeat(layer, n: int) -> Layer:
@@ -280,7 +314,7 @@ def repeat(layer, n: int) -> Layer:
                                  params)
     return stats_one(one)
 
-  return Layer(init_fn, apply_fn, stats_fn)
+  return Layer(init_fn, apply_fn, stats_fn, _uses_rng([layer]))
 
 
 def parallel(*layers) -> Layer:
@@ -294,12 +328,13 @@ def parallel(*layers) -> Layer:
     return type(input_shape)(o[0] for o in outs), [o[1] for o in outs]
 
   def apply_fn(params, xs, **kwargs):
-    return type(xs)(f(p, x, **kwargs) for f, p, x in zip(apply_fns, params, xs))
+    kws = _split_rng(kwargs, len(layers))
+    return type(xs)(f(p, x, **kw) for f, p, x, kw in zip(apply_fns, params, xs, kws))
 
   def stats_fn(params):
     return [s(p) for s, p in zip(stats_fns, params)]
 
-  return Layer(init_fn, apply_fn, stats_fn)
+  return Layer(init_fn, apply_fn, stats_fn, _uses_rng(layers))
 
 
 def _no_params(fn: Callable, shape_fn: Callable) -> Layer:
@@ -778,6 +813,30 @@ def Flatten(batch_axis: int = 0, batch_axis_out: int = 0) -> Layer:
     return jnp.moveaxis(x, batch_axis, -batch_out).reshape(shape)
 
   return Layer(lambda key, s: (out_shape(s), ()), apply_fn, lambda p: ())
+
+
+def Dropout(rate: float, mode: str = 'train') -> Layer:
+  """NT's (and `jax.example_libraries.stax`'s) dropout: `rate` is the
+  probability of KEEPING a unit; in `'train'` mode `apply_fn(params, x,
+  rng=key)` returns `where(bernoulli(key, rate), x / rate, 0)`, in `'test'`
+  mode `x`. Its kernel is derived from that masked network (the same-input
+  moments, `cov1`/`cov2` and the diagonal of `x1 is x2`, scaled by
+  `1 / rate`; docs/semantics.md, "Dropout"); `kernel_fn` needs no key."""
+  if mode not in ('test', 'train'):
+    raise ValueError('The `mode` must be either "test"  or "train".')
+  if rate <= 0. or rate > 1.:
+    raise ValueError('The `rate` must be > 0. and <= 1.')
+
+  def apply_fn(params, x, rng=None, **kwargs):
+    if mode == 'test':
+      return x
+    if rng is None:
+      raise ValueError('Dropout layer requires apply_fn to be called with a PRNG key '
+                       'argument: apply_fn(params, inputs, rng=key).')
+    keep = jax.random.bernoulli(rng, rate, x.shape)
+    return jnp.where(keep, x / rate, 0)
+
+  return Layer(lambda key, s: (s, ()), apply_fn, lambda p: (), uses_rng=mode == 'train')
 
 
 def LayerNorm(axis=-1, eps: float = 1e-12, batch_axis: int = 0,

@@ -16,10 +16,12 @@ import jax
 import jax.numpy as jnp
 
 from infwidth.domain.values import (ZERO, ChannelConcat, Combo, KernelSource, LinearSource,
-                              MappedSource, NeedFullSpatial, PairStats, ParamSource, Source, Term, Wide,
+                              MappedSource, NeedFullSpatial, NoiseSource, PairStats, ParamSource,
+                              Source, Term, Wide,
                               _add, _is_zero, _mul, align, batch_diagonal, term_leaves)
 from infwidth.domain.errors import UnsupportedValueError
 from infwidth.domain import gaussian_engine
+from infwidth.domain.noise import noise_pair
 from infwidth.domain.chain import Chain, polynomial_degree
 
 
@@ -47,6 +49,7 @@ class Moments:
     self.keep_alive = []  # values whose ids key `sources`
     self.param_slices: Dict[int, Dict[Any, Any]] = {}  # sub-leaves by parent leaf id
     self.channel_slices: Dict[Any, Any] = {}  # channel blocks of sources and leaves
+    self.noise_streams: Dict[Any, Any] = {}  # random bits by key and shape
 
   # -- layout plumbing ------------------------------------------------------
 
@@ -112,6 +115,8 @@ class Moments:
     if isinstance(a, KernelSource):
       k = a.kernel
       return PairStats(k.nngp, k.cov1, k.cov1 if k.cov2 is None else k.cov2)
+    if isinstance(a, NoiseSource):
+      return noise_pair(self, a, b)
     if isinstance(a, MappedSource):
       if self.diag and not (a.selection and b.selection and a.same_map(b)):
         return self._mixing_map_pair(a, b)
@@ -196,6 +201,8 @@ class Moments:
         out = b.apply(a.apply(t, 2), 2 + len(a.spatial))
     elif isinstance(a, ParamSource):
       out = c * leaf.ntk_weight
+    elif isinstance(a, NoiseSource):
+      out = 0.0  # no parameter: a mask has no gradient
     else:
       # DESIGN §2: Θ_z = c²·M·w (W's own gradient) + c²·n·v·Θ_y (through W).
       out = _mul(c * leaf.ntk_weight, self.input_moment(a, b).cross)

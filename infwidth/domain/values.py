@@ -171,7 +171,8 @@ class MappedSource(Source):
     self.leaf = _MAPPED_LEAF
     self.param = ParamRef(_MAPPED_LEAF, (), ())
     self.random = True
-    self.gaussian = all(t.is_gaussian for t in base.terms) and base.offset is None
+    self.gaussian = (all(t.is_gaussian for t in base.terms) and base.offset is None
+                     and not has_noise(base))
     self.ops = {}
 
   @property
@@ -227,6 +228,53 @@ class KernelSource(Source):
     self.param = ParamRef(self.leaf, (), ())
     self.spatial = ()
     self.random = True
+
+
+class NoiseSource(Source):
+  """A function `fn` of random bits drawn from a key passed to the function
+  (a dropout mask), centred: its mean is kept in the combination.
+
+  Its entries are i.i.d. across the entries that hold different bits and
+  independent of the parameters; it has no NTK. `batch`: whether it varies
+  along the batch axis; `spatial`: the spatial roles it varies along
+  (`sizes`); `index`: which bits each entry holds (its layout).
+
+  Attributes:
+    stream: the `noise.NoiseStream` of its bits.
+    fn: a `noise.Piecewise` function of the bits.
+  """
+
+  def __init__(self, stream, fn, batch: bool, spatial, sizes, index):
+    super().__init__()
+    self.stream = stream
+    self.leaf = stream.leaf
+    self.param = ParamRef(stream.leaf, (), ())
+    self.fn = fn
+    self.batch = batch
+    self.spatial = tuple(spatial)
+    self.sizes = tuple(sizes)
+    self.index = index
+    self.random = True
+
+  def same_layout(self, other: 'NoiseSource') -> bool:
+    return (self.stream is other.stream and self.batch == other.batch
+            and self.spatial == other.spatial and self.index.shape == other.index.shape
+            and bool(np.all(self.index == other.index)))
+
+
+def has_noise(w) -> bool:
+  """Whether a wide value (or term) depends on a random mask."""
+  if isinstance(w, ChannelConcat):
+    return any(has_noise(p) for p in w.parts)
+  terms = w.terms if isinstance(w, Wide) else (w,)
+  for t in terms:
+    for c in (t.combo,) + tuple(t.gargs) + tuple(t.pargs):
+      for s in c.sources:
+        if isinstance(s, NoiseSource) or (isinstance(s, MappedSource) and has_noise(s.base)):
+          return True
+    if any(has_noise(p) for p in t.cofactors):
+      return True
+  return False
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

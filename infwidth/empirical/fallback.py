@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from infwidth.domain.errors import InfwidthError
 from infwidth.domain.kernel import Kernel, build_kernel
+from infwidth.domain.noise import is_key
 from infwidth.empirical.ntk import empirical_kernels
 
 
@@ -49,18 +50,20 @@ def fallback_kernel(err, fallback, apply_fn, params, leaves_info, x1, x2, x1_is_
     if n < 1:
       raise InfwidthError(f'n_samples must be a positive integer, got {n_samples}.')
 
-  kernels = lambda p, a, b: empirical_kernels(apply_fn, p, a, b, ('nngp', 'ntk'), weights,
-                                              **apply_kwargs)
+  kernels = lambda p, a, b, kw: empirical_kernels(apply_fn, p, a, b, ('nngp', 'ntk'), weights,
+                                                  **kw)
   is_pair = lambda v: hasattr(v, 'nngp') and hasattr(v, 'ntk')
   b = None if x1_is_x2 else x2
   keys = jax.random.split(key, n) if fallback == 'monte_carlo' else jnp.zeros((1, 2), jnp.uint32)
 
   def one(k):
     p = sample(k)
-    k12 = jax.tree_util.tree_leaves(kernels(p, x1, b), is_leaf=is_pair)
-    d1 = [_diag(k.nngp) for k in jax.tree_util.tree_leaves(kernels(p, x1, None), is_leaf=is_pair)]
+    kw = _fresh_keys(apply_kwargs, k) if fallback == 'monte_carlo' else apply_kwargs
+    k12 = jax.tree_util.tree_leaves(kernels(p, x1, b, kw), is_leaf=is_pair)
+    d1 = [_diag(k.nngp)
+          for k in jax.tree_util.tree_leaves(kernels(p, x1, None, kw), is_leaf=is_pair)]
     d2 = d1 if x1_is_x2 else [
-        _diag(k.nngp) for k in jax.tree_util.tree_leaves(kernels(p, x2, None), is_leaf=is_pair)]
+        _diag(k.nngp) for k in jax.tree_util.tree_leaves(kernels(p, x2, None, kw), is_leaf=is_pair)]
     return [(k.nngp, k.ntk, c1, c2) for k, c1, c2 in zip(k12, d1, d2)]
 
   def body(acc, k):
@@ -78,6 +81,16 @@ def fallback_kernel(err, fallback, apply_fn, params, leaves_info, x1, x2, x1_is_
                    x1_is_x2=x1_is_x2, spatial_shape=tuple(s1.shape[1:-1]))
       for (nngp, ntk, cov1, cov2), s1, s2 in zip(means, shapes1, shapes2)]
   return jax.tree_util.tree_unflatten(out_tree, kernels_out)
+
+
+def _fresh_keys(apply_kwargs, k):
+  """`apply_kwargs` with each single PRNG key folded with the draw's key, so
+  that random masks (dropout) are drawn afresh with each draw of the
+  parameters."""
+  salt = jax.random.bits(k, (), jnp.uint32)
+  fresh = lambda l: jax.random.fold_in(l, salt) if is_key(l) and (
+      l.shape in ((), (2,)) if l.dtype == jnp.uint32 else l.shape == ()) else l
+  return jax.tree_util.tree_map(fresh, apply_kwargs)
 
 
 def _dtype(leaf):

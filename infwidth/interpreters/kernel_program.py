@@ -22,6 +22,7 @@ from infwidth.domain.chain import Chain
 from infwidth.domain.errors import InfwidthError, UnsupportedValueError
 from infwidth.domain.joint_outputs import joint
 from infwidth.domain.kernel import Kernel, build_kernel, interleave
+from infwidth.domain.noise import RandomKey, is_key
 from infwidth.domain.values import Det
 from infwidth.interpreters.kernel_interpreter import interpret
 from infwidth.interpreters.loop_rolling import eval_rolled
@@ -74,6 +75,10 @@ def analytic_kernels(apply_fn, shapes, leaves_info, x1, x2, x1_is_x2, apply_kwar
   whole = traced(n1, n2, x2 is None)
   per_pair = largest_value(whole[0].jaxpr, lead=(n1, n2)) // max(n1 * n2, 1)
   rows = pair_blocks.block_rows(n1, n2, per_pair)
+  if x2 is None and has_keys(apply_kwargs):
+    # Random masks are shared by the same inputs of one batch only: its
+    # blocks would pair the diagonal ones as different inputs.
+    rows = None
   _check_memory(whole[0].jaxpr, None if rows is None else traced(rows, rows, False)[0].jaxpr,
                 n1, n2, rows, symmetric=x2 is None, fused=traced_x,
                 joint_loop=traced_x and _joint_loop(gets))
@@ -185,8 +190,11 @@ def _joint_loop(gets) -> bool:
 def _interpret(apply_fn, shapes, leaves_info, batches, xj, x_val, apply_kwargs) -> Kernel:
   """The kernels of `apply_fn`'s outputs for the joint batch `xj` (abstract
   value `x_val`); `batches` is `(n1, n2, x1_is_x2, dtype)`, or a `Moments`."""
-  closed, out_shapes = trace(lambda p, x: apply_fn(p, x, **apply_kwargs), shapes, xj,
-                             return_shape=True)
+  # PRNG keys among the keyword arguments are inputs of the jaxpr (random
+  # masks), not constants to fold.
+  key_specs, key_vals, with_keys = _keys_as_inputs(apply_kwargs)
+  closed, out_shapes = trace(lambda p, x, k: apply_fn(p, x, **with_keys(k)), shapes, xj,
+                             key_specs, return_shape=True)
   closed = unroll_loops(closed)
   if isinstance(batches, M.Moments):
     moments = batches
@@ -198,8 +206,44 @@ def _interpret(apply_fn, shapes, leaves_info, batches, xj, x_val, apply_kwargs) 
     moments = M.Moments(*batches, diag=diag)
   param_vals = [A.ParamRef(l, l.shape, tuple(range(len(l.shape)))) for l in leaves_info]
   x_vals = x_val if isinstance(x_val, list) else [x_val]
-  outs = interpret(closed.jaxpr, closed.consts, param_vals + x_vals, moments)
+  outs = interpret(closed.jaxpr, closed.consts, param_vals + x_vals + key_vals, moments)
   return _kernels(outs, out_shapes, moments)
+
+
+def has_keys(apply_kwargs) -> bool:
+  return any(is_key(l) for l in jax.tree_util.tree_leaves(apply_kwargs))
+
+
+def _keys_as_inputs(apply_kwargs):
+  """The PRNG keys among `apply_kwargs` as jaxpr inputs: their specs, their
+  abstract values (`RandomKey`s holding a fixed stand-in key each: the
+  kernel does not depend on the key, and keys in different arguments are
+  different keys) and `with_keys(keys)`, the arguments with them put back."""
+  leaves, tree = jax.tree_util.tree_flatten(apply_kwargs)
+  where = [i for i, l in enumerate(leaves) if is_key(l)]
+  specs = [jax.ShapeDtypeStruct(leaves[i].shape, leaves[i].dtype) for i in where]
+  vals = [RandomKey(Det(_stand_in(leaves[i], k), (None,) * len(leaves[i].shape)))
+          for k, i in enumerate(where)]
+
+  def with_keys(keys):
+    out = list(leaves)
+    for i, key in zip(where, keys):
+      out[i] = key
+    return jax.tree_util.tree_unflatten(tree, out)
+  return specs, vals, with_keys
+
+
+def _stand_in(key, k: int):
+  """A concrete key of `key`'s shape and kind, the `k`-th of its stand-ins."""
+  with jax.ensure_compile_time_eval():
+    if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+      base = jax.random.key(1 + k, impl=jax.random.key_impl(key))
+      n = int(np.prod(key.shape, dtype=int))
+      keys = jax.random.split(base, max(n, 1))[:n] if key.shape else base
+      return keys.reshape(key.shape)
+    n = int(np.prod(key.shape[:-1], dtype=int))
+    data = jax.random.key_data(jax.random.split(jax.random.key(1 + k), max(n, 1))[:n])
+    return np.asarray(data, np.uint32).reshape(key.shape)
 
 
 def _kernels(outs, out_shapes, moments):
@@ -279,7 +323,7 @@ def _is_gaussian(w: A.Wide) -> bool:
     return all(_is_gaussian(p) for p in w.parts)
   gaussian = lambda s: (s.gaussian if isinstance(s, A.MappedSource) else
                         s.kernel.is_gaussian if isinstance(s, A.KernelSource) else True)
-  return not w.hidden and bool(w.terms) and all(
+  return not w.hidden and bool(w.terms) and not A.has_noise(w) and all(
       t.is_gaussian and all(gaussian(s) for s in t.combo.sources) for t in w.terms)
 
 

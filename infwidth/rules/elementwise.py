@@ -22,6 +22,7 @@ from infwidth.domain import quadrature as quad
 from infwidth.domain import values as A
 from infwidth.domain.errors import InternalError, UnsupportedValueError
 from infwidth.domain.chain import ChainBuilder, const
+from infwidth.rules.random import mixture
 from infwidth.rules.registry import register
 from infwidth.rules.wide_ops import (Det, NotGaussian, SeveralGaussians, add_offset, add_wides,
                                    collapse, det_to_canonical, finish_term, map_terms_scale,
@@ -127,6 +128,11 @@ def _elementwise(ctx, shape, invals, params):
   out = _linear(prim, vals, dets, shape, roles)
   if out is not None:
     return out
+  if any(isinstance(v, A.Wide) and A.has_noise(v) for v in vals):
+    # A nonlinearity of a masked value: a mixture over the mask's values.
+    out = mixture(ctx, shape, vals, lambda c, s, vs: _elementwise(c, s, vs, params))
+    if out is not None:
+      return out
   try:
     return _extend_chain(prim, params, vals, dets, roles, shape)
   except NotGaussian as e:

@@ -305,6 +305,10 @@ def _collapse(w, b, pargs, dargs, combo, split: bool, gargs):
     return r
 
   def part_ref(t):
+    if A.has_noise(t):
+      raise NotGaussian(
+          'a nonlinearity of a value multiplied by a random mask (dropout) in a form the '
+          'mixture over the mask does not cover; use fallback="monte_carlo"')
     rnd, det = A.split_random(t.combo) if split else (t.combo, None)
     if any(isinstance(src, A.MappedSource) and not src.gaussian for src in t.combo.sources):
       raise NotGaussian(
