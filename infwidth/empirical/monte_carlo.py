@@ -132,7 +132,11 @@ def monte_carlo_kernel_fn(
     store_on_device: `False` accumulates and returns NumPy arrays in host
       memory.
     trace_axes, diagonal_axes, implementation, vmap_axes: as in
-      `empirical_kernel_fn`.
+      `empirical_kernel_fn`. Memory is that of one empirical kernel: the
+      running sum is all that is kept between samples. The default Jacobian
+      contraction builds `∂f/∂θ` for all `N·C` outputs (13 GB in float64 for
+      a 3-layer MLP with 512 units and 512 outputs on 6 inputs); structured
+      derivatives with `vmap_axes=0` run there in under 1 GB.
 
   Returns:
     `kernel_fn(x1, x2=None, get=None, **apply_fn_kwargs)` returning the mean of
