@@ -183,8 +183,10 @@ def _kernel_fn(init_fn: Callable, apply_fn: Callable, stats_fn: StatsFn) -> Call
     input_shape, dtype = _input_shape(x1)
     if not isinstance(x1, Kernel):
       _, shapes = _param_shapes(init_fn, input_shape)
-      if not jax.tree_util.tree_leaves(shapes):
-        k = _parameter_free_kernel(apply_fn, shapes, x1, x2, **kwargs)
+      if not any(math.prod(s.shape) for s in jax.tree_util.tree_leaves(shapes)):
+        # No parameter (or only empty ones: `repeat(layer, 0)`): NT's kernel of the inputs.
+        empty = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+        k = _parameter_free_kernel(apply_fn, empty, x1, x2, **kwargs)
         return k if get is None else k.get(get) if isinstance(get, str) else k.get(tuple(get))
     try:
       return build(input_shape, jnp.dtype(dtype))(x1, x2, get, **kwargs)
