@@ -952,3 +952,25 @@ def ExpNormalized(gamma: float = 1, shift: float = -1, do_clip: bool = False) ->
     return s * scale * jnp.exp(root * x / s)
 
   return _no_params(fn, lambda s: s)
+
+
+def _named(constructor: Callable) -> Callable:
+  """`constructor` whose layer's functions carry its name (`Relu()[2].__name__
+  == 'Relu'`), as NT names them: code that dispatches on a layer's kind reads it."""
+
+  @functools.wraps(constructor)
+  def make(*args, **kwargs):
+    layer = constructor(*args, **kwargs)
+    if isinstance(layer, Layer):
+      for fn in layer:
+        if '<locals>' in getattr(fn, '__qualname__', ''):   # made for this layer only
+          fn.__name__ = constructor.__name__
+    return layer
+
+  return make
+
+
+for _name in __all__:
+  if _name != 'Layer':
+    globals()[_name] = _named(globals()[_name])
+del _name
