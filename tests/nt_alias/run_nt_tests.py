@@ -3,6 +3,7 @@
 Usage:
 
     python tests/nt_alias/run_nt_tests.py NT_CHECKOUT [files...] [-k EXPR] [--markdown]
+        [--timeout SECONDS] [--host-devices N]
 
 `NT_CHECKOUT` is a folder holding NT's `tests/` (for instance
 `git -C NEURAL_TANGENTS_REPO archive v0.6.5 tests | tar -x -C NT_CHECKOUT`).
@@ -18,7 +19,16 @@ package next to this script (infwidth's public API under NT's names; NT's
 private helpers are stand-ins that raise `NotImplementedError`, so that only
 the tests calling them fail) and `infwidth` to the checkout this script lives
 in. NT's tests draw `NT_NUM_GENERATED_CASES` (default 4) cases from each
-parameterised sweep with a fixed seed, so a run is deterministic.
+parameterised sweep with a fixed seed, so a run is deterministic. A file
+running past `--timeout` is stopped and counted from pytest's progress line.
+NT's tests simulate several devices on a CPU by replacing NT's private `pmap`;
+`--host-devices 2` gives infwidth two real XLA host devices instead.
+
+The table in benchmarks/RESULTS.md ("Neural Tangents' test suite against
+infwidth") comes from
+
+    git -C NEURAL_TANGENTS_REPO archive v0.6.5 tests | tar -x -C /tmp/ntsrc
+    python tests/nt_alias/run_nt_tests.py /tmp/ntsrc --timeout 300 --markdown
 
 Prints passed / failed / skipped / errors per file, counting tests (a test
 with failing subtests counts once), then each failing test's first error line
@@ -86,6 +96,9 @@ def main():
   parser.add_argument('-k', default=None, help="pytest's -k expression, for every file")
   parser.add_argument('--markdown', action='store_true')
   parser.add_argument('--timeout', type=int, default=3600, help='seconds per file')
+  parser.add_argument('--host-devices', type=int, default=0,
+                      help='split the CPU into this many XLA devices, where NT\'s tests '
+                      'simulate several devices by replacing its private pmap with vmap')
   args = parser.parse_args()
   files = args.files or PUBLIC_API_FILES
   logs = tempfile.mkdtemp(prefix='nt_tests_logs_')
@@ -95,6 +108,9 @@ def main():
     shutil.copytree(os.path.join(args.checkout, 'tests'), os.path.join(tmp, 'tests'))
     path = [HERE, REPO, tmp] + [p for p in os.environ.get('PYTHONPATH', '').split(os.pathsep) if p]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
+    if args.host_devices:
+      env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') +
+                          f' --xla_force_host_platform_device_count={args.host_devices}')
     print(f'{"file":36s} {"passed":>7s} {"failed":>7s} {"skipped":>8s} {"errors":>7s} {"time":>7s}',
           flush=True)
     for f in files:
