@@ -81,7 +81,7 @@ __all__ = [
     'Sign', 'Erf', 'Gelu', 'Sin', 'Cos', 'Exp', 'Gaussian', 'Rbf', 'Sigmoid_like',
     'Elementwise', 'ElementwiseNumerical', 'Monomial', 'RectifiedMonomial', 'Polynomial',
     'Hermite', 'Gabor', 'ExpNormalized', 'FanInProd', 'DotGeneral', 'Index', 'Slice', 'repeat',
-    'ImageResize',
+    'ImageResize', 'unmask_fn',
 ]
 
 Shape = Tuple[int, ...]
@@ -667,6 +667,21 @@ def Index(idx, batch_axis: int = 0, channel_axis: int = -1) -> Layer:
   return _no_params(fn, shape_fn)
 
 
+def unmask_fn(fn: Callable) -> Callable:
+  """NT's `unmask_fn`: `apply_fn` returning plain arrays. infwidth's layers
+  never return masked arrays (masking is not supported), so this is `fn`,
+  refusing a `mask_constant` other than `None`."""
+
+  @functools.wraps(fn)
+  def apply_fn(params, x, *, mask_constant=None, **kwargs):
+    if mask_constant is not None:
+      raise InfwidthError('infwidth.stax does not support masking (mask_constant); '
+                          'remove masked entries from the inputs instead.')
+    return fn(params, x, **kwargs)
+
+  return apply_fn
+
+
 class _Slice:
   """`Slice[1:10, :, ::-1]` is the index `(slice(1, 10), slice(None), slice(None, None, -1))`."""
 
@@ -971,6 +986,6 @@ def _named(constructor: Callable) -> Callable:
 
 
 for _name in __all__:
-  if _name != 'Layer':
+  if _name not in ('Layer', 'unmask_fn'):
     globals()[_name] = _named(globals()[_name])
 del _name

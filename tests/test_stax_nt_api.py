@@ -351,3 +351,16 @@ def test_an_output_that_is_exactly_zero_has_a_zero_kernel(same_inputs):
   net = stax.serial(conv, stax.Flatten(), stax.Dense(2, 1.5, 0.3))
   np.testing.assert_allclose(net[2](x, None, 'nngp'), np.full((2, 2), 0.09), rtol=1e-12)
   np.testing.assert_allclose(net[2](x, None, 'ntk'), np.full((2, 2), 0.09), rtol=1e-12)
+
+
+def test_unmask_fn_passes_plain_outputs_through():
+  # NT's `unmask_fn(apply_fn)`: outputs as arrays, `mask_constant` accepted.
+  # Nothing is masked here, so it is apply_fn; a mask constant is refused.
+  init_fn, apply_fn, _ = stax.serial(stax.Dense(4), stax.Relu())
+  x = jax.random.normal(jax.random.PRNGKey(0), (3, 2))
+  _, params = init_fn(jax.random.PRNGKey(1), x.shape)
+  f = stax.unmask_fn(apply_fn)
+  np.testing.assert_array_equal(f(params, x), apply_fn(params, x))
+  np.testing.assert_array_equal(f(params, x, mask_constant=None), apply_fn(params, x))
+  with pytest.raises(Exception, match='masking'):
+    f(params, x, mask_constant=10.)
