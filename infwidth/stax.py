@@ -59,6 +59,7 @@ Differences from Neural Tangents:
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 import string
 from typing import Any, Callable, Optional, Sequence, Tuple
@@ -986,6 +987,6 @@ def _named(constructor: Callable) -> Callable:
 
 
 for _name in __all__:
-  if _name not in ('Layer', 'unmask_fn'):
+  if _name not in ('Layer', 'unmask_fn') and inspect.isfunction(globals()[_name]):
     globals()[_name] = _named(globals()[_name])
 del _name
