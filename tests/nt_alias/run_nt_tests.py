@@ -27,8 +27,9 @@ NT's tests simulate several devices on a CPU by replacing NT's private `pmap`;
 The table in benchmarks/RESULTS.md ("Neural Tangents' test suite against
 infwidth") comes from
 
-    git -C NEURAL_TANGENTS_REPO archive v0.6.5 tests | tar -x -C /tmp/ntsrc
-    python tests/nt_alias/run_nt_tests.py /tmp/ntsrc --timeout 300 --markdown
+    git -C NEURAL_TANGENTS_REPO archive v0.6.5 tests | tar -x -C /tmp/ntsrc065
+    NT_NUM_GENERATED_CASES=1 python tests/nt_alias/run_nt_tests.py /tmp/ntsrc065 \
+        --timeout 300 --markdown
 
 Prints passed / failed / skipped / errors per file, counting tests (a test
 with failing subtests counts once), then each failing test's first error line
