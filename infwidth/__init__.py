@@ -3,8 +3,8 @@
 from infwidth import predict, stax
 from infwidth.batching import batch
 from infwidth.empirical import (NtkImplementation, empirical_kernel_fn, empirical_nngp_fn,
-                                empirical_ntk_fn, linearize, monte_carlo_kernel_fn,
-                                taylor_expand)
+                                empirical_ntk_fn, empirical_ntk_vp_fn, linearize,
+                                monte_carlo_kernel_fn, taylor_expand)
 from infwidth.errors import (InfwidthError, InternalError, UnsupportedPrimitiveError,
                              UnsupportedValueError)
 from infwidth.kernel import Kernel
@@ -13,8 +13,8 @@ from infwidth.kernelize import ParamStats, kernelize
 __all__ = [
     'InfwidthError', 'InternalError', 'Kernel', 'NtkImplementation', 'ParamStats',
     'UnsupportedPrimitiveError', 'UnsupportedValueError', 'batch', 'empirical_kernel_fn',
-    'empirical_nngp_fn', 'empirical_ntk_fn', 'kernelize', 'linearize', 'monte_carlo_kernel_fn',
-    'predict', 'stax', 'taylor_expand',
+    'empirical_nngp_fn', 'empirical_ntk_fn', 'empirical_ntk_vp_fn', 'kernelize', 'linearize',
+    'monte_carlo_kernel_fn', 'predict', 'stax', 'taylor_expand',
 ]
 
 

@@ -64,6 +64,7 @@ Differences from Neural Tangents:
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 import string
 from typing import Any, Callable, Optional, Sequence, Tuple
@@ -86,7 +87,7 @@ __all__ = [
     'Sign', 'Erf', 'Gelu', 'Sin', 'Cos', 'Exp', 'Gaussian', 'Rbf', 'Sigmoid_like',
     'Elementwise', 'ElementwiseNumerical', 'Monomial', 'RectifiedMonomial', 'Polynomial',
     'Hermite', 'Gabor', 'ExpNormalized', 'FanInProd', 'DotGeneral', 'Index', 'Slice', 'repeat',
-    'ImageResize', 'Dropout',
+    'ImageResize', 'Dropout', 'unmask_fn',
 ]
 
 Shape = Tuple[int, ...]
@@ -213,12 +214,14 @@ def _kernel_fn(init_fn: Callable, apply_fn: Callable, stats_fn: StatsFn,
     input_shape, dtype = _input_shape(x1)
     if not isinstance(x1, Kernel):
       _, shapes = _param_shapes(init_fn, input_shape)
-      if not jax.tree_util.tree_leaves(shapes):
+      if not any(math.prod(s.shape) for s in jax.tree_util.tree_leaves(shapes)):
         if uses_rng:
           raise InfwidthError('Dropout cannot be applied to the input layer: a network '
                               'without parameters has no wide axis to average its masks '
                               'over.')
-        k = _parameter_free_kernel(apply_fn, shapes, x1, x2, **kwargs)
+        # No parameter (or only empty ones: `repeat(layer, 0)`): NT's kernel of the inputs.
+        empty = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+        k = _parameter_free_kernel(apply_fn, empty, x1, x2, **kwargs)
         return k if get is None else k.get(get) if isinstance(get, str) else k.get(tuple(get))
     try:
       return build(input_shape, jnp.dtype(dtype))(x1, x2, get, **kwargs)
@@ -700,6 +703,21 @@ def Index(idx, batch_axis: int = 0, channel_axis: int = -1) -> Layer:
   return _no_params(fn, shape_fn)
 
 
+def unmask_fn(fn: Callable) -> Callable:
+  """NT's `unmask_fn`: `apply_fn` returning plain arrays. infwidth's layers
+  never return masked arrays (masking is not supported), so this is `fn`,
+  refusing a `mask_constant` other than `None`."""
+
+  @functools.wraps(fn)
+  def apply_fn(params, x, *, mask_constant=None, **kwargs):
+    if mask_constant is not None:
+      raise InfwidthError('infwidth.stax does not support masking (mask_constant); '
+                          'remove masked entries from the inputs instead.')
+    return fn(params, x, **kwargs)
+
+  return apply_fn
+
+
 class _Slice:
   """`Slice[1:10, :, ::-1]` is the index `(slice(1, 10), slice(None), slice(None, None, -1))`."""
 
@@ -1009,3 +1027,25 @@ def ExpNormalized(gamma: float = 1, shift: float = -1, do_clip: bool = False) ->
     return s * scale * jnp.exp(root * x / s)
 
   return _no_params(fn, lambda s: s)
+
+
+def _named(constructor: Callable) -> Callable:
+  """`constructor` whose layer's functions carry its name (`Relu()[2].__name__
+  == 'Relu'`), as NT names them: code that dispatches on a layer's kind reads it."""
+
+  @functools.wraps(constructor)
+  def make(*args, **kwargs):
+    layer = constructor(*args, **kwargs)
+    if isinstance(layer, Layer):
+      for fn in layer:
+        if '<locals>' in getattr(fn, '__qualname__', ''):   # made for this layer only
+          fn.__name__ = constructor.__name__
+    return layer
+
+  return make
+
+
+for _name in __all__:
+  if _name not in ('Layer', 'unmask_fn') and inspect.isfunction(globals()[_name]):
+    globals()[_name] = _named(globals()[_name])
+del _name

@@ -550,3 +550,23 @@ def test_structured_derivatives_of_a_pooled_flax_cnn():
   want = ntk(iw.NtkImplementation.JACOBIAN_CONTRACTION)
   got = ntk(iw.NtkImplementation.STRUCTURED_DERIVATIVES)
   np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize('same_inputs', [True, False])
+def test_ntk_vector_product(same_inputs):
+  # A linear model f(W, x) = x W has the NTK (x1 x2ᵀ) ⊗ I, so Θ·v = x1 x2ᵀ v.
+  k1, k2, k3, k4 = jax.random.split(jax.random.PRNGKey(0), 4)
+  x1 = jax.random.normal(k1, (4, 5))
+  x2 = None if same_inputs else jax.random.normal(k2, (6, 5))
+  xb = x1 if same_inputs else x2
+  w = jax.random.normal(k3, (5, 3))
+  v = jax.random.normal(k4, (xb.shape[0], 3))
+  linear = lambda w, x: x @ w
+  np.testing.assert_allclose(iw.empirical_ntk_vp_fn(linear, x1, x2, w)(v), x1 @ xb.T @ v,
+                             rtol=1e-12)
+  # A ReLU MLP: the product with the NTK that empirical_ntk_fn forms, jitted.
+  init_fn, f, _ = iw.stax.serial(iw.stax.Dense(8), iw.stax.Relu(), iw.stax.Dense(3))
+  _, params = init_fn(k3, x1.shape)
+  ntk = iw.empirical_ntk_fn(f, trace_axes=())(x1, x2, params)   # (N1, N2, 3, 3)
+  got = jax.jit(iw.empirical_ntk_vp_fn(f, x1, x2, params))(v)
+  np.testing.assert_allclose(got, jnp.einsum('ijab,jb->ia', ntk, v), rtol=1e-10, atol=1e-12)

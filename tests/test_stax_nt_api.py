@@ -313,3 +313,54 @@ def test_layer_norm_over_spatial_and_channel_axes(axis):
   _check_mc_nngp(stax.serial(
       stax.Conv(width, (2, 2), W_std=1.3, b_std=0.2), stax.LayerNorm(axis=axis), stax.Relu(),
       stax.GlobalAvgPool(), stax.Dense(64, 0.9, 0.1)), 'img', width, n_draws=128)
+
+
+def test_layer_functions_carry_the_layer_name():
+  # NT names a layer's init_fn, apply_fn and kernel_fn after the layer (NT
+  # 0.6.5's names below); its tests and users' code dispatch on them. NT's
+  # Relu and LeakyRelu are named 'ABRelu' (thin wrappers); here each layer
+  # carries its own name.
+  nt_names = {'Flatten': stax.Flatten(), 'Identity': stax.Identity(), 'Dense': stax.Dense(3),
+              'GlobalAvgPool': stax.GlobalAvgPool(), 'Sin': stax.Sin(), 'Rbf': stax.Rbf(),
+              'serial': stax.serial(stax.Dense(3), stax.Relu()),
+              'repeat': stax.repeat(stax.Dense(3), 2), 'Relu': stax.Relu()}
+  for name, layer in nt_names.items():
+    assert [f.__name__ for f in layer] == [name] * 3
+  # Naming one layer leaves the others (and shared functions) alone.
+  assert stax.Dense(3)[2].__name__ == 'Dense' and stax.Relu()[2].__name__ == 'Relu'
+
+
+@pytest.mark.parametrize('same_inputs', [True, False])
+def test_an_output_that_is_exactly_zero_has_a_zero_kernel(same_inputs):
+  # ABRelu(0, 0) maps everything to 0: NT's kernels are zero (the kernel of
+  # `0 * Identity`), a degenerate Gaussian.
+  x1 = jax.random.normal(jax.random.PRNGKey(1), (3, 2))
+  x2 = None if same_inputs else jax.random.normal(jax.random.PRNGKey(2), (4, 2))
+  n2 = 3 if same_inputs else 4
+  k = stax.serial(stax.Dense(5, 1., 0.), stax.ABRelu(0, 0))[2](x1, x2)
+  np.testing.assert_array_equal(k.nngp, np.zeros((3, n2)))
+  np.testing.assert_array_equal(k.ntk, np.zeros((3, n2)))
+  np.testing.assert_array_equal(k.cov1, np.zeros(3))
+  assert k.cov2 is None if same_inputs else np.all(k.cov2 == 0)
+  assert k.is_gaussian and k.shape1 == (3, 5) and k.shape2 == (n2, 5)
+  # With spatial axes, and followed by a readout (a zero input to a Dense
+  # leaves only its bias: NNGP and NTK b_std²).
+  x = jax.random.normal(jax.random.PRNGKey(3), (2, 4, 4, 3))
+  conv = stax.serial(stax.Conv(3, (2, 2), padding='SAME'), stax.ABRelu(0, 0))
+  assert conv[2](x, None, 'nngp').shape == (2, 2, 4, 4, 4, 4)
+  net = stax.serial(conv, stax.Flatten(), stax.Dense(2, 1.5, 0.3))
+  np.testing.assert_allclose(net[2](x, None, 'nngp'), np.full((2, 2), 0.09), rtol=1e-12)
+  np.testing.assert_allclose(net[2](x, None, 'ntk'), np.full((2, 2), 0.09), rtol=1e-12)
+
+
+def test_unmask_fn_passes_plain_outputs_through():
+  # NT's `unmask_fn(apply_fn)`: outputs as arrays, `mask_constant` accepted.
+  # Nothing is masked here, so it is apply_fn; a mask constant is refused.
+  init_fn, apply_fn, _ = stax.serial(stax.Dense(4), stax.Relu())
+  x = jax.random.normal(jax.random.PRNGKey(0), (3, 2))
+  _, params = init_fn(jax.random.PRNGKey(1), x.shape)
+  f = stax.unmask_fn(apply_fn)
+  np.testing.assert_array_equal(f(params, x), apply_fn(params, x))
+  np.testing.assert_array_equal(f(params, x, mask_constant=None), apply_fn(params, x))
+  with pytest.raises(Exception, match='masking'):
+    f(params, x, mask_constant=10.)

@@ -118,3 +118,28 @@ def test_slices_that_share_entries_are_refused(second):
     return (h @ p['w'][0] + second(h, p['w'])) @ p['o'] / H
   with pytest.raises(iw.UnsupportedPrimitiveError, match='overlapping slices|both whole and'):
     iw.kernelize(net, _stacked_params(), param_stats=_stats())(X, None, 'nngp')
+
+
+@pytest.mark.parametrize('layer', [stax.Dense(6), stax.serial(stax.Dense(6), stax.Relu()),
+                                   stax.serial(stax.Dense(6), stax.Relu(), stax.Dense(6))])
+def test_repeat_zero_times_is_the_identity(layer):
+  # No repetition: empty stacked parameters, the output is the input, and the
+  # kernel is NT's kernel of the inputs, `x x'ᵀ / C` with a zero NTK (what NT's
+  # `repeat(layer, 0)` and `Identity()` return).
+  x2 = X[:3] + 0.5
+  init_fn, apply_fn, kernel_fn = stax.repeat(layer, 0)
+  shape, params = init_fn(jax.random.PRNGKey(1), X.shape)
+  assert shape == X.shape and all(l.shape[0] == 0 for l in jax.tree_util.tree_leaves(params))
+  np.testing.assert_array_equal(apply_fn(params, X), X)
+  k = kernel_fn(X, x2)
+  np.testing.assert_allclose(k.nngp, X @ x2.T / 6, rtol=1e-12)
+  np.testing.assert_allclose(k.cov1, jnp.sum(X**2, 1) / 6, rtol=1e-12)
+  np.testing.assert_allclose(k.cov2, jnp.sum(x2**2, 1) / 6, rtol=1e-12)
+  np.testing.assert_array_equal(k.ntk, 0)
+  k_id = stax.Identity()[2](X, x2, ('nngp', 'ntk', 'cov1'))
+  for got, want in zip(kernel_fn(X, x2, ('nngp', 'ntk', 'cov1')), k_id):
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+  # Followed by a readout, the network is the readout alone.
+  net = stax.serial(stax.repeat(layer, 0), stax.Dense(2, 1.3, 0.2))
+  np.testing.assert_allclose(net[2](X, x2, 'nngp'), stax.Dense(2, 1.3, 0.2)[2](X, x2, 'nngp'),
+                             rtol=1e-12)

@@ -451,3 +451,21 @@ def empirical_kernels(
   """
   return _kernels(apply_fn, x1, x2, get, params, apply_kwargs, trace_axes,
                   diagonal_axes, vmap_axes, implementation, ntk_weights)
+
+
+def empirical_ntk_vp_fn(f: Callable, x1: PyTree, x2: Optional[PyTree], params: PyTree,
+                        **apply_fn_kwargs) -> Callable[[PyTree], PyTree]:
+  """NT's NTK-vector product: a function of cotangents shaped like
+  `f(params, x2)` returning `Θ(x1, x2) · cotangents`, shaped like
+  `f(params, x1)`, without forming the NTK: one vector-Jacobian product at
+  `x2`, then one Jacobian-vector product at `x1` (`x2=None` means `x1`).
+  `apply_fn_kwargs` are split between the two inputs as in `empirical_ntk_fn`."""
+  kw1, kw2 = _utils.split_kwargs(apply_fn_kwargs, x1, x2)
+  x2 = x1 if x2 is None else x2
+
+  def ntk_vp(cotangents: PyTree) -> PyTree:
+    _, vjp = jax.vjp(lambda p: f(p, x2, **kw2), params)
+    tangents, = vjp(cotangents)
+    return jax.jvp(lambda p: f(p, x1, **kw1), (params,), (tangents,))[1]
+
+  return ntk_vp

@@ -276,6 +276,17 @@ def _output_kernel(out, moments: M.Moments, path: str = '') -> Kernel:
   """The `Kernel` of one output of the function (per output channel); `path`
   names the output among several."""
   n1, n2, x1_is_x2, dtype = moments.n1, moments.n2, moments.x1_is_x2, moments.dtype
+  if isinstance(out, A.Det) and _exact_zero(out.value):
+    # An output that is exactly zero for every input (a wide value times 0,
+    # `ABRelu(0, 0)`): a degenerate Gaussian with zero NNGP and NTK, as in NT.
+    sp = tuple(n for n, r in zip(out.shape, out.roles) if r not in ('b', 'c', None))
+    zero = lambda lead: interleave(0.0, lead, sp, dtype)
+    return build_kernel(zero((n1, n2)), zero((n1, n2)), zero((n1,)),
+                        None if x1_is_x2 else zero((n2,)),
+                        shape1=(n1,) + tuple(out.shape[1:]), shape2=(n2,) + tuple(out.shape[1:]),
+                        x1_is_x2=x1_is_x2, spatial_shape=sp,
+                        batch_axis=out.roles.index('b') if 'b' in out.roles else 0,
+                        is_gaussian=True, dtype=dtype)
   if not isinstance(out, A.Wide):
     which = f'output {path} of apply_fn' if path else 'the output of apply_fn'
     fix = (' (return only the outputs that go through the network, or compute this one '
@@ -297,6 +308,10 @@ def _output_kernel(out, moments: M.Moments, path: str = '') -> Kernel:
                       x1_is_x2=x1_is_x2, spatial_shape=sp,
                       batch_axis=out.roles.index('b') if 'b' in out.roles else 0,
                       channel_axis=out.channel_axis, is_gaussian=_is_gaussian(out), dtype=dtype)
+
+
+def _exact_zero(value) -> bool:
+  return not isinstance(value, jax.core.Tracer) and not np.any(np.asarray(value))
 
 
 def _average_hidden(out: A.Wide, moments: M.Moments, st, ntk):
