@@ -143,6 +143,14 @@ def select_matrix(size_in, indices):
 # Rules.
 
 
+def _check_channel_order(ctx, operand, what):
+  """Refuses selecting or reordering the channels of a value with per-channel
+  arrays (their entries would have to follow)."""
+  if isinstance(operand, A.Wide) and A.channel_dependent(operand):
+    raise ctx.unsupported(f'{what} the channel axis of a value with per-channel arrays '
+                          '(e.g. BatchNorm statistics) is not supported yet')
+
+
 def _check_wide(ctx, operand, what):
   if isinstance(operand, A.ParamRef):
     raise ctx.unsupported(f'{what} of a parameter')
@@ -239,6 +247,7 @@ def slice_rule(ctx, operand, *, start_indices, limit_indices, strides=None, **_)
     if (start_indices[ax], limit_indices[ax], strides[ax]) == (0, operand.shape[ax], 1):
       continue
     if r == 'c':
+      _check_channel_order(ctx, operand, 'slicing')
       continue  # a subset of i.i.d. channels: the same kernel per channel
     if r == 'b' or r is None:
       raise ctx.unsupported('slicing the batch axis of a wide value')
@@ -304,6 +313,7 @@ def rev_rule(ctx, operand, *, dimensions, **_):
   for ax in dimensions:
     r = operand.roles[ax]
     if r == 'c':
+      _check_channel_order(ctx, operand, 'reversing')
       continue  # permuting i.i.d. channels changes nothing
     if r == 'b' or r is None:
       raise ctx.unsupported('reversing the batch axis of a wide value')
