@@ -352,12 +352,19 @@ def scale_combo(a: Combo, c, shift=0.0) -> Combo:
 
 
 def split_random(a: Combo) -> Tuple[Optional[Combo], Optional[Combo]]:
-  """Splits `a` into its random part and its deterministic-valued part."""
+  """Splits `a` into its random part and its deterministic-valued part.
+
+  A per-channel mean (`ChannelArray`) stays with the random part: the
+  Gaussian is then non-centred per channel, which the closed forms of the
+  ReLU family handle, where a shift inside the chain would need quadrature.
+  """
   rnd = [(s, c) for s, c in zip(a.sources, a.coefs) if s.random]
   det = [(s, c) for s, c in zip(a.sources, a.coefs) if not s.random]
   mk = lambda sc, mean: Combo(tuple(s for s, _ in sc), tuple(c for _, c in sc), a.spatial, mean)
-  r = mk(rnd, 0.0) if rnd else None
-  d = mk(det, a.mean) if (det or not _is_zero(a.mean)) else None
+  keep = bool(rnd) and isinstance(a.mean, ChannelArray)
+  r = mk(rnd, a.mean if keep else 0.0) if rnd else None
+  mean = 0.0 if keep else a.mean
+  d = mk(det, mean) if (det or not _is_zero(mean)) else None
   return r, d
 
 
