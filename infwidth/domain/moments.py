@@ -22,7 +22,7 @@ from infwidth.domain.values import (ZERO, ChannelArray, ChannelConcat, Combo, Ke
                               batch_diagonal, channel_arrays, term_leaves)
 from infwidth.domain.errors import UnsupportedValueError
 from infwidth.domain import gaussian_engine
-from infwidth.domain.chain import Chain, polynomial_degree
+from infwidth.domain.chain import Chain, derivative, polynomial_degree
 
 
 class Moments:
@@ -516,8 +516,7 @@ class Moments:
         t = self.combo_ntk(pa, pb)
         if _is_zero(t):
           continue
-        e = _constant_folded(gaussian_engine.expect_pair_fn, _input_derivative(ta.chain, i + 1), aa,
-                             _input_derivative(tb.chain, j + 1), ab, ma, mb, va, vb, cov)
+        e = _arg_derivative_moment(ta.chain, i + 1, aa, tb.chain, j + 1, ab, ma, mb, va, vb, cov)
         ntk = _add(ntk, _mul(fac_m, _mul(e, t)))
     if ta.pargs or tb.pargs:
       for i, pa in enumerate(ta.pargs):
@@ -832,6 +831,17 @@ def _product_without(fa, fb, leaf):
     if k not in la:
       m *= q.mean
   return m
+
+
+def _arg_derivative_moment(fa, i, aa, fb, j, ab, ma, mb, va, vb, cov):
+  """`E[∂φ/∂(input i) · ∂ψ/∂(input j)]`: the derivative chains' closed forms
+  where they are recognised, else quadrature of the derivatives by autodiff."""
+  da, db = derivative(fa, i), derivative(fb, j)
+  if da is not None and db is not None:
+    return _constant_folded(gaussian_engine.expect_pair, da, aa, db, ab, ma, mb, va, vb, cov,
+                            ntk=False)[0]
+  return _constant_folded(gaussian_engine.expect_pair_fn, _input_derivative(fa, i), aa,
+                          _input_derivative(fb, j), ab, ma, mb, va, vb, cov)
 
 
 def _input_derivative(chain: Chain, i: int):
