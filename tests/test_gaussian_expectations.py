@@ -476,3 +476,51 @@ def test_arc_cosine_snaps_correlations_within_a_few_ulps_of_one(dtype):
       d = jax.jacfwd(lambda r: jnp.stack(cf.arc_cosine(r)))(x)
       np.testing.assert_array_equal(np.asarray(d), np.asarray(
           jax.jacfwd(lambda r: jnp.stack(cf.arc_cosine(r)))(at)))
+
+
+# ----------------------------------------------------------------------------
+# Chains with deterministic arguments (a normalisation's scale and shift).
+
+
+def _scaled_relu_chain():
+  """`max(u·γ + β, 0)` with γ, β chain arguments, as a LayerNorm or BatchNorm
+  followed by a ReLU gives it."""
+  from jax.extend.core import primitives as P
+  from infwidth.domain.chain import ChainBuilder, U, arg, const
+  b = ChainBuilder(2)
+  inner = b.binary('add', b.binary('mul', U, arg(0)), arg(1))
+  return b.build(b.add(P.max_p, {}, (inner, const(0.0))))
+
+
+def test_derivative_chains_match_autodiff():
+  from infwidth.domain.chain import derivative
+  from infwidth.domain.moments import _input_derivative
+  f = _scaled_relu_chain()
+  rng = np.random.default_rng(0)
+  u, g, b = rng.normal(size=(3, 64))
+  for i in range(3):
+    np.testing.assert_array_equal(derivative(f, i)(u, g, b), _input_derivative(f, i)(u, g, b))
+
+
+def test_number_arguments_reach_the_closed_forms(monkeypatch):
+  """γ = 1, β = 0 as Python numbers: the chain is a ReLU (closed form, no
+  quadrature), also for the derivatives in γ and β."""
+  from infwidth.domain.chain import derivative
+  calls = []
+  monkeypatch.setattr(quad, 'pair_quadrature', lambda *a, **k: calls.append(1))
+  f = _scaled_relu_chain()
+  m1, m2 = jnp.asarray([0.3]), jnp.asarray([-0.2])
+  v1, v2, c = jnp.asarray([1.2]), jnp.asarray([0.8]), jnp.asarray([0.5])
+  relu = chain_from_fn(jax.nn.relu)
+  got, got_d = expect_pair(f, (1.0, 0.0), f, (1.0, 0.0), m1, m2, v1, v2, c)
+  want, want_d = expect_pair(relu, (), relu, (), m1, m2, v1, v2, c)
+  np.testing.assert_allclose(got, want, rtol=1e-12)
+  np.testing.assert_allclose(got_d, want_d, rtol=1e-12)
+  # ∂/∂γ at γ = 1, β = 0 is u·1(u > 0) = relu(u); ∂/∂β is the step.
+  dg, _ = expect_pair(derivative(f, 1), (1.0, 0.0), derivative(f, 1), (1.0, 0.0),
+                      m1, m2, v1, v2, c, ntk=False)
+  db, _ = expect_pair(derivative(f, 2), (1.0, 0.0), derivative(f, 2), (1.0, 0.0),
+                      m1, m2, v1, v2, c, ntk=False)
+  np.testing.assert_allclose(dg, want, rtol=1e-12)
+  np.testing.assert_allclose(db, want_d, rtol=1e-12)
+  assert not calls

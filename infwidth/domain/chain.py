@@ -225,3 +225,72 @@ class ChainBuilder:
                         (('new_dtype', np.dtype('float32')), ('sharding', None), ('weak_type', False)),
                         (out,)))
     return Chain(tuple(nodes), self.n_args)
+
+
+
+def derivative(chain: Chain, i: int):
+  """`∂φ/∂(input i)` of `φ(u, *args)` as a chain of the same arguments
+  (input 0 is `u`, input `k ≥ 1` argument `k − 1`), written node by node
+  (forward mode), so that the closed forms recognise it: the derivative of
+  `max(p·u + q, 0)` in `p` is `select(p·u + q > 0, u, 0)`, a ReLU of `u`.
+  None where a primitive has no rule here (the caller differentiates
+  numerically)."""
+  if chain.is_identity:
+    return None
+  b = ChainBuilder(chain.n_args)
+  b.nodes = list(chain.nodes)   # the primal values keep their indices
+  one = object()                # a tangent equal to 1
+  tangent = {}
+
+  def t_of(r):
+    if r.kind == 'u':
+      return one if i == 0 else None
+    if r.kind == 'arg':
+      return one if r.index + 1 == i else None
+    if r.kind == 'node':
+      return tangent[r.index]
+    return None
+
+  def ref(t):
+    return const(1.0) if t is one else (const(0.0) if t is None else t)
+
+  def times(t, x):
+    return None if t is None else (x if t is one else b.binary('mul', t, x))
+
+  def plus(s, t):
+    if s is None or t is None:
+      return t if s is None else s
+    return b.binary('add', ref(s), ref(t))
+
+  def neg(t):
+    return None if t is None else b.add(_P.neg_p, {}, (ref(t),))
+
+  for k, n in enumerate(chain.nodes):
+    ts = [t_of(r) for r in n.operands]
+    x, p = n.operands, n.prim
+    params = dict(n.params)
+    if all(t is None for t in ts):
+      t = None
+    elif p is _P.add_p:
+      t = plus(*ts)
+    elif p is _P.sub_p:
+      t = plus(ts[0], neg(ts[1]))
+    elif p is _P.neg_p:
+      t = neg(ts[0])
+    elif p is _P.mul_p:
+      t = plus(times(ts[0], x[1]), times(ts[1], x[0]))
+    elif p is _P.div_p and ts[1] is None:
+      t = b.add(_P.div_p, {}, (ref(ts[0]), x[1]))
+    elif p in (_P.max_p, _P.min_p):
+      pred = b.add(_P.gt_p if p is _P.max_p else _P.lt_p, {}, tuple(x))
+      t = b.add(_P.select_n_p, {}, (pred, ref(ts[1]), ref(ts[0])))
+    elif (p in (_P.convert_element_type_p, _P.copy_p)
+          and jnp.issubdtype(params.get('new_dtype') or np.dtype(float), jnp.floating)):
+      t = ts[0]
+    else:
+      return None
+    tangent[k] = t
+  out = tangent[len(chain.nodes) - 1]
+  if out is None or out is one or out.kind != 'node' or out.index != len(b.nodes) - 1:
+    out = b.binary('add', ref(out), const(0.0))
+  return b.build(out)

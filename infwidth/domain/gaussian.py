@@ -27,7 +27,7 @@ import numpy as np
 
 from infwidth.domain import closed_forms as cf
 from infwidth.domain import quadrature as quad
-from infwidth.domain.chain import Chain
+from infwidth.domain.chain import Chain, Node, arg, const
 
 __all__ = ['expect_pair', 'expect_single']
 
@@ -54,6 +54,28 @@ def _cast_form(f: cf.Form, dtype) -> cf.Form:
 def _cast_args(args, dtype) -> Tuple:
   return tuple(jnp.asarray(a).astype(dtype) if jnp.issubdtype(jnp.result_type(a), jnp.floating)
                else jnp.asarray(a) for a in args)
+
+
+def _fold_static_args(chain: Chain, args: tuple):
+  """`chain` with its Python-number arguments (deterministic-valued
+  parameters: a scale of ones, a zero bias) written in as constants, so
+  that closed forms see them statically (`max(u·1 + 0, 0)` is a ReLU), and
+  the remaining arguments."""
+  static = {i: a for i, a in enumerate(args) if isinstance(a, (int, float))}
+  if not static:
+    return chain, args
+  index = {}
+  for i in range(len(args)):
+    if i not in static:
+      index[i] = len(index)
+
+  def ref(r):
+    if r.kind != 'arg':
+      return r
+    return const(float(static[r.index])) if r.index in static else arg(index[r.index])
+
+  nodes = tuple(Node(n.prim, n.params, tuple(ref(r) for r in n.operands)) for n in chain.nodes)
+  return Chain(nodes, len(index)), tuple(a for i, a in enumerate(args) if i not in static)
 
 
 def _mean(m, dtype):
@@ -90,6 +112,8 @@ def expect_pair(f: Chain, f_args: tuple, g: Chain, g_args: tuple,
     dtype = jnp.result_type(float)
   var1, var2, cov = (x.astype(dtype) for x in (var1, var2, cov))
   mean1, mean2 = _mean(mean1, dtype), _mean(mean2, dtype)
+  f, f_args = _fold_static_args(f, f_args)
+  g, g_args = _fold_static_args(g, g_args)
   f_args, g_args = _cast_args(f_args, dtype), _cast_args(g_args, dtype)
   zero1, zero2 = isinstance(mean1, float), isinstance(mean2, float)
   return _expect_pair(f, f_args, g, g_args, None if zero1 else mean1, None if zero2 else mean2,
@@ -142,6 +166,7 @@ def expect_single(f: Chain, f_args: tuple, mean, var, *, degree: Optional[int] =
   dtype = var.dtype if jnp.issubdtype(var.dtype, jnp.floating) else jnp.result_type(float)
   var = var.astype(dtype)
   mean = _mean(mean, dtype)
+  f, f_args = _fold_static_args(f, f_args)
   f_args = _cast_args(f_args, dtype)
   return _expect_single(f, f_args, None if isinstance(mean, float) else mean, var, degree=degree)
 

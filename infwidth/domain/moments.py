@@ -14,15 +14,16 @@ from typing import Any, Dict, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from infwidth.domain.values import (ZERO, ChannelConcat, Combo, KernelSource, LinearSource,
-                              MappedSource, NeedFullSpatial, NoiseSource, PairStats, ParamSource,
-                              Source, Term, Wide,
-                              _add, _is_zero, _mul, align, batch_diagonal, term_leaves)
+from infwidth.domain.values import (ZERO, ChannelArray, ChannelConcat, Combo, KernelSource,
+                              LinearSource, MappedSource, NeedFullSpatial, NoiseSource, PairStats,
+                              ParamSource, Source, Term, Wide, _add, _is_zero, _mul, align,
+                              at_channel, batch_diagonal, channel_arrays, term_leaves)
 from infwidth.domain.errors import UnsupportedValueError
 from infwidth.domain import gaussian_engine
 from infwidth.domain.noise import noise_pair
-from infwidth.domain.chain import Chain, polynomial_degree
+from infwidth.domain.chain import Chain, derivative, polynomial_degree
 
 
 class Moments:
@@ -357,6 +358,8 @@ class Moments:
       for f, part in zip(w.fractions, w.parts):
         out = _add(out, _mul(f, self.wide_first_moment(part, which)))
       return out
+    if channel_arrays(w):
+      return self.channel_average((w,), lambda v: (self.wide_first_moment(v, which),))[0]
     out = 0.0 if w.offset is None else (self.rows(w.offset) if which == 'rows' else self.cols(w.offset))
     for t in w.terms:
       out = _add(out, term_first_moment_aligned(self, t, which, w))
@@ -544,8 +547,7 @@ class Moments:
         t = self.combo_ntk(pa, pb)
         if _is_zero(t):
           continue
-        e = _constant_folded(gaussian_engine.expect_pair_fn, _input_derivative(ta.chain, i + 1), aa,
-                             _input_derivative(tb.chain, j + 1), ab, ma, mb, va, vb, cov)
+        e = _arg_derivative_moment(ta.chain, i + 1, aa, tb.chain, j + 1, ab, ma, mb, va, vb, cov)
         ntk = _add(ntk, _mul(fac_m, _mul(e, t)))
     if ta.pargs or tb.pargs:
       for i, pa in enumerate(ta.pargs):
@@ -583,6 +585,15 @@ class Moments:
     return self._cache[key]
 
   def _compute_wide(self, a: Wide, b: Wide):
+    if channel_arrays(a) or channel_arrays(b):
+      def one_channel(va, vb):
+        self._compute_wide(va, vb)
+        st = self._cache[('wide', id(va), id(vb))]
+        return st.cross, st.diag1, st.diag2, self._cache[('widentk', id(va), id(vb))]
+      cross, d1, d2, ntk = self.channel_average((a, b), one_channel)
+      self._cache[('wide', id(a), id(b))] = PairStats(cross, d1, d2)
+      self._cache[('widentk', id(a), id(b))] = ntk
+      return
     sa, sb = a.spatial, b.spatial
     ka, kb = len(sa), len(sb)
     stats, ntk = ZERO, 0.0
@@ -623,6 +634,145 @@ class Moments:
       stats = stats + PairStats(extra_cross, d[0], d[1])
     self._cache[('wide', id(a), id(b))] = stats
     self._cache[('widentk', id(a), id(b))] = ntk
+
+  # -- per-channel arrays ----------------------------------------------------
+
+  def channel_average(self, values, fn):
+    """`E_c[fn(*values at channel c)]`: the average over the channels of a
+    moment of wide values holding per-channel arrays (`ChannelArray`), all
+    read at one channel `c` (docs/semantics.md, "Deterministic arrays along a
+    wide axis").
+
+    The channels are grouped by their distinct rows `(a_c, b_c, …)` of the
+    arrays' joint table, and `fn` is vmapped over the groups and weighted by
+    their counts: cost × number of distinct rows. Where every value is linear
+    in the arrays (identity chains: `h·a + b`), the moments are polynomials
+    of degree at most two in them and `2r` points with the table's mean and
+    covariance (rank r) give the exact average.
+
+    Args:
+      values: wide values (no `ChannelConcat`).
+      fn: fn(*values) -> a tuple of floats and arrays (moments at one channel).
+    Returns:
+      the tuple of averages; floats where `fn` gives floats (they do not
+      depend on the channel).
+    """
+    arrays = {}
+    for v in values:
+      for arr in channel_arrays(v):
+        arrays.setdefault(id(arr), arr)
+    arrays = list(arrays.values())
+    _check_channel_use(values)
+    linear = all(t.chain.is_identity and not t.cofactors and not t.gargs
+                 for v in values for t in v.terms)
+    rows, weights = channel_rows(arrays, linear)
+    rows = jnp.asarray(rows, self.dtype)
+    floats = {}
+
+    def one(row):
+      entries = {id(arr): row[k] for k, arr in enumerate(arrays)}
+      at = {}
+      for v in values:
+        if id(v) not in at:
+          at[id(v)] = at_channel(v, entries)
+      saved = self._cache
+      self._cache = _Overlay(saved)
+      try:
+        out = fn(*(at[id(v)] for v in values))
+      finally:
+        overlay, self._cache = self._cache, saved
+        # Moments of sources do not depend on the channel (a contraction or
+        # a spatial map has averaged below them): keep them.
+        for key, val in overlay.own.items():
+          if key[0] in ('src', 'srcntk', 'inmom'):
+            saved[key] = val
+      for k, x in enumerate(out):
+        if isinstance(x, float):
+          floats[k] = x
+      return tuple(jnp.zeros((), self.dtype) if isinstance(x, float) else x for x in out)
+
+    total = None
+    for start in range(0, len(weights), CHANNEL_CHUNK):
+      w = jnp.asarray(weights[start:start + CHANNEL_CHUNK], self.dtype)
+      outs = jax.vmap(one)(rows[start:start + CHANNEL_CHUNK])
+      part = tuple(jnp.tensordot(w, o, axes=1) for o in outs)
+      total = part if total is None else tuple(t + p for t, p in zip(total, part))
+    return tuple(floats.get(k, x) for k, x in enumerate(total))
+
+
+#: Rows of a channel table evaluated together (vmapped); more are taken in
+#: chunks of this size, so memory stays that of `CHANNEL_CHUNK` channels.
+CHANNEL_CHUNK = 32
+
+
+class _Overlay(dict):
+  """A memo that reads through to `base` and keeps its own writes: moments
+  at one channel must not outlive the average over channels."""
+
+  def __init__(self, base):
+    super().__init__()
+    self.base = base
+
+  @property
+  def own(self):
+    return dict(self.items())
+
+  def __contains__(self, key):
+    return dict.__contains__(self, key) or key in self.base
+
+  def __getitem__(self, key):
+    return dict.__getitem__(self, key) if dict.__contains__(self, key) else self.base[key]
+
+
+def channel_rows(arrays, linear: bool):
+  """`(rows, weights)`: points `(R, k)` and weights `(R,)` whose weighted
+  average of any function of the `k` arrays' entries is the average over
+  the channels — the distinct rows of the joint table with their
+  frequencies, or, for `linear` moments (polynomials of degree ≤ 2 in the
+  entries), the fewer `2r` symmetric points `μ ± √r·√λ_j·v_j` of the
+  table's mean μ and covariance `Σ_j λ_j v_j v_jᵀ` (rank r)."""
+  n = arrays[0].n
+  if any(arr.n != n for arr in arrays):
+    raise UnsupportedValueError('per-channel arrays of different lengths meet on one channel '
+                                f'axis: {sorted({arr.n for arr in arrays})}')
+  if not all(arr.concrete for arr in arrays):
+    table = jnp.stack([jnp.asarray(arr.values) for arr in arrays], 1)
+    return table, np.full(n, 1.0 / n)
+  table = np.stack([np.asarray(arr.values, np.float64) for arr in arrays], 1)
+  rows, counts = np.unique(table, axis=0, return_counts=True)
+  if linear:
+    mu = table.mean(0)
+    lam, vec = np.linalg.eigh(np.atleast_2d(np.cov(table, rowvar=False, bias=True)))
+    keep = lam > 1e-12 * max(lam.max(), 1e-300)
+    r = int(keep.sum())
+    if 2 * r < len(rows):
+      if r == 0:
+        return mu[None], np.ones(1)
+      steps = (np.sqrt(r * lam[keep]) * vec[:, keep]).T           # (r, k)
+      return np.concatenate([mu + steps, mu - steps]), np.full(2 * r, 0.5 / r)
+  return rows, counts / n
+
+
+def _check_channel_use(values):
+  """Refuses uses of per-channel arrays whose channel average is not exact
+  here (what is supported is in docs/semantics.md)."""
+  for v in values:
+    for t in v.terms:
+      holds = bool(channel_arrays(Wide(v.shape, v.roles, (t,))))
+      if holds and (t.cofactors or t.gargs):
+        raise UnsupportedValueError(
+            'a per-channel array with distinct entries (e.g. trained BatchNorm statistics) '
+            'inside a function of several Gaussian values (a product of independent values, '
+            'a polynomial of correlated ones) is not supported yet; per-channel arrays in '
+            'functions of one Gaussian are.')
+      mapped = [s for part in t.parts for c in (part.combo,) + tuple(part.gargs) + tuple(part.pargs)
+                for s in c.sources if isinstance(s, MappedSource) and s.per_channel]
+      if mapped and any(channel_arrays(u) for u in values):
+        raise UnsupportedValueError(
+            'a spatial map (pooling, a sum over positions) of a value with per-channel arrays '
+            'meets further per-channel arrays of the same channels; their joint average '
+            'over channels is not supported yet.')
+
 
 def trace_spatial(block, lead, sa, sb, traced, diag=False):
   """Sums a `(*lead, *sa, *sb)` block over equal positions of the `traced` roles
@@ -729,6 +879,17 @@ def _exact_degree(fa: Chain, na: int, fb: Optional[Chain] = None, nb: int = 0):
     return None
   degree = (pa + pb) // 2 + 1
   return degree if degree ** (na + nb) <= _MAX_GRID else None
+
+
+def _arg_derivative_moment(fa, i, aa, fb, j, ab, ma, mb, va, vb, cov):
+  """`E[∂φ/∂(input i) · ∂ψ/∂(input j)]`: the derivative chains' closed forms
+  where they are recognised, else quadrature of the derivatives by autodiff."""
+  da, db = derivative(fa, i), derivative(fb, j)
+  if da is not None and db is not None:
+    return _constant_folded(gaussian_engine.expect_pair, da, aa, db, ab, ma, mb, va, vb, cov,
+                            ntk=False)[0]
+  return _constant_folded(gaussian_engine.expect_pair_fn, _input_derivative(fa, i), aa,
+                          _input_derivative(fb, j), ab, ma, mb, va, vb, cov)
 
 
 def _input_derivative(chain: Chain, i: int):

@@ -60,6 +60,63 @@ class Det:
     return tuple(jnp.shape(self.value))
 
 
+class ChannelArray:
+  """A deterministic array that varies along the channel (wide) axis and
+  nowhere else: `values[c]` is channel `c`'s entry (BatchNorm's running
+  statistics, a fixed per-channel shift or scale).
+
+  It stands where a canonical-layout array may (a combination's coefficient
+  or mean, a chain argument, an offset) and broadcasts there like a scalar.
+  In the limit the channel table is extended i.i.d. from its empirical
+  distribution, all arrays of one channel space jointly (channel `c` reads
+  entry `c` of each): the moment engine averages per-channel moments over
+  the channels (docs/semantics.md, "Deterministic arrays along a wide axis").
+  Arithmetic with floats, size-one arrays and other channel arrays of the
+  same length gives channel arrays.
+
+  values: `(n,)`, concrete (NumPy) or traced.
+  """
+  __array_ufunc__ = None  # NumPy defers to the reflected operators below
+
+  def __init__(self, values):
+    self.values = values
+
+  @property
+  def n(self) -> int:
+    return int(self.values.shape[0])
+
+  @property
+  def concrete(self) -> bool:
+    return not _is_traced(self.values)
+
+  def _op(self, other, f):
+    if isinstance(other, ChannelArray):
+      if other.n != self.n:
+        raise UnsupportedValueError(
+            f'per-channel arrays of {self.n} and {other.n} channels meet on one channel '
+            'axis')
+      return ChannelArray(f(self.values, other.values))
+    if isinstance(other, (int, float)):
+      return ChannelArray(f(self.values, other))
+    if np.size(other) == 1:
+      return ChannelArray(f(self.values, jnp.reshape(other, ()) if _is_traced(other)
+                            else np.asarray(other).reshape(())))
+    raise UnsupportedValueError(
+        'a per-channel array with distinct entries is combined with an array that varies '
+        'with the input or the position (e.g. a LayerNorm statistic); only per-channel '
+        'arrays that meet the channel axis alone are supported.')
+
+  def __mul__(self, o): return self._op(o, lambda a, b: a * b)
+  def __rmul__(self, o): return self._op(o, lambda a, b: b * a)
+  def __add__(self, o): return self._op(o, lambda a, b: a + b)
+  def __radd__(self, o): return self._op(o, lambda a, b: b + a)
+  def __sub__(self, o): return self._op(o, lambda a, b: a - b)
+  def __rsub__(self, o): return self._op(o, lambda a, b: b - a)
+  def __truediv__(self, o): return self._op(o, lambda a, b: a / b)
+  def __rtruediv__(self, o): return self._op(o, lambda a, b: b / a)
+  def __neg__(self): return ChannelArray(-self.values)
+
+
 # ----------------------------------------------------------------------------
 # Parameters.
 
@@ -173,6 +230,9 @@ class MappedSource(Source):
     self.random = True
     self.gaussian = (all(t.is_gaussian for t in base.terms) and base.offset is None
                      and not has_noise(base))
+    # A map of values with per-channel arrays mixes positions of one channel
+    # at a time: its moments are averages over channels, not one Gaussian's.
+    self.per_channel = channel_dependent(base)
     self.ops = {}
 
   @property
@@ -340,12 +400,19 @@ def scale_combo(a: Combo, c, shift=0.0) -> Combo:
 
 
 def split_random(a: Combo) -> Tuple[Optional[Combo], Optional[Combo]]:
-  """Splits `a` into its random part and its deterministic-valued part."""
+  """Splits `a` into its random part and its deterministic-valued part.
+
+  A per-channel mean (`ChannelArray`) stays with the random part: the
+  Gaussian is then non-centred per channel, which the closed forms of the
+  ReLU family handle, where a shift inside the chain would need quadrature.
+  """
   rnd = [(s, c) for s, c in zip(a.sources, a.coefs) if s.random]
   det = [(s, c) for s, c in zip(a.sources, a.coefs) if not s.random]
   mk = lambda sc, mean: Combo(tuple(s for s, _ in sc), tuple(c for _, c in sc), a.spatial, mean)
-  r = mk(rnd, 0.0) if rnd else None
-  d = mk(det, a.mean) if (det or not _is_zero(a.mean)) else None
+  keep = bool(rnd) and isinstance(a.mean, ChannelArray)
+  r = mk(rnd, a.mean if keep else 0.0) if rnd else None
+  mean = 0.0 if keep else a.mean
+  d = mk(det, mean) if (det or not _is_zero(mean)) else None
   return r, d
 
 
@@ -508,6 +575,70 @@ class ChannelConcat(Wide):
   @property
   def fractions(self) -> Tuple[float, ...]:
     return tuple(p.width / self.width for p in self.parts)
+
+
+# ----------------------------------------------------------------------------
+# Per-channel arrays inside wide values.
+
+
+def _term_slots(t: Term):
+  """Every coefficient, mean and argument of a term (its cofactors included):
+  the places a `ChannelArray` may stand."""
+  for c in (t.combo,) + tuple(t.pargs) + tuple(t.gargs):
+    for k in c.coefs + (c.mean,):
+      yield k
+  yield from t.dargs
+  for f in t.cofactors:
+    yield from _term_slots(f)
+
+
+def channel_arrays(w: Wide) -> Tuple[ChannelArray, ...]:
+  """The distinct `ChannelArray`s of a wide value (not those below its
+  sources: a contraction over the channel axis has averaged them)."""
+  if isinstance(w, ChannelConcat):
+    return tuple(a for p in w.parts for a in channel_arrays(p))
+  found = {}
+  for t in w.terms:
+    for k in _term_slots(t):
+      if isinstance(k, ChannelArray):
+        found.setdefault(id(k), k)
+  if isinstance(w.offset, ChannelArray):
+    found.setdefault(id(w.offset), w.offset)
+  return tuple(found.values())
+
+
+def channel_dependent(w: Wide) -> bool:
+  """Whether a wide value's channels are not identically distributed: it
+  holds per-channel arrays, or is a spatial map of such a value."""
+  if channel_arrays(w):
+    return True
+  parts = w.parts if isinstance(w, ChannelConcat) else (w,)
+  return any(isinstance(s, MappedSource) and s.per_channel
+             for p in parts for t in p.terms for part in t.parts
+             for c in (part.combo,) + tuple(part.gargs) + tuple(part.pargs) for s in c.sources)
+
+
+def at_channel(w: Wide, entries) -> Wide:
+  """`w` with every `ChannelArray` `a` replaced by `entries[id(a)]` (a scalar,
+  placed in the canonical layout of where it stands): one channel's value."""
+
+  def put(k, rank):
+    if not isinstance(k, ChannelArray):
+      return k
+    return jnp.reshape(entries[id(k)], (1,) * rank)
+
+  def combo(c):
+    rank = 1 + len(c.spatial)
+    return Combo(c.sources, tuple(put(k, rank) for k in c.coefs), c.spatial, put(c.mean, rank))
+
+  def term(t):
+    rank = 1 + len(t.combo.spatial)
+    return Term(t.chain, combo(t.combo), tuple(combo(p) for p in t.pargs),
+                tuple(put(d, rank) for d in t.dargs), t.factors,
+                tuple(term(f) for f in t.cofactors), tuple(combo(g) for g in t.gargs))
+
+  return Wide(w.shape, w.roles, tuple(term(t) for t in w.terms),
+              put(w.offset, 1 + len(w.spatial)), w.hidden)
 
 
 # ----------------------------------------------------------------------------

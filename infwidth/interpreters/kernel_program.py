@@ -295,6 +295,13 @@ def _output_kernel(out, moments: M.Moments, path: str = '') -> Kernel:
         f'{which} does not depend on any parameter through a linear '
         'map with a channel axis, so it has no infinite-width limit (no wide axis found)'
         + fix)
+  if A.channel_dependent(out):
+    which = f'output {path} of apply_fn' if path else 'the output of apply_fn'
+    raise UnsupportedValueError(
+        f'{which} holds per-channel arrays with distinct entries along its output axis '
+        '(e.g. a BatchNorm after the readout): its output channels are not identically '
+        'distributed, so there is no kernel per output channel; apply a linear readout '
+        'after them.')
   st = moments.wide_pair(out, out)
   ntk = moments.wide_ntk(out, out)
   if out.hidden:  # a flattened output: per-channel moments averaged over its channels

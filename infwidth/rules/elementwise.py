@@ -38,19 +38,30 @@ def _float(v: Det):
 
 def _static(c):
   """A canonical-layout operand as a Python float when it is a concrete scalar."""
+  if isinstance(c, A.ChannelArray):
+    return c
   if np.size(c) == 1 and _concrete(c):
     return float(np.asarray(c).reshape(()))
   return c
 
 
-def _is_single_param(w: A.Wide) -> bool:
-  """w is exactly one parameter source used as is (a per-channel scale)."""
+def _single_param(w: A.Wide):
+  """`(source, c)` where w is `c·p` for one parameter source `p` used as is
+  (a per-channel scale) and `c` is 1.0 or a per-channel array (BatchNorm's
+  `scale·rsqrt(var + ε)`); else None."""
   if w.offset is not None or len(w.terms) != 1:
-    return False
+    return None
   t = w.terms[0]
-  return (t.is_gaussian and len(t.combo.sources) == 1 and isinstance(t.combo.sources[0], A.ParamSource)
-          and isinstance(t.combo.coefs[0], float) and t.combo.coefs[0] == 1.0
-          and isinstance(t.combo.mean, float))
+  if not (t.is_gaussian and len(t.combo.sources) == 1
+          and isinstance(t.combo.sources[0], A.ParamSource)):
+    return None
+  src, c, mean = t.combo.sources[0], t.combo.coefs[0], t.combo.mean
+  if isinstance(c, float) and c == 1.0 and isinstance(mean, float):
+    return src, 1.0
+  if isinstance(c, A.ChannelArray) and isinstance(src.mean, float) and (
+      (mean is c and src.mean == 1.0) or (A._is_zero(mean) and src.mean == 0.0)):
+    return src, c
+  return None
 
 
 def elementwise_rule(ctx, *invals, **params):
@@ -123,8 +134,8 @@ def _elementwise(ctx, shape, invals, params):
       vals.append(relayout(v, roles, shape))
     else:
       vals.append(v)
-  dets = [det_to_canonical(v, roles, f'an operand of `{prim}`') if isinstance(v, Det) else None
-          for v in vals]
+  dets = [det_to_canonical(v, roles, f'an operand of `{prim}`', shape) if isinstance(v, Det)
+          else None for v in vals]
   out = _linear(prim, vals, dets, shape, roles)
   if out is not None:
     return out
@@ -166,7 +177,7 @@ def _select_by_indicator(vals, dets, roles, shape, dtype):
     """A case as a wide value; None for a constant zero."""
     if isinstance(v, A.Wide):
       return v
-    if _concrete(d) and not np.any(np.asarray(d) != 0):
+    if not isinstance(d, A.ChannelArray) and _concrete(d) and not np.any(np.asarray(d) != 0):
       return None
     return add_offset(A.Wide(shape, roles, ()), d)
 
@@ -196,15 +207,17 @@ def _linear(prim, vals, dets, shape, roles):
     a, b = vals
     if isinstance(a, A.Wide) and isinstance(b, A.Wide):
       for w, p in ((a, b), (b, a)):
-        if _is_single_param(p):
-          src = p.terms[0].combo.sources[0]
-          terms = tuple(dataclasses.replace(t, factors=t.factors + (src,)) for t in w.terms)
+        single = _single_param(p)
+        if single is not None:
           if w.offset is not None:
             return None
+          src, c = single
+          w = w if isinstance(c, float) else map_terms_scale(w, c)
+          terms = tuple(dataclasses.replace(t, factors=t.factors + (src,)) for t in w.terms)
           return A.Wide(w.shape, w.roles, terms, None, w.hidden)
       return None
     d = dets[1] if isinstance(a, A.Wide) else dets[0]
-    if _concrete(d) and not np.any(np.asarray(d)):
+    if not isinstance(d, A.ChannelArray) and _concrete(d) and not np.any(np.asarray(d)):
       # Times an exact zero (a loop's zero initial state): zero for every
       # input, with no random part left.
       zero = np.zeros((1,) * len(shape), np.asarray(d).dtype)
@@ -238,7 +251,7 @@ def _extend_chain(prim, params, vals, dets, roles, shape, several=False):
   for v, d in zip(vals, dets):
     if isinstance(v, A.Wide):
       r, combo = collapse(v, b, pargs, dargs, combo, gargs)
-    elif np.size(d) == 1 and _concrete(d):
+    elif not isinstance(d, A.ChannelArray) and np.size(d) == 1 and _concrete(d):
       r = const(np.asarray(d).reshape(()))
     else:
       r = b.new_arg()

@@ -144,6 +144,14 @@ def select_matrix(size_in, indices):
 # Rules.
 
 
+def _check_channel_order(ctx, operand, what):
+  """Refuses selecting or reordering the channels of a value with per-channel
+  arrays (their entries would have to follow)."""
+  if isinstance(operand, A.Wide) and A.channel_dependent(operand):
+    raise ctx.unsupported(f'{what} the channel axis of a value with per-channel arrays '
+                          '(e.g. BatchNorm statistics) is not supported yet')
+
+
 def _check_wide(ctx, operand, what):
   if isinstance(operand, A.ParamRef):
     raise ctx.unsupported(f'{what} of a parameter')
@@ -244,6 +252,7 @@ def _slice(ctx, operand, start_indices, limit_indices, strides, out_shape):
     if (start_indices[ax], limit_indices[ax], strides[ax]) == (0, operand.shape[ax], 1):
       continue
     if r == 'c':
+      _check_channel_order(ctx, operand, 'slicing')
       # Other channels: other entries of the same parameters (channel_slices).
       operand = slice_channels(ctx, operand, ax,
                                tuple(range(start_indices[ax], limit_indices[ax], strides[ax])))
@@ -346,6 +355,7 @@ def rev_rule(ctx, operand, *, dimensions, **_):
   for ax in dimensions:
     r = operand.roles[ax]
     if r == 'c':
+      _check_channel_order(ctx, operand, 'reversing')
       continue  # permuting i.i.d. channels changes nothing
     if r == 'b' or r is None:
       raise ctx.unsupported('reversing the batch axis of a wide value')

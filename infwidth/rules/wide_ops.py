@@ -5,6 +5,8 @@ collapsing a wide value into one elementwise chain of one Gaussian."""
 from __future__ import annotations
 
 import dataclasses
+import math
+import warnings
 from typing import Any, Optional, Sequence, Tuple
 
 import jax
@@ -15,6 +17,7 @@ from infwidth.domain import values as A
 from infwidth.domain.values import Det
 from infwidth.domain.errors import InternalError, UnsupportedValueError
 from infwidth.domain.chain import Chain, ChainBuilder, U, const
+from infwidth.domain.params import SAMPLING_ERROR_WARN
 
 
 def merge_roles(shape, *operands) -> Tuple[Any, ...]:
@@ -34,8 +37,11 @@ def merge_roles(shape, *operands) -> Tuple[Any, ...]:
   return tuple(out)
 
 
-def det_to_canonical(d: Det, roles: Sequence[Any], what: str = 'a deterministic operand'):
-  """Puts a `Det` aligned with a wide value of `roles` into canonical `(B|1, *S|1)` layout."""
+def det_to_canonical(d: Det, roles: Sequence[Any], what: str = 'a deterministic operand',
+                     shape: Optional[Sequence[int]] = None):
+  """Puts a `Det` aligned with a wide value of `roles` (and `shape`) into
+  canonical `(B|1, *S|1)` layout; a `ChannelArray` where it varies along the
+  channel axis alone (a per-channel array with distinct entries)."""
   # Concrete values stay NumPy so that constants stay static under jit.
   value = d.value if d.compact is None else d.compact
   xp = jnp if isinstance(value, jax.core.Tracer) else np
@@ -45,6 +51,7 @@ def det_to_canonical(d: Det, roles: Sequence[Any], what: str = 'a deterministic 
     return v.reshape((1,) * (1 + n_spatial))
   if v.ndim != len(roles):
     raise InternalError(f'{what} of rank {v.ndim} against a value of rank {len(roles)}')
+  per_channel = False
   for i, r in enumerate(roles):
     if v.shape[i] == 1:
       continue
@@ -54,14 +61,13 @@ def det_to_canonical(d: Det, roles: Sequence[Any], what: str = 'a deterministic 
       first = None if xp is jnp else np.take(v, [0], axis=i)
       if first is not None and np.all(v == first):
         v = first
-        continue
-      raise UnsupportedValueError(
-          f'{what} varies along the channel (wide) axis: a fixed per-channel array with '
-          'distinct entries (e.g. trained BatchNorm statistics) has a limit (its entries '
-          'extended i.i.d. from their empirical distribution) that is not supported yet; '
-          'arrays whose entries are all equal are, and so are parameters.')
+      else:
+        per_channel = True
+      continue
     if d.roles[i] != r and d.roles[i] is not None:
       raise InternalError(f'axis {i} of {what} has role {d.roles[i]}, expected {r}')
+  if per_channel:
+    return _channel_array(v, roles, what, shape)
   spatial = [i for i, r in enumerate(roles) if r not in ('b', 'c', None)]
   b = [i for i, r in enumerate(roles) if r == 'b']
   perm = b + spatial + [i for i in range(len(roles)) if i not in b + spatial]
@@ -71,6 +77,46 @@ def det_to_canonical(d: Det, roles: Sequence[Any], what: str = 'a deterministic 
   if not b:
     v = v[None]
   return v
+
+
+def _channel_array(v, roles, what, shape) -> A.ChannelArray:
+  """A per-channel array with distinct entries (`v` varies along a channel
+  axis of a wide value of `roles`): its entries, one per channel, flattened
+  over the channel axes in order. It must not vary along any other axis."""
+  concrete = not isinstance(v, jax.core.Tracer)
+  for i, r in enumerate(roles):
+    if r == 'c' or v.shape[i] == 1:
+      continue
+    first = np.take(v, [0], axis=i) if concrete else None
+    if first is None or not np.all(v == first):
+      raise UnsupportedValueError(
+          f'{what} varies along the channel (wide) axis and along the '
+          f'{"batch" if r == "b" else "spatial" if r is not None else "size-one"} axis {i}: '
+          'a deterministic array that depends on the input and the channel has no '
+          'infinite-width limit here; per-channel arrays (the same for every input and '
+          'position, e.g. BatchNorm statistics) are supported.')
+    v = first
+  channels = [i for i, r in enumerate(roles) if r == 'c']
+  full = tuple(shape[i] if shape is not None else v.shape[i] for i in channels)
+  v = v.reshape(tuple(v.shape[i] for i in channels))
+  values = (np.broadcast_to(v, full) if concrete else jnp.broadcast_to(v, full)).reshape(-1)
+  if concrete:
+    values = np.asarray(values)
+    warn_channel_sample(values.shape[0])
+  return A.ChannelArray(values)
+
+
+def warn_channel_sample(n: int) -> None:
+  """The small-sample warning of estimated parameter moments (DESIGN §3),
+  for a per-channel array: its `n` entries stand for the channel
+  distribution of the wider network, a sample with relative error about
+  `√(2/n)` (as a Gaussian leaf's variance estimated from `n` entries)."""
+  err = math.sqrt(2.0 / max(n, 1))
+  if err > SAMPLING_ERROR_WARN:
+    warnings.warn(
+        f'per-channel array of {n} channels (e.g. BatchNorm statistics): its entries are '
+        'taken as a sample of the channel distribution of the infinite-width network, a '
+        f'sample error of about ±{100 * err:.1f}% on averages over channels.', stacklevel=2)
 
 
 def canonical_to_value(arr, roles: Sequence[Any], shape: Sequence[int]):
@@ -120,7 +166,7 @@ def relayout(w: A.Wide, roles: Tuple[Any, ...], shape: Tuple[int, ...], hidden=N
   dst = tuple(r for r in roles if r not in ('b', 'c', None)) + tuple(r for r, _ in hidden)
 
   def fix(arr):
-    if isinstance(arr, float):
+    if isinstance(arr, (float, A.ChannelArray)):  # a channel array broadcasts as a scalar
       return arr
     return A.align(arr, src, dst)
 
@@ -179,6 +225,16 @@ def add_wides(a: A.Wide, b: A.Wide, sign: float = 1.0) -> A.Wide:
 
 
 def add_offset(w: A.Wide, c) -> A.Wide:
+  """`w + c` for a deterministic `c`. A per-channel array joins the mean of a
+  Gaussian term where there is one, so that a nonlinearity after it sees a
+  non-centred Gaussian (closed forms for the ReLU family) rather than a
+  shifted chain."""
+  if isinstance(c, A.ChannelArray):
+    for k, t in enumerate(w.terms):
+      if t.is_gaussian:
+        terms = list(w.terms)
+        terms[k] = dataclasses.replace(t, combo=A.scale_combo(t.combo, 1.0, c))
+        return A.Wide(w.shape, w.roles, tuple(terms), w.offset, w.hidden)
   off = c if w.offset is None else w.offset + c
   return A.Wide(w.shape, w.roles, w.terms, off, w.hidden)
 
@@ -310,6 +366,12 @@ def _collapse(w, b, pargs, dargs, combo, split: bool, gargs):
           'a nonlinearity of a value multiplied by a random mask (dropout) in a form the '
           'mixture over the mask does not cover; use fallback="monte_carlo"')
     rnd, det = A.split_random(t.combo) if split else (t.combo, None)
+    if any(isinstance(src, A.MappedSource) and src.per_channel for src in t.combo.sources):
+      raise NotGaussian(
+          'a nonlinearity of a pooled (or summed over positions) value with per-channel '
+          'arrays (e.g. BatchNorm statistics): each channel has its own Gaussian, which '
+          'the map mixes over positions; this is not supported yet (pool after the '
+          'nonlinearity, or before the per-channel arrays)')
     if any(isinstance(src, A.MappedSource) and not src.gaussian for src in t.combo.sources):
       raise NotGaussian(
           'a nonlinearity of a pooled (or summed) non-Gaussian value: its distribution is '
