@@ -42,7 +42,7 @@ def _with_readout(net, params):
   return (lambda p, x: _readout(p, net(p, x))), params
 
 
-_CONST_Z, _CONST_O = jnp.linspace(-1, 1, W), jnp.linspace(0.5, 2.0, W)
+_CONST_Z = jnp.linspace(-1, 1, W)
 
 
 def sort_net(p, x):
@@ -58,12 +58,13 @@ def cumsum_net(p, x):
   return jnp.cumsum((x @ p['w0'])[..., None], axis=-1)[..., 0]
 
 
-def tanh_of_product_net(p, x):
-  return jnp.tanh((x @ p['w0']) * (x @ p['w1']))
+def scale_in_nonlinearity_net(p, x):
+  """A random per-channel scale inside a nonlinearity beside another Gaussian."""
+  return jnp.tanh((x @ p['w0']) * p['w1'][0] + x @ p['w1'])
 
-
-def per_channel_constant_net(p, x):
-  return (jax.nn.relu(x @ p['w0']) - _CONST_Z) * _CONST_O
+def per_channel_constant_in_several_net(p, x):
+  """A per-channel array with distinct entries inside a function of two Gaussians."""
+  return jnp.maximum(x @ p['w0'] - _CONST_Z, x @ p['w1'])
 
 
 def channel_sum_net(p, x):
@@ -71,10 +72,11 @@ def channel_sum_net(p, x):
   return h * jnp.sum(h, axis=-1, keepdims=True)
 
 
-def gated_scan_net(p, x):
-  """A recurrence through a nonlinearity of a product (an LSTM's tanh(c))."""
+def gru_scan_net(p, x):
+  """A GRU-like update: the gate multiplies both the new and the previous state."""
   def step(h, _):
-    return jnp.tanh((h @ p['w1']) * (x @ p['w0'])), None
+    z = jax.nn.sigmoid(x @ p['w0'])
+    return (1 - z) * jnp.tanh(h @ p['w1']) + z * h, None
   h, _ = jax.lax.scan(step, jnp.tanh(x @ p['w0']), None, length=3)
   return h
 
@@ -83,10 +85,11 @@ CASES = {
     'sort': (sort_net, [(D, W)]),
     'reduce_max': (max_net, [(D, W)]),
     'cumsum': (cumsum_net, [(D, W)]),
-    'tanh of a product': (tanh_of_product_net, [(D, W), (D, W)]),
-    'constant on the wide axis': (per_channel_constant_net, [(D, W)]),
+    'scale inside a nonlinearity': (scale_in_nonlinearity_net, [(D, W), (D, W)]),
+    'per-channel array in a function of two values': (per_channel_constant_in_several_net,
+                                                       [(D, W), (D, W)]),
     'channel sum': (channel_sum_net, [(D, W)]),
-    'gated scan': (gated_scan_net, [(D, W), (W, W)]),
+    'GRU-like scan': (gru_scan_net, [(D, W), (W, W)]),
 }
 
 

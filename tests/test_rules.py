@@ -52,7 +52,10 @@ class _Primitives:
   """`P['tanh']` is JAX's `tanh_p` (the table does not read the registry)."""
 
   def __getitem__(self, name):
-    return getattr(jax_primitives, f'{name}_p')
+    if hasattr(jax_primitives, f'{name}_p'):
+      return getattr(jax_primitives, f'{name}_p')
+    from jax._src.lax import lax as lax_internal   # `split_p` is not in jax.extend
+    return getattr(lax_internal, f'{name}_p')
 
 
 P = _Primitives()
@@ -603,6 +606,9 @@ RULE_CASES = {
         Spatial('crop', op=lambda y: y[:, 1:-1]),
         Spatial('stride2', op=lambda y: y[:, ::2]),
         Spatial('channels', op=lambda y: y[..., :y.shape[-1] // 2])],
+    P['split']: [
+        Spatial('positions', op=lambda y: jnp.split(y, [2], axis=1)[1]),
+        Spatial('channels', op=lambda y: jnp.split(y, 2, axis=-1)[1])],
     P['dynamic_slice']: [
         Spatial('dynamic', op=lambda y: lax.dynamic_slice_in_dim(y, 1, 3, axis=1)),
         Spatial('clamped_start', op=lambda y: lax.dynamic_slice_in_dim(y, 4, 3, axis=1))],
@@ -654,7 +660,7 @@ DEFAULT_ROWS = {
     'stop_gradient-stop_gradient', 'nextafter-nextafter',
     'dot_general-weight_right', 'dot_general-weight_left', 'conv_general_dilated-conv_same',
     'conv_general_dilated-conv_of_wide', 'transpose-ncw_to_nwc', 'reshape-flatten',
-    'squeeze-squeeze', 'broadcast_in_dim-expand_dims', 'slice-crop', 'slice-channels',
+    'squeeze-squeeze', 'broadcast_in_dim-expand_dims', 'slice-crop', 'slice-channels', 'split-channels',
     'dynamic_slice-dynamic', 'pad-zero_pad', 'rev-flip', 'concatenate-with_reversed',
     'concatenate-channels', 'concatenate-channels_of_two_chains', 'mul-gated', 'gather-embedding',
     'reduce_sum-layer_norm_of_relu', 'reduce_sum-global_mean',

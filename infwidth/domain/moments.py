@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from infwidth.domain.values import (ZERO, ChannelArray, ChannelConcat, Combo, KernelSource,
+from infwidth.domain.values import (ZERO, ChannelConcat, Combo, KernelSource,
                               LinearSource, MappedSource, NeedFullSpatial, NoiseSource, PairStats,
                               ParamSource, Source, Term, Wide, _add, _is_zero, _mul, align,
                               at_channel, batch_diagonal, channel_arrays, term_leaves)
