@@ -431,3 +431,28 @@ def test_ntk_test_covariance_needs_both_kernels(nt):
   assert_rel(fn('ntk', ntk[TE, TR]), nt['gp_ntk_mean'], 1e-8)  # the mean needs the NTK only
   with pytest.raises(ValueError, match='both NTK and NNGP'):
     fn('ntk', ntk[TE, TR], ntk[TE, TE])
+
+
+def test_predictions_work_with_rank_promotion_raise():
+  """NT's tests run with `jax_numpy_rank_promotion='raise'`: the predictors
+  broadcast internally and must give the same values under it."""
+  import infwidth as iw
+  from infwidth import stax
+  _, _, kf = stax.serial(stax.Dense(64), stax.Relu(), stax.Dense(1))
+  x = jax.random.normal(jax.random.PRNGKey(0), (6, 3))
+  xt = jax.random.normal(jax.random.PRNGKey(1), (4, 3))
+  y = jnp.sin(x[:, :1])
+
+  def run():
+    ens = iw.predict.gradient_descent_mse_ensemble(kf, x, y, diag_reg=1e-4)
+    mse = iw.predict.gradient_descent_mse(kf(x, None, 'ntk'), y, diag_reg=1e-4)
+    gp = iw.predict.gp_inference(kf(x, None), y, diag_reg=1e-4)
+    return (ens(1.0, xt, 'ntk', compute_cov=True).covariance,
+            mse(jnp.array([0.5, 2.0]), jnp.zeros_like(y))[..., 0],
+            gp('nngp', kf(xt, x), None)[:, 0])
+
+  want = run()
+  with jax.numpy_rank_promotion('raise'):
+    got = run()
+  for a, b in zip(got, want):
+    np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)

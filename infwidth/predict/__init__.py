@@ -19,6 +19,10 @@ that cannot be factorised: `NotPositiveDefiniteError`); under `jit`, see
 `checks`.
 """
 
+import functools as _functools
+
+import jax as _jax
+
 from infwidth.predict.checks import NonFiniteError
 from infwidth.predict.checks import NotPositiveDefiniteError
 from infwidth.predict.checks import checked
@@ -32,3 +36,24 @@ from infwidth.predict.gp import gp_inference
 from infwidth.predict.gp import marginal_log_likelihood
 from infwidth.predict.solvers import KernelOperator
 from infwidth.predict.solvers import kernel_operator
+
+
+def _internal_broadcasting(fn):
+  """`fn`, and the prediction function it returns, run with implicit rank
+  promotion allowed: the solvers broadcast eigenvalues against times and
+  targets of other ranks, and must work where the user sets
+  `jax_numpy_rank_promotion='raise'` (as NT's tests do)."""
+  @_functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    with _jax.numpy_rank_promotion('allow'):
+      out = fn(*args, **kwargs)
+    return _internal_broadcasting(out) if callable(out) and not isinstance(out, type) else out
+  return wrapped
+
+
+gradient_descent = _internal_broadcasting(gradient_descent)
+gradient_descent_mse = _internal_broadcasting(gradient_descent_mse)
+gradient_descent_mse_ensemble = _internal_broadcasting(gradient_descent_mse_ensemble)
+gp_inference = _internal_broadcasting(gp_inference)
+marginal_log_likelihood = _internal_broadcasting(marginal_log_likelihood)
+max_learning_rate = _internal_broadcasting(max_learning_rate)
