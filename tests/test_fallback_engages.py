@@ -58,8 +58,8 @@ def cumsum_net(p, x):
   return jnp.cumsum((x @ p['w0'])[..., None], axis=-1)[..., 0]
 
 
-def scale_in_nonlinearity_net(p, x):
-  """A random per-channel scale inside a nonlinearity beside another Gaussian."""
+def whole_and_sliced_net(p, x):
+  """A parameter used both whole and sliced (the slice would share its entries)."""
   return jnp.tanh((x @ p['w0']) * p['w1'][0] + x @ p['w1'])
 
 def per_channel_constant_in_several_net(p, x):
@@ -85,7 +85,7 @@ CASES = {
     'sort': (sort_net, [(D, W)]),
     'reduce_max': (max_net, [(D, W)]),
     'cumsum': (cumsum_net, [(D, W)]),
-    'scale inside a nonlinearity': (scale_in_nonlinearity_net, [(D, W), (D, W)]),
+    'whole and sliced parameter': (whole_and_sliced_net, [(D, W), (D, W)]),
     'per-channel array in a function of two values': (per_channel_constant_in_several_net,
                                                        [(D, W), (D, W)]),
     'channel sum': (channel_sum_net, [(D, W)]),

@@ -293,3 +293,25 @@ def test_gated_convolution_matches_monte_carlo():
   f = jax.jit(lambda p: (lambda out: out @ out.T / width)(net(p, x)))
   draws = np.stack([f(sample()) for _ in range(64)])
   check_against_mc(k, draws, 2, width)
+
+
+def test_random_scale_inside_a_nonlinearity_beside_a_shortcut_matches_monte_carlo():
+  """`relu(γ·y + h)`, a post-activation residual block with a BatchNorm-style
+  scale γ (a random per-channel parameter): γ is one more Gaussian of the
+  chain, integrated with `y` and the shortcut `h` by the quasi-Monte Carlo rule."""
+  width, d = 512, 4
+  x = jax.random.normal(jax.random.PRNGKey(0), (4, d))
+
+  def net(p, x):
+    h = jax.nn.relu(x @ p['w0'] / np.sqrt(d))
+    y = h @ p['w1'] / np.sqrt(width)
+    return jax.nn.relu(p['g'] * y + h) @ p['o'] / np.sqrt(width)
+
+  shapes = {'w0': (d, width), 'w1': (width, width), 'g': (width,), 'o': (width, 256)}
+  stats = {'w0': iw.ParamStats(0., 1.), 'w1': iw.ParamStats(0., 1.), 'g': iw.ParamStats(1., 0.25),
+           'o': iw.ParamStats(0., 1.)}
+  params = jax.tree.map(jnp.ones, shapes, is_leaf=lambda s: isinstance(s, tuple))
+  k = iw.kernelize(net, params, param_stats=stats)(x, None, ('nngp', 'ntk'))
+  nngp, ntk = monte_carlo(net, shapes, stats, x)
+  check_against_mc(k.nngp, nngp, 2, width)
+  check_against_mc(k.ntk, ntk, 2, width)

@@ -387,10 +387,14 @@ def _collapse(w, b, pargs, dargs, combo, split: bool, gargs):
     r = b.inline(t.chain, u, args)
     for f in t.factors:
       if f.random:
-        raise UnsupportedValueError(
-            f'parameter {f.leaf.name!r} (with nonzero variance) multiplies a value '
-            'inside a nonlinearity; this needs a higher-dimensional Gaussian '
-            'expectation and is not supported yet.')
+        # A random scale (BatchNorm's γ) inside a nonlinearity: one more
+        # Gaussian of the chain (γ is a Gaussian source with its moments).
+        if gargs is None:
+          raise SeveralGaussians(
+              f'parameter {f.leaf.name!r} (with nonzero variance) multiplies a value '
+              'inside a nonlinearity')
+        r = b.binary('mul', r, gaussian_ref(A.combo_of(f, t.combo.spatial)))
+        continue
       r = b.binary('mul', r, new_parg(A.combo_of(f, t.combo.spatial)))
     return r
 
