@@ -122,15 +122,9 @@ def _meet(ctx, invals):
       g = resolve(pred).map(float)
       if not set(g.values) <= {0.0, 1.0}:
         raise UnsupportedValueError('a selection among more than two values by random bits')
-      out = None
-      for fn, case in ((g.map(lambda v: 1.0 - v), a), (g, b)):
-        piece = _times(_lift(pred, fn, roles, shape), case, roles, shape)
-        if piece is not None:
-          out = piece if out is None else add_wides(out, piece)
-      if out is None:
-        zero = np.zeros((1,) * len(shape), ctx.eqn.outvars[0].aval.dtype)
-        return Det(np.broadcast_to(zero, shape), roles, compact=zero)
-      return out
+      pieces = [_times(_lift(pred, fn, roles, shape), case, roles, shape)
+                for fn, case in ((g.map(lambda v: 1.0 - v), a), (g, b))]
+      return _sum_or_zero(pieces, shape, roles, ctx.eqn.outvars[0].aval.dtype)
     if prim is P.mul_p and len(noises) == 1:
       z = noises[0]
       other = invals[1] if invals[0] is z else invals[0]
@@ -193,7 +187,7 @@ def mixture(ctx, shape, vals, elementwise):
   breaks = tuple(starts) + (total,)
   roles = next(v.roles for v in vals if isinstance(v, A.Wide))
   value_spatial = tuple(r for r in roles if r not in ('b', 'c', None))
-  out = None
+  out = []
   for k, start in enumerate(starts):
     given = {s: s.fn.at(start) for s in same}
     cond = [_substitute(v, given, roles, shape) if isinstance(v, A.Wide) else v for v in vals]
@@ -208,11 +202,19 @@ def mixture(ctx, shape, vals, elementwise):
                        (A.Term(Chain(), A.Combo((src,), (1.0,), value_spatial, fn.mean())),))
     if isinstance(piece, A.Wide):
       piece = relayout(piece, roles, shape)
-    term = _times(indicator, piece, roles, shape)
-    if term is not None:
-      out = term if out is None else add_wides(out, term)
+    out.append(_times(indicator, piece, roles, shape))
+  return _sum_or_zero(out, shape, roles, ctx.eqn.outvars[0].aval.dtype)
+
+
+def _sum_or_zero(pieces, shape, roles, dtype):
+  """The sum of the wide values among `pieces` (None: an exact zero), or an
+  exact zero for every input where there is none."""
+  out = None
+  for piece in pieces:
+    if piece is not None:
+      out = piece if out is None else add_wides(out, piece)
   if out is None:
-    zero = np.zeros((1,) * len(shape), ctx.eqn.outvars[0].aval.dtype)
+    zero = np.zeros((1,) * len(shape), dtype)
     return Det(np.broadcast_to(zero, shape), roles, compact=zero)
   return out
 
