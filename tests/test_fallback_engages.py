@@ -72,15 +72,6 @@ def channel_sum_net(p, x):
   return h * jnp.sum(h, axis=-1, keepdims=True)
 
 
-def gru_scan_net(p, x):
-  """A GRU-like update: the gate multiplies both the new and the previous state."""
-  def step(h, _):
-    z = jax.nn.sigmoid(x @ p['w0'])
-    return (1 - z) * jnp.tanh(h @ p['w1']) + z * h, None
-  h, _ = jax.lax.scan(step, jnp.tanh(x @ p['w0']), None, length=3)
-  return h
-
-
 CASES = {
     'sort': (sort_net, [(D, W)]),
     'reduce_max': (max_net, [(D, W)]),
@@ -89,7 +80,6 @@ CASES = {
     'per-channel array in a function of two values': (per_channel_constant_in_several_net,
                                                        [(D, W), (D, W)]),
     'channel sum': (channel_sum_net, [(D, W)]),
-    'GRU-like scan': (gru_scan_net, [(D, W), (W, W)]),
 }
 
 

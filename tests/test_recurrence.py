@@ -342,3 +342,64 @@ def test_flax_lstm_cell_runs_unchanged():
     np.testing.assert_allclose(a, a.T, rtol=2e-2, atol=1e-4)
     assert np.linalg.eigvalsh((a + a.T) / 2).min() > -1e-3 * np.abs(a).max()
     assert np.all(np.diag(a) > 0)
+
+
+GRU_SHAPES = {'wx': (D, 3 * H), 'wh': (H, 2 * H), 'wn': (H, H), 'b': (3 * H,), 'bn': (H,),
+              'o': (H, 256)}
+GRU_STATS = {'wx': iw.ParamStats(0., 1.), 'wh': iw.ParamStats(0., 1.), 'wn': iw.ParamStats(0., 1.),
+             'b': iw.ParamStats(0., 0.09), 'bn': iw.ParamStats(0., 0.09),
+             'o': iw.ParamStats(0., 1.)}
+
+
+def gru(p, x):
+  """A GRU (Flax's `GRUCell` equations): `h′ = (1 − z)·n + z·h` with
+  `n = tanh(a + r·(W_n h + b_n))`. The state is a sum of products of
+  independent gates, and the same weights at every step correlate each
+  factor with several factors of the next step's state: the engine pairs such
+  values by one joint integral (docs/semantics.md)."""
+  def step(h, x_t):
+    gx = x_t @ p['wx'] / np.sqrt(D) + 0.3 * p['b']
+    gh = h @ p['wh'] / np.sqrt(H)
+    r = jax.nn.sigmoid(gx[:, :H] + gh[:, :H])
+    z = jax.nn.sigmoid(gx[:, H:2 * H] + gh[:, H:])
+    n = jnp.tanh(gx[:, 2 * H:] + r * (h @ p['wn'] / np.sqrt(H) + 0.3 * p['bn']))
+    h = (1. - z) * n + z * h
+    return h, h
+  h, _ = lax.scan(step, h0(x), jnp.swapaxes(2. * x, 0, 1))
+  return readout(p, h)
+
+
+def test_gru_matches_monte_carlo():
+  x = X[:, :2]
+  k = kernel(gru, x, GRU_SHAPES, GRU_STATS)
+  nngp, ntk = monte_carlo(gru, GRU_SHAPES, GRU_STATS, x)
+  check_against_mc(k.nngp, nngp, 2, H)
+  check_against_mc(k.ntk, ntk, 2, H)
+
+
+@pytest.mark.filterwarnings('ignore:parameter moments estimated')
+@pytest.mark.parametrize('library', ['flax', 'haiku'])
+def test_flax_and_haiku_gru_cells_run_unchanged(library):
+  """Flax's `nn.RNN(nn.GRUCell)` and Haiku's `hk.GRU` under `dynamic_unroll`
+  kernelize unchanged: symmetric and positive semi-definite within the
+  rule's error, positive diagonals."""
+  x = 2. * X[:, :2].astype(jnp.float32)
+  if library == 'flax':
+    class M(nn.Module):
+      @nn.compact
+      def __call__(self, x):
+        return nn.Dense(1)(nn.RNN(nn.GRUCell(64))(x)[:, -1])
+    f, v = M().apply, M().init(jax.random.PRNGKey(1), x)
+  else:
+    def forward(x):
+      core = hk.GRU(64)
+      out, _ = hk.dynamic_unroll(core, jnp.swapaxes(x, 0, 1), core.initial_state(x.shape[0]))
+      return hk.Linear(1)(out[-1])
+    t = hk.without_apply_rng(hk.transform(forward))
+    f, v = t.apply, t.init(jax.random.PRNGKey(1), x)
+  k = iw.kernelize(f, v)(x, None, GET)
+  for a in (k.nngp, k.ntk):
+    a = np.asarray(a, np.float64)
+    np.testing.assert_allclose(a, a.T, rtol=2e-2, atol=1e-4)
+    assert np.linalg.eigvalsh((a + a.T) / 2).min() > -1e-3 * np.abs(a).max()
+    assert np.all(np.diag(a) > 0)

@@ -23,7 +23,8 @@ from infwidth.domain.values import (ZERO, ChannelConcat, Combo, KernelSource,
 from infwidth.domain.errors import UnsupportedValueError
 from infwidth.domain import gaussian_engine
 from infwidth.domain.noise import noise_pair
-from infwidth.domain.chain import Chain, derivative, polynomial_degree
+from infwidth.domain.chain import Chain, ChainBuilder, derivative, polynomial_degree
+from infwidth.domain.collapse import collapse, finish_term
 
 
 class Moments:
@@ -594,6 +595,13 @@ class Moments:
       self._cache[('wide', id(a), id(b))] = PairStats(cross, d1, d2)
       self._cache[('widentk', id(a), id(b))] = ntk
       return
+    key = ('wide', id(a), id(b)), ('widentk', id(a), id(b))
+    if _needs_joint(a, b):
+      # Products of independent parts correlated across the pair in more than
+      # a one-to-one way (a GRU state `z·h + (1 − z)·n` paired with the next
+      # step's, through weights reused at every step): one joint integral of
+      # both values, each collapsed into one chain of all its Gaussians.
+      a, b = self._one_chain(a), self._one_chain(b)
     sa, sb = a.spatial, b.spatial
     ka, kb = len(sa), len(sb)
     stats, ntk = ZERO, 0.0
@@ -632,8 +640,25 @@ class Moments:
         d.append(_sum3(_mul(put(oa, 'a'), put(pb_, 'b')), _mul(put(pa_, 'a'), put(ob, 'b')),
                        _mul(put(oa, 'a'), put(ob, 'b'))))
       stats = stats + PairStats(extra_cross, d[0], d[1])
-    self._cache[('wide', id(a), id(b))] = stats
-    self._cache[('widentk', id(a), id(b))] = ntk
+    self._cache[key[0]] = stats
+    self._cache[key[1]] = ntk
+
+  def _one_chain(self, w: Wide) -> Wide:
+    """`w` as one term: a chain of all the Gaussian combinations it depends
+    on (equal or proportional ones shared), its offset an argument."""
+    key = ('onechain', id(w))
+    if key not in self._cache:
+      if any(t.combo.spatial != w.spatial for t in w.terms):
+        raise UnsupportedValueError(
+            'a product of independent Gaussian values is paired with a value that depends '
+            'on several of its factors, with terms on different spatial layouts; this is '
+            'not supported yet.')
+      b, pargs, dargs, gargs = ChainBuilder(), [], [], []
+      out, combo = collapse(w, b, pargs, dargs, None, gargs)
+      term = finish_term(b, out, combo, pargs, dargs, w.spatial, gargs)
+      self.keep_alive.append(w)
+      self._cache[key] = Wide(w.shape, w.roles, (term,), None, w.hidden)
+    return self._cache[key]
 
   # -- per-channel arrays ----------------------------------------------------
 
@@ -801,6 +826,22 @@ def _constant_folded(expect, f, f_args, *rest, **kwargs):
   with jax.ensure_compile_time_eval():
     out = expect(f, f_args, *rest, **kwargs)
   return jax.tree_util.tree_map(float, out)
+
+
+def _needs_joint(a: Wide, b: Wide) -> bool:
+  """Whether some pair of terms of `a` and `b` has a part on one side that
+  depends on several parts of the other, or two parts depending on one: their
+  expectation does not factorise into matched pairs (`Moments.term_pair`)."""
+  for ta, tb in itertools.product(a.terms, b.terms):
+    if not (ta.cofactors or tb.cofactors):
+      continue
+    la = [term_leaves(p) for p in ta.parts]
+    lb = [term_leaves(q) for q in tb.parts]
+    if any(sum(1 for y in lb if x & y) > 1 for x in la):
+      return True
+    if any(sum(1 for x in la if x & y) > 1 for y in lb):
+      return True
+  return False
 
 
 def term_first_moment_aligned(m: Moments, t: Term, which: str, w: Wide):
