@@ -403,3 +403,76 @@ def test_flax_and_haiku_gru_cells_run_unchanged(library):
     np.testing.assert_allclose(a, a.T, rtol=2e-2, atol=1e-4)
     assert np.linalg.eigvalsh((a + a.T) / 2).min() > -1e-3 * np.abs(a).max()
     assert np.all(np.diag(a) > 0)
+
+
+def _per_step_readouts(p, x):
+  """Every step's readout, `(N, T, C)`: the step axis is kept."""
+  _, hs = lax.scan(lambda h, x_t: (cell(p, h, x_t),) * 2, h0(x), jnp.swapaxes(x, 0, 1))
+  return jnp.swapaxes(hs, 0, 1) @ p['o'] / np.sqrt(H)
+
+
+def _python_per_step_readouts(p, x):
+  h, outs = h0(x), []
+  for t in range(T):
+    h = cell(p, h, x[:, t])
+    outs.append(readout(p, h))
+  return jnp.stack(outs, 1)
+
+
+def _readout_of_steps(*steps):
+  def f(p, x):
+    _, hs = lax.scan(lambda h, x_t: (cell(p, h, x_t),) * 2, h0(x), jnp.swapaxes(x, 0, 1))
+    return sum(readout(p, hs[t]) for t in steps)
+  return f
+
+
+def test_sequence_outputs_keep_the_step_axis():
+  """`(N, T, C)` outputs give `(N, N, T, T)` kernels whose block `(t, t′)` is
+  the covariance of steps t and t′: the diagonal blocks equal the kernels of
+  one step's readout, and `K_tt′ + K_t′t` that of the sum of two steps'
+  readouts minus their own. A Python loop stacking its readouts agrees."""
+  k = kernel(_per_step_readouts)
+  assert k.nngp.shape == (N, N, T, T) and k.ntk.shape == (N, N, T, T)
+  assert_same(k, kernel(_python_per_step_readouts))
+  own = [kernel(_readout_of_steps(t)) for t in range(T)]
+  for t in range(T):
+    np.testing.assert_allclose(k.nngp[:, :, t, t], own[t].nngp, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(k.ntk[:, :, t, t], own[t].ntk, rtol=1e-12, atol=1e-14)
+  for t, s in ((0, 2), (1, 2)):
+    both = kernel(_readout_of_steps(t, s))
+    for f in ('nngp', 'ntk'):
+      a, b = getattr(k, f), getattr(both, f)
+      np.testing.assert_allclose(a[:, :, t, s] + a[:, :, s, t],
+                                 b - getattr(own[t], f) - getattr(own[s], f),
+                                 rtol=1e-10, atol=1e-12)
+  # Symmetry of the joint kernel: K(x, x′)_{ts} = K(x′, x)_{st}, and the
+  # cross-step blocks are not zero.
+  np.testing.assert_allclose(k.nngp, np.transpose(k.nngp, (1, 0, 3, 2)), rtol=1e-12)
+  assert np.abs(k.nngp[:, :, 0, 2]).max() > 1e-3
+
+
+@pytest.mark.filterwarnings('ignore:parameter moments estimated')
+def test_flax_rnn_sequence_outputs():
+  """Flax `nn.Dense` over every step of `nn.RNN`'s outputs keeps the steps:
+  equal to the plain-JAX network with the same parameters."""
+  class M(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(2, use_bias=False)(nn.RNN(nn.SimpleCell(16))(x))
+  m = M()
+  x = X.astype(jnp.float32)
+  v = m.init(jax.random.PRNGKey(1), x)
+  def plain(p, x):
+    cell_p = p['SimpleCell_0']
+
+    def step(h, x_t):
+      h = jnp.tanh(x_t @ cell_p['i']['kernel'] + cell_p['i']['bias'] + h @ cell_p['h']['kernel'])
+      return h, h
+    _, hs = lax.scan(step, jnp.zeros((x.shape[0], 16), x.dtype), jnp.swapaxes(x, 0, 1))
+    return jnp.swapaxes(hs, 0, 1) @ p['Dense_0']['kernel']
+
+  k = iw.kernelize(m.apply, v)(x, None, GET)
+  assert k.nngp.shape == (N, N, T, T)
+  want = iw.kernelize(plain, v['params'])(x, None, GET)
+  np.testing.assert_allclose(k.nngp, want.nngp, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(k.ntk, want.ntk, rtol=1e-5, atol=1e-7)
