@@ -72,6 +72,11 @@ def channel_sum_net(p, x):
   return h * jnp.sum(h, axis=-1, keepdims=True)
 
 
+def tied_autoencoder_net(p, x):
+  """A weight used with its transpose: correlated with the value it multiplies."""
+  return jnp.tanh(x @ p['w0']) @ p['w0'].T @ p['w1']
+
+
 CASES = {
     'sort': (sort_net, [(D, W)]),
     'reduce_max': (max_net, [(D, W)]),
@@ -80,6 +85,7 @@ CASES = {
     'per-channel array in a function of two values': (per_channel_constant_in_several_net,
                                                        [(D, W), (D, W)]),
     'channel sum': (channel_sum_net, [(D, W)]),
+    'tied autoencoder': (tied_autoencoder_net, [(D, W), (D, W)]),
 }
 
 

@@ -476,3 +476,36 @@ def test_flax_rnn_sequence_outputs():
   want = iw.kernelize(plain, v['params'])(x, None, GET)
   np.testing.assert_allclose(k.nngp, want.nngp, rtol=1e-5, atol=1e-7)
   np.testing.assert_allclose(k.ntk, want.ntk, rtol=1e-5, atol=1e-7)
+
+
+def test_weight_in_two_branches_matches_monte_carlo():
+  """One weight applied to two values (`x` and `2x`) is one source: the
+  branches are correlated through it."""
+  def two_branches(p, x):
+    a = jnp.tanh(x @ p['w'] / np.sqrt(D))
+    b = jax.nn.relu((2. * x) @ p['w'] / np.sqrt(D))
+    return (a + b) @ p['o'] / np.sqrt(H)
+  shapes = {'w': (D, H), 'o': (H, 256)}
+  stats = {k: iw.ParamStats(0., 1.) for k in shapes}
+  x = X[:, 0]
+  k = kernel(two_branches, x, shapes, stats)
+  nngp, ntk = monte_carlo(two_branches, shapes, stats, x)
+  check_against_mc(k.nngp, nngp, 1, H)
+  check_against_mc(k.ntk, ntk, 1, H)
+
+
+@pytest.mark.parametrize('tied', ['autoencoder', 'embedding'])
+def test_a_weight_used_with_its_transpose_is_refused(tied):
+  """`h = φ(x W)`, `y = h Wᵀ`: W is correlated with h, and the finite
+  networks' kernel grows with the width (E[W_dc φ(z_c)] ≠ 0), so no
+  silent kernel: the refusal names the parameter, and the fallbacks apply."""
+  V = 7
+  if tied == 'autoencoder':
+    f = lambda p, x: jnp.tanh(x @ p['w'] / np.sqrt(D)) @ p['w'].T / np.sqrt(H)
+    shapes, x = {'w': (D, H)}, X[:, 0]
+  else:
+    f = lambda p, ids: jnp.tanh(p['w'][ids] @ p['v'] / np.sqrt(H)) @ p['w'].T / np.sqrt(H)
+    shapes, x = {'w': (V, H), 'v': (H, H)}, jnp.array([1, 2, 1])
+  stats = {k: iw.ParamStats(0., 1.) for k in shapes}
+  with pytest.raises(iw.UnsupportedPrimitiveError, match=r"\['w'\].*transpose"):
+    kernel(f, x, shapes, stats)

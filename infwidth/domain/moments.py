@@ -52,6 +52,7 @@ class Moments:
     self.param_slices: Dict[int, Dict[Any, Any]] = {}  # sub-leaves by parent leaf id
     self.channel_slices: Dict[Any, Any] = {}  # channel blocks of sources and leaves
     self.noise_streams: Dict[Any, Any] = {}  # random bits by key and shape
+    self.leaf_orientations: Dict[int, Any] = {}  # contracted leaf axes of each weight
 
   # -- layout plumbing ------------------------------------------------------
 

@@ -104,9 +104,33 @@ def dot_general_rule(ctx, lhs, rhs, *, dimension_numbers, **_):
     check_whole_use(ctx, p)
     src = A.LinearSource(p, _batch_first(v, x.roles, x_free, xc), spatial)
   src.contracted_leaf_axes = contracted_leaf_axes
+  check_orientation(ctx, p, contracted_leaf_axes)
   ctx.moments.sources[key] = src
   ctx.moments.keep_alive.append(x)
   return A.Wide(out_shape, roles, (A.Term(Chain(), A.combo_of(src, spatial)),))
+
+
+def check_orientation(ctx, p: A.ParamRef, contracted: tuple) -> None:
+  """Refuses a weight used both as `W` and as its transpose (contracting
+  different axes of the leaf: a tied autoencoder `h = φ(x W)`, `y = h Wᵀ`, or
+  a readout tied to an embedding table).
+
+  A weight applied always along the same axes is independent, in the limit,
+  of every value it multiplies (weight reuse in loops, two branches): the
+  NNGP is exact. A transposed use is not: `y_d = Σ_c W_dc φ(z_c)` with
+  `z_c = Σ_d x_d W_dc/√D` has `E[W_dc φ(z_c)] = (x_d/√D)·E[φ′(z_c)] ≠ 0`, so
+  the sum over the wide axis picks up a mean of order √n (it diverges with
+  1/√n scaling) or, in general, corrections this library does not compute
+  (docs/semantics.md, "Weight sharing")."""
+  seen = ctx.moments.leaf_orientations.setdefault(id(p.leaf), tuple(contracted))
+  if seen != tuple(contracted):
+    raise ctx.unsupported(
+        f'parameter {p.leaf.name!r} of shape {p.leaf.shape} is contracted along its axes '
+        f'{seen} in one place and {tuple(contracted)} in another (a weight used with its '
+        'transpose: a tied autoencoder or a readout tied to an embedding). The weight is '
+        'then correlated with the value it multiplies, and the infinite-width limit needs '
+        'corrections that are not implemented (with 1/sqrt(width) scaling it diverges); '
+        'untie the weights')
 
 
 def _all_zero(value) -> bool:
@@ -196,6 +220,7 @@ def gather_rule(ctx, operand, indices, *, dimension_numbers, slice_sizes, **_):
     check_whole_use(ctx, p)
     src = A.LinearSource(p, ids, spatial, input_moment=_token_equality)
     src.contracted_leaf_axes = (p.axes[0],)
+    check_orientation(ctx, p, src.contracted_leaf_axes)
     ctx.moments.sources[key] = src
     ctx.moments.keep_alive.append(indices)
   return A.Wide(out_shape, roles, (A.Term(Chain(), A.combo_of(src, spatial)),))
