@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from infwidth.domain.values import (ZERO, ChannelConcat, Combo, KernelSource,
+from infwidth.domain.values import (ZERO, ChannelConcat, Combo, DetChannels, KernelSource,
                               LinearSource, MappedSource, NeedFullSpatial, NoiseSource, PairStats,
                               ParamSource, Source, Term, Wide, _add, _is_zero, _mul, align,
                               at_channel, batch_diagonal, channel_arrays, term_leaves)
@@ -156,6 +156,8 @@ class Moments:
       out = a.input_moment(self, ya, yb)  # e.g. a convolution's patches of the input
     elif not isinstance(ya, Wide) and not isinstance(yb, Wide):
       out = self._det_contraction(ya, len(a.spatial), yb, len(b.spatial))
+    elif isinstance(ya, ChannelConcat) or isinstance(yb, ChannelConcat):
+      out = self._det_with_concat(a, b)
     else:
       raise UnsupportedValueError(
           f'parameter {a.leaf.name!r} contracts both an input axis and a wide axis; '
@@ -165,6 +167,57 @@ class Moments:
                         for x, lead in ((out.cross, 2), (out.diag1, 1), (out.diag2, 1))))
     self._cache[key] = out
     return out
+
+  def _det_with_concat(self, a: 'LinearSource', b: 'LinearSource') -> PairStats:
+    """`Σ_c y_c y′_c` where one weight use contracts a deterministic array `z`
+    and the other a concatenation of deterministic and wide blocks (an RNN's
+    step 0, `[x_0, zeros] @ W`, and a later step, `[x_t, h] @ W`). Along a
+    deterministic block the arrays pair entry by entry; along a wide block
+    `h`, whose channels are i.i.d. and independent of the index, `Σ_c z_c h′_c`
+    tends to `(Σ_c z_c)·E[h′]` (zero for a zero initial state, which is then
+    not evaluated)."""
+    concat_is_a = isinstance(a.inputs, ChannelConcat)
+    concat, arr = (a.inputs, b.inputs) if concat_is_a else (b.inputs, a.inputs)
+    k = len(a.spatial)
+    if arr.shape[-1] != concat.width or len(a.spatial) != len(b.spatial):
+      raise UnsupportedValueError(
+          f'parameter {a.leaf.name!r} contracts an array and a concatenation of other '
+          'layouts; weight sharing needs the same map.')
+    out, start = ZERO, 0
+    for part in concat.parts:
+      block = arr[..., start:start + part.width]
+      start += part.width
+      if isinstance(part, DetChannels):
+        xa, xb = (part.canonical(), block) if concat_is_a else (block, part.canonical())
+        out = out + self._det_contraction(xa, k, xb, k)
+        continue
+      if not isinstance(block, jax.core.Tracer) and not np.any(np.asarray(block)):
+        continue
+      if part.spatial:
+        raise UnsupportedValueError(
+            f'parameter {a.leaf.name!r} contracts a wide value with spatial axes in one use '
+            'and a nonzero array in its place in another; this is not supported yet.')
+      total = jnp.sum(block, axis=-1)
+      za, zb = (None, total) if concat_is_a else (total, None)
+      pair = []
+      for mode, (wa, wb) in (('cross', ('rows', 'cols')), ('diag1', ('rows', 'rows')),
+                             ('diag2', ('cols', 'cols'))):
+        f = {'rows': self.rows, 'cols': self.cols}
+        ea = f[wa](za) if za is not None else self.wide_first_moment(part, wa)
+        eb = f[wb](zb) if zb is not None else self.wide_first_moment(part, wb)
+        ea, eb = jnp.reshape(ea, (-1,)), jnp.reshape(eb, (-1,))
+        pair.append(ea[:, None] * eb[None] if mode == 'cross' else ea * eb)
+      out = out + PairStats(*pair)
+    return out
+
+  def _det_channels_pair(self, a: Wide, b: Wide) -> PairStats:
+    """Per-channel moment of two deterministic channel blocks, `x·x′/D`."""
+    if not (isinstance(a, DetChannels) and isinstance(b, DetChannels)):
+      raise UnsupportedValueError(
+          'a deterministic block of a channel concatenation meets a wide block of another '
+          'concatenation at the same channels; the concatenations must have the same blocks.')
+    st = self._det_contraction(a.canonical(), len(a.spatial), b.canonical(), len(b.spatial))
+    return _scale_stats(st, 1.0 / a.width)
 
   def _det_contraction(self, xa, ka, xb, kb) -> PairStats:
     """`(B, *Sa, *C)` · `(B, *Sb, *C)` summed over the contracted axes C."""
@@ -207,7 +260,7 @@ class Moments:
     else:
       # DESIGN §2: Θ_z = c²·M·w (W's own gradient) + c²·n·v·Θ_y (through W).
       out = _mul(c * leaf.ntk_weight, self.input_moment(a, b).cross)
-      if isinstance(a.inputs, Wide) and a.random:
+      if isinstance(a.inputs, Wide) and isinstance(b.inputs, Wide) and a.random:
         t = self.wide_ntk(a.inputs, b.inputs)
         if a.traced and not isinstance(t, float):
           t = trace_spatial(t, 2, a.inputs.spatial, b.inputs.spatial, a.traced, self.diag)
@@ -353,6 +406,9 @@ class Moments:
     """`E[w_i]` per input for a channel `i` drawn uniformly: for a value
     concatenated along its channel axis, the blocks' means weighted by their
     channel counts (what a sum over the channels divided by the width gives)."""
+    if isinstance(w, DetChannels):
+      x = w.canonical()
+      return jnp.mean(self.rows(x) if which == 'rows' else self.cols(x), axis=-1)
     if isinstance(w, ChannelConcat):
       out = 0.0
       for f, part in zip(w.fractions, w.parts):
@@ -563,6 +619,9 @@ class Moments:
     key = ('wide', id(a), id(b))
     if key in self._cache:
       return self._cache[key]
+    if isinstance(a, DetChannels) or isinstance(b, DetChannels):
+      self._cache[key] = self._det_channels_pair(a, b)
+      return self._cache[key]
     if isinstance(a, ChannelConcat) or isinstance(b, ChannelConcat):
       out = ZERO
       for f, pa, pb in _concat_parts(a, b):
@@ -575,7 +634,10 @@ class Moments:
   def wide_ntk(self, a: Wide, b: Wide):
     key = ('widentk', id(a), id(b))
     if key not in self._cache:
-      if isinstance(a, ChannelConcat) or isinstance(b, ChannelConcat):
+      if isinstance(a, DetChannels) or isinstance(b, DetChannels):
+        self._det_channels_pair(a, b)  # the same blocks on both sides
+        self._cache[key] = 0.0  # no parameters: no NTK
+      elif isinstance(a, ChannelConcat) or isinstance(b, ChannelConcat):
         out = 0.0
         for f, pa, pb in _concat_parts(a, b):
           out = _add(out, _mul(f, self.wide_ntk(pa, pb)))
