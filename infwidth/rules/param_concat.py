@@ -77,7 +77,8 @@ def _dot(ctx, lhs, rhs, *, dimension_numbers):
   return A.ChannelConcat(out_shape, results[0].roles, (), parts=tuple(results))
 
 
-def _per_piece(ctx, pcat: A.ParamConcat, shape, out_axis, rule, shape_param=None, **params):
+def _per_piece(ctx, pcat: A.ParamConcat, out_shape, out_axis, rule, shape_param=None,
+               **params):
   pieces = []
   for piece in pcat.pieces:
     kw = dict(params)
@@ -86,7 +87,7 @@ def _per_piece(ctx, pcat: A.ParamConcat, shape, out_axis, rule, shape_param=None
       s[out_axis] = piece.shape[pcat.axis]
       kw[shape_param] = tuple(s)
     pieces.append(rule(ctx, piece, **kw))
-  return A.ParamConcat(tuple(pieces), shape, out_axis)
+  return A.ParamConcat(tuple(pieces), tuple(out_shape), out_axis)
 
 
 def _broadcast(ctx, pcat, shape, params):
