@@ -229,7 +229,7 @@ def test_channelwise_map_of_the_input_block_is_deterministic():
 # ----------------------------------------------------------------------------
 # Haiku's LSTM: [x_t, h] @ W.
 
-T, H = 3, 64
+T, H = 2, 64
 
 
 def _haiku_lstm(x):
