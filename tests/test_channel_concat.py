@@ -226,6 +226,31 @@ def test_channelwise_map_of_the_input_block_is_deterministic():
   np.testing.assert_allclose(a.ntk, b.ntk, rtol=1e-10)
 
 
+def test_layernorm_over_input_and_hidden_units():
+  """LayerNorm over `[x, relu(h)]`: the statistics average the input's
+  entries and the hidden units' moments by the blocks' sizes; closed form."""
+  width = 32
+
+  def ln(v):
+    m = v.mean(-1, keepdims=True)
+    return (v - m) / jnp.sqrt(((v - m) ** 2).mean(-1, keepdims=True) + 1e-5)
+
+  def f(p, x):
+    h = jax.nn.relu(x @ p['w1'] / np.sqrt(D))
+    return ln(jnp.concatenate([x, h], -1)) @ p['w2'] / np.sqrt(D + width)
+
+  k = _kernel(f, skip_shapes(width, 8), UNIT)
+  x = np.asarray(X, np.float64)
+  t, _ = _arccos(x @ x.T / D)
+  e = np.sqrt(np.sum(x ** 2, 1) / D / (2 * np.pi))            # E[relu(u)]
+  m = (x.sum(1) + width * e) / (D + width)
+  var = (np.sum(x ** 2, 1) + width * np.diag(t)) / (D + width) - m ** 2
+  xc = x - m[:, None]
+  cov = xc @ xc.T + width * (t - np.outer(m, e) - np.outer(e, m) + np.outer(m, m))
+  want = cov / np.sqrt(np.outer(var + 1e-5, var + 1e-5)) / (D + width)
+  np.testing.assert_allclose(k.nngp, want, rtol=1e-10)
+
+
 # ----------------------------------------------------------------------------
 # Haiku's LSTM: [x_t, h] @ W.
 
@@ -328,4 +353,21 @@ def test_concatenated_bias_on_an_unsplit_value_is_refused():
     return jax.nn.relu(x @ p['w'] + jnp.concatenate([p['ba'], p['bb']])) @ p['v']
 
   with pytest.raises(iw.UnsupportedPrimitiveError, match='concatenated'):
+    _kernel(f, shapes, stats)
+
+
+@pytest.mark.parametrize('where', ['result', 'parameters'])
+def test_a_slice_across_concatenated_parameters_is_refused(where):
+  """Columns 6..9 straddle two pieces of different leaves: refused, whether
+  the slice is of the contraction or of the concatenated parameters."""
+  shapes = {'wa': (D, 8), 'wb': (D, 8), 'v': (4, 2)}
+  stats = {k: iw.ParamStats(0., 1.) for k in shapes}
+
+  def f(p, x):
+    w = jnp.concatenate([p['wa'], p['wb']], axis=1)
+    y = (x @ w)[:, 6:10] if where == 'result' else x @ w[:, 6:10]
+    return y @ p['v']
+
+  with pytest.raises(iw.UnsupportedPrimitiveError,
+                     match='not a union of its blocks' if where == 'result' else 'whole pieces'):
     _kernel(f, shapes, stats)
