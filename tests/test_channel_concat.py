@@ -251,6 +251,45 @@ def test_layernorm_over_input_and_hidden_units():
   np.testing.assert_allclose(k.nngp, want, rtol=1e-10)
 
 
+def test_convolution_over_an_image_and_feature_maps_equals_split_filters():
+  """`conv([x, relu(conv(x))])` equals the two convolutions with the filter
+  split into its input-channel blocks (spatial blocks included)."""
+  from jax import lax
+  c, width = 3, 16
+  x = jax.random.normal(jax.random.PRNGKey(3), (2, 5, 5, c))
+  shapes = {'k1': (3, 3, c, width), 'k2': (3, 3, c + width, 4)}
+  stats = {k: iw.ParamStats(0., 1.) for k in shapes}
+
+  def conv(y, k):
+    return lax.conv_general_dilated(y, k, (1, 1), 'SAME',
+                                    dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+  def whole(p, x):
+    h = jax.nn.relu(conv(x, p['k1']))
+    return conv(jnp.concatenate([x, h], -1), p['k2']).mean((1, 2))
+
+  def split(p, x):
+    h = jax.nn.relu(conv(x, p['k1']))
+    return (conv(x, p['k2'][:, :, :c]) + conv(h, p['k2'][:, :, c:])).mean((1, 2))
+
+  a, b = _kernel(whole, shapes, stats, x), _kernel(split, shapes, stats, x)
+  np.testing.assert_allclose(a.nngp, b.nngp, rtol=1e-10)
+  np.testing.assert_allclose(a.ntk, b.ntk, rtol=1e-10)
+
+
+def test_stax_fan_in_concat_of_the_input_is_nts_width_weighted_average():
+  """NT's `FanInConcat` of an `Identity` branch (the input, `D` channels) and
+  a dense branch (64) averages their kernels weighted by the widths."""
+  from infwidth import stax
+  _, _, kf = stax.serial(
+      stax.FanOut(2), stax.parallel(stax.Identity(), stax.serial(stax.Dense(64, 1.5),
+                                                                 stax.Relu())),
+      stax.FanInConcat(), stax.Dense(1, 1.0, 0.0))
+  x = np.asarray(X, np.float64)
+  t, _ = _arccos(2.25 * x @ x.T / D)
+  np.testing.assert_allclose(kf(X, None, 'nngp'), (x @ x.T + 64 * t) / (D + 64), rtol=1e-10)
+
+
 # ----------------------------------------------------------------------------
 # Haiku's LSTM: [x_t, h] @ W.
 
