@@ -179,7 +179,9 @@ class Moments:
     concat_is_a = isinstance(a.inputs, ChannelConcat)
     concat, arr = (a.inputs, b.inputs) if concat_is_a else (b.inputs, a.inputs)
     k = len(a.spatial)
-    if arr.shape[-1] != concat.width or len(a.spatial) != len(b.spatial):
+    if (arr.shape[-1] != concat.width or len(a.spatial) != len(b.spatial)
+        or a.transform is not None or a.input_moment is not None
+        or b.input_moment is not None):
       raise UnsupportedValueError(
           f'parameter {a.leaf.name!r} contracts an array and a concatenation of other '
           'layouts; weight sharing needs the same map.')

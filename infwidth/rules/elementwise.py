@@ -127,15 +127,17 @@ def _det_block_map(ctx, shape, args) -> A.DetChannels:
                           'of a wide value at the same channels')
   vals = [Det(a.value, a.roles) if isinstance(a, A.DetChannels) else a for a in args]
   out = ctx.fold(vals)
-  return A.DetChannels(shape, det.roles, (), value=jnp.broadcast_to(out.value, shape))
+  xp = jnp if isinstance(out.value, jax.core.Tracer) else np
+  return A.DetChannels(shape, det.roles, (), value=xp.broadcast_to(out.value, shape))
 
 
 def _assemble(ctx, shape, axis, parts):
   if all(isinstance(p, A.ParamRef) for p in parts):
     return A.ParamConcat(tuple(parts), shape, axis)
   if all(isinstance(p, Det) for p in parts):
-    return Det(jnp.concatenate([jnp.broadcast_to(p.value, _block_shape(shape, axis, p))
-                                for p in parts], axis), parts[0].roles)
+    xp = jnp if any(isinstance(p.value, jax.core.Tracer) for p in parts) else np
+    return Det(xp.concatenate([xp.broadcast_to(p.value, _block_shape(shape, axis, p))
+                               for p in parts], axis), parts[0].roles)
   if any(not isinstance(p, A.Wide) or isinstance(p, A.ChannelConcat) or p.roles != parts[0].roles
          or p.channel_axis != axis for p in parts):
     raise ctx.unsupported('a channelwise map of concatenated blocks whose results are not '
