@@ -327,6 +327,29 @@ def test_haiku_lstm_equals_the_split_weight_network():
   assert np.all(np.diag(a.nngp) > 1e-3)
 
 
+def test_nonzero_initial_state_beside_the_input_matches_monte_carlo():
+  """Step 0 applies `W` to the array `[x_0, z]` (`z = 0.8`), step 1 to
+  `[x_1, h_1]`: their covariance pairs `z` with `h_1` as `(Σ_c z_c)·E[h_1]`,
+  which the sum over steps reads (without it the kernel is 3 tolerances
+  off)."""
+  width, steps = 512, 2
+  x = jax.random.normal(jax.random.PRNGKey(4), (N, steps, D))
+
+  def rnn(p, x):
+    h, total = 0.8 * jnp.ones((x.shape[0], width), x.dtype), 0.
+    for t in range(steps):
+      h = jnp.tanh(jnp.concatenate([x[:, t], h], -1) @ p['w'] / np.sqrt(D + width) + 0.3)
+      total = total + h
+    return total @ p['o'] / np.sqrt(width)
+
+  shapes = {'w': (D + width, width), 'o': (width, 256)}
+  stats = {k: iw.ParamStats(0., 1.) for k in shapes}
+  k = _kernel(rnn, shapes, stats, x)
+  nngp, ntk = monte_carlo(rnn, shapes, stats, x)
+  check_against_mc(k.nngp, nngp, 2, width)
+  check_against_mc(k.ntk, ntk, 2, width)
+
+
 # ----------------------------------------------------------------------------
 # Flax's OptimizedLSTMCell: kernels concatenated along their output axis.
 

@@ -425,8 +425,8 @@ def _param_concat(ctx, operands, dimension, out_shape) -> A.ParamConcat:
     else:
       pieces.append(o)
   if any(p.axes[dimension] is None for p in pieces):
-    raise ctx.unsupported('concatenating parameters along an axis that none of their own '
-                          'axes becomes')
+    raise ctx.unsupported('concatenating parameters along an axis of size one added by a '
+                          'reshape or broadcast')
   return A.ParamConcat(tuple(pieces), out_shape, dimension)
 
 
