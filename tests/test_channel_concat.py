@@ -331,7 +331,8 @@ def test_nonzero_initial_state_beside_the_input_matches_monte_carlo():
   """Step 0 applies `W` to the array `[x_0, z]` (`z = 0.8`), step 1 to
   `[x_1, h_1]`: their covariance pairs `z` with `h_1` as `(Σ_c z_c)·E[h_1]`,
   which the sum over steps reads (without it the kernel is 3 tolerances
-  off)."""
+  off). With the weight split into its input and hidden rows, `z @ W_h`
+  pairs with `h_1 @ W_h` the same way."""
   width, steps = 512, 2
   x = jax.random.normal(jax.random.PRNGKey(4), (N, steps, D))
 
@@ -342,12 +343,23 @@ def test_nonzero_initial_state_beside_the_input_matches_monte_carlo():
       total = total + h
     return total @ p['o'] / np.sqrt(width)
 
+  def split(p, x):
+    h, total = 0.8 * jnp.ones((x.shape[0], width), x.dtype), 0.
+    for t in range(steps):
+      h = jnp.tanh((x[:, t] @ p['w'][:D] + h @ p['w'][D:]) / np.sqrt(D + width) + 0.3)
+      total = total + h
+    return total @ p['o'] / np.sqrt(width)
+
   shapes = {'w': (D + width, width), 'o': (width, 256)}
   stats = {k: iw.ParamStats(0., 1.) for k in shapes}
   k = _kernel(rnn, shapes, stats, x)
   nngp, ntk = monte_carlo(rnn, shapes, stats, x)
   check_against_mc(k.nngp, nngp, 2, width)
   check_against_mc(k.ntk, ntk, 2, width)
+  # The same network with the weight split into its input and hidden rows.
+  ks = _kernel(split, shapes, stats, x)
+  np.testing.assert_allclose(ks.nngp, k.nngp, rtol=1e-10)
+  np.testing.assert_allclose(ks.ntk, k.ntk, rtol=1e-10)
 
 
 # ----------------------------------------------------------------------------

@@ -156,8 +156,12 @@ class Moments:
       out = a.input_moment(self, ya, yb)  # e.g. a convolution's patches of the input
     elif not isinstance(ya, Wide) and not isinstance(yb, Wide):
       out = self._det_contraction(ya, len(a.spatial), yb, len(b.spatial))
-    elif isinstance(ya, ChannelConcat) or isinstance(yb, ChannelConcat):
-      out = self._det_with_concat(a, b)
+    elif isinstance(ya, ChannelConcat) or isinstance(yb, ChannelConcat) or (
+        getattr(a, 'contracted_leaf_axes', None) is not None
+        and a.contracted_leaf_axes == getattr(b, 'contracted_leaf_axes', None)):
+      # The same axes of the weight summed: an array where the other use has
+      # wide channels (an RNN's initial state against a later step).
+      out = self._det_with_wide(a, b)
     else:
       raise UnsupportedValueError(
           f'parameter {a.leaf.name!r} contracts both an input axis and a wide axis; '
@@ -168,29 +172,32 @@ class Moments:
     self._cache[key] = out
     return out
 
-  def _det_with_concat(self, a: 'LinearSource', b: 'LinearSource') -> PairStats:
-    """`Σ_c y_c y′_c` where one weight use contracts a deterministic array `z`
-    and the other a concatenation of deterministic and wide blocks (an RNN's
-    step 0, `[x_0, zeros] @ W`, and a later step, `[x_t, h] @ W`). Along a
+  def _det_with_wide(self, a: 'LinearSource', b: 'LinearSource') -> PairStats:
+    """`Σ_c y_c y′_c` where one use of a weight contracts a deterministic array
+    `z` and the other the same axis of a wide value, or of a concatenation of
+    deterministic and wide blocks (an RNN's step 0, `zeros @ W` or `[x_0,
+    zeros] @ W`, and a later step, `h @ W` or `[x_t, h] @ W`). Along a
     deterministic block the arrays pair entry by entry; along a wide block
     `h`, whose channels are i.i.d. and independent of the index, `Σ_c z_c h′_c`
     tends to `(Σ_c z_c)·E[h′]` (zero for a zero initial state, which is then
-    not evaluated)."""
-    concat_is_a = isinstance(a.inputs, ChannelConcat)
-    concat, arr = (a.inputs, b.inputs) if concat_is_a else (b.inputs, a.inputs)
+    not evaluated; the fluctuation is of order √H against the fan-in)."""
+    wide_is_a = isinstance(a.inputs, Wide)
+    wide, arr = (a.inputs, b.inputs) if wide_is_a else (b.inputs, a.inputs)
+    parts = wide.parts if isinstance(wide, ChannelConcat) else (wide,)
     k = len(a.spatial)
-    if (arr.shape[-1] != concat.width or len(a.spatial) != len(b.spatial)
-        or a.transform is not None or a.input_moment is not None
-        or b.input_moment is not None):
+    if (arr.ndim != 2 + k or arr.shape[-1] != wide.width or wide.hidden or a.traced
+        or len(a.spatial) != len(b.spatial) or a.transform is not None
+        or a.input_moment is not None or b.input_moment is not None):
       raise UnsupportedValueError(
-          f'parameter {a.leaf.name!r} contracts an array and a concatenation of other '
-          'layouts; weight sharing needs the same map.')
+          f'parameter {a.leaf.name!r} contracts an array in one use and a wide value in '
+          'another, in different layouts; weight sharing needs the same map (weight tying '
+          'between an embedding and a readout needs wide_axes=).')
     out, start = ZERO, 0
-    for part in concat.parts:
+    for part in parts:
       block = arr[..., start:start + part.width]
       start += part.width
       if isinstance(part, DetChannels):
-        xa, xb = (part.canonical(), block) if concat_is_a else (block, part.canonical())
+        xa, xb = (part.canonical(), block) if wide_is_a else (block, part.canonical())
         out = out + self._det_contraction(xa, k, xb, k)
         continue
       if not isinstance(block, jax.core.Tracer) and not np.any(np.asarray(block)):
@@ -200,15 +207,13 @@ class Moments:
             f'parameter {a.leaf.name!r} contracts a wide value with spatial axes in one use '
             'and a nonzero array in its place in another; this is not supported yet.')
       total = jnp.sum(block, axis=-1)
-      za, zb = (None, total) if concat_is_a else (total, None)
       pair = []
-      for mode, (wa, wb) in (('cross', ('rows', 'cols')), ('diag1', ('rows', 'rows')),
-                             ('diag2', ('cols', 'cols'))):
-        f = {'rows': self.rows, 'cols': self.cols}
-        ea = f[wa](za) if za is not None else self.wide_first_moment(part, wa)
-        eb = f[wb](zb) if zb is not None else self.wide_first_moment(part, wb)
+      for wa, wb in (('rows', 'cols'), ('rows', 'rows'), ('cols', 'cols')):
+        side = lambda which: self.rows(total) if which == 'rows' else self.cols(total)
+        ea = self.wide_first_moment(part, wa) if wide_is_a else side(wa)
+        eb = side(wb) if wide_is_a else self.wide_first_moment(part, wb)
         ea, eb = jnp.reshape(ea, (-1,)), jnp.reshape(eb, (-1,))
-        pair.append(ea[:, None] * eb[None] if mode == 'cross' else ea * eb)
+        pair.append(ea[:, None] * eb[None] if not pair else ea * eb)
       out = out + PairStats(*pair)
     return out
 
