@@ -208,6 +208,26 @@ def test_input_beside_hidden_units_matches_monte_carlo():
   check_against_mc(k.ntk, ntk, 1, width)
 
 
+def test_is_gaussian_of_an_input_beside_wide_channels():
+  """NT's `is_gaussian`: the input block counts as Gaussian (no variance)."""
+  shapes = {'w1': (D, 8)}
+
+  def with_linear(p, x):
+    return jnp.concatenate([x, x @ p['w1']], -1)
+
+  def with_relu(p, x):
+    return jnp.concatenate([x, jax.nn.relu(x @ p['w1'])], -1)
+
+  assert iw.kernelize(with_linear, shapes_to_params(shapes), param_stats={'w1': UNIT['w1']})(
+      X, None, None).is_gaussian
+  assert not iw.kernelize(with_relu, shapes_to_params(shapes), param_stats={'w1': UNIT['w1']})(
+      X, None, None).is_gaussian
+
+
+def shapes_to_params(shapes):
+  return jax.tree.map(jnp.ones, shapes, is_leaf=lambda s: isinstance(s, tuple))
+
+
 def test_channelwise_map_of_the_input_block_is_deterministic():
   """`tanh([x, h])` applies tanh to the array: `(Σ tanh(x)tanh(x′) + H·E[…])/(D+H)`."""
   width = 32
