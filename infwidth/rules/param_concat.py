@@ -31,7 +31,7 @@ def param_concat_rule(ctx, *invals, **params):
     return spatial.concatenate_rule(ctx, *invals, **params)
   if prim is P.dot_general_p:
     return _dot(ctx, *invals, dimension_numbers=params['dimension_numbers'])
-  if prim is P.slice_p or (spatial._split_p is not None and prim is spatial._split_p):
+  if prim is P.slice_p or (spatial.split_p is not None and prim is spatial.split_p):
     return lookup(prim).rule(ctx, *invals, **params)
   if len(invals) >= 1 and isinstance(invals[0], A.ParamConcat) and prim in _STRUCTURAL:
     return _STRUCTURAL[prim](ctx, invals[0], shape, params)

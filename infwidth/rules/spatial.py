@@ -316,9 +316,9 @@ def _split_roles(eqn, invals, outs):
 
 # `jnp.split` binds `split` (JAX ≥ 0.4.36), which `jax.extend` does not list.
 try:
-  from jax._src.lax.lax import split_p as _split_p
+  from jax._src.lax.lax import split_p
 except ImportError:  # older JAX lowers jnp.split to slices
-  _split_p = None
+  split_p = None
 
 
 def split_rule(ctx, operand, *, sizes, axis, **_):
@@ -338,8 +338,8 @@ def split_rule(ctx, operand, *, sizes, axis, **_):
   return outs
 
 
-if _split_p is not None:
-  register(_split_p, family='spatial', det_roles=_split_roles,
+if split_p is not None:
+  register(split_p, family='spatial', det_roles=_split_roles,
            accepts=(A.ChannelConcat,))(split_rule)
 
 
