@@ -438,6 +438,33 @@ def test_concatenated_parameters_used_whole_are_exact():
   np.testing.assert_allclose(a.nngp, (ha * ta + hb * tb) / (ha + hb), rtol=1e-10)
 
 
+def test_stacked_input_rows_equal_separate_weights_in_a_recurrence():
+  """`[x_t, h] @ concatenate([W_x, W_h], 0)`: the sum of the pieces'
+  contractions with the input's blocks, the same weights at every step."""
+  width, steps = 32, 2
+  x = jax.random.normal(jax.random.PRNGKey(5), (N, steps, D))
+  shapes = {'wx': (D, width), 'wh': (width, width), 'o': (width, 4)}
+  stats = {'wx': iw.ParamStats(0., 1. / D), 'wh': iw.ParamStats(0., 2. / width),
+           'o': iw.ParamStats(0., 1. / width)}
+
+  def stacked(p, x):
+    h = jnp.zeros((x.shape[0], width), x.dtype)
+    for t in range(steps):
+      h = jnp.tanh(jnp.concatenate([x[:, t], h], -1) @ jnp.concatenate([p['wx'], p['wh']], 0))
+    return h @ p['o']
+
+  def separate(p, x):
+    h = jnp.zeros((x.shape[0], width), x.dtype)
+    for t in range(steps):
+      h = jnp.tanh(x[:, t] @ p['wx'] + h @ p['wh'])
+    return h @ p['o']
+
+  a, b = _kernel(stacked, shapes, stats, x), _kernel(separate, shapes, stats, x)
+  np.testing.assert_allclose(a.nngp, b.nngp, rtol=1e-10)
+  np.testing.assert_allclose(a.ntk, b.ntk, rtol=1e-10)
+  assert np.all(np.diag(a.nngp) > 0.05)
+
+
 def test_concatenated_bias_on_an_unsplit_value_is_refused():
   """A concatenated bias added to a value that is not concatenated from the
   same blocks would mix pieces of different moments: refused."""

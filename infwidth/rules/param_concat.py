@@ -8,8 +8,11 @@ contraction with a concatenation of parameters along one of its output axes
 is the concatenation of the contractions with the pieces (a `ChannelConcat`
 of their results, exact whatever the pieces' moments), a concatenated bias
 is added block by block, and a split at the pieces' boundaries gives the
-pieces' results back. Structural maps (reshape, broadcast, transpose,
-squeeze) act on each piece. Everything else is refused.
+pieces' results back. A contraction over the concatenated axis (input rows
+stacked, `[x, h] @ concatenate([W_x, W_h], 0)`) is the sum of the pieces'
+contractions with the matching blocks of its input. Structural maps
+(reshape, broadcast, transpose, squeeze) act on each piece. Everything else
+is refused.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from jax.extend.core import primitives as P
 from infwidth.domain import values as A
 from infwidth.rules import elementwise, linear, spatial, structural
 from infwidth.rules.registry import fact, lookup, register_value_kind
+from infwidth.rules.wide_ops import add_wides
 
 
 @register_value_kind(A.ParamConcat)
@@ -50,11 +54,11 @@ def _dot(ctx, lhs, rhs, *, dimension_numbers):
   pc_is_lhs = isinstance(lhs, A.ParamConcat)
   pcat = lhs if pc_is_lhs else rhs
   pcon, pbat = (lc, lb) if pc_is_lhs else (rc, rb)
-  if pcat.axis in pcon or pcat.axis in pbat:
-    raise ctx.unsupported(
-        'a contraction over the axis along which parameters are concatenated (stacked '
-        'input rows of a weight) is not supported yet; contract each piece with its own '
-        'input instead')
+  x = rhs if pc_is_lhs else lhs
+  if pcat.axis in pbat:
+    raise ctx.unsupported('a batch dimension along which parameters are concatenated')
+  if pcat.axis in pcon:
+    return _dot_stacked(ctx, pcat, x, pc_is_lhs, dimension_numbers)
   free = [i for i in range(len(pcat.shape)) if i not in pcon and i not in pbat]
   n_lhs_free = len(lhs.shape) - len(lc) - len(lb)
   out_axis = len(lb) + free.index(pcat.axis) + (0 if pc_is_lhs else n_lhs_free)
@@ -75,6 +79,54 @@ def _dot(ctx, lhs, rhs, *, dimension_numbers):
     raise ctx.unsupported('a contraction with parameters concatenated along an axis that '
                           'does not become the channel axis of the result')
   return A.ChannelConcat(out_shape, results[0].roles, (), parts=tuple(results))
+
+
+def _dot_stacked(ctx, pcat: A.ParamConcat, x, pc_is_lhs: bool, dimension_numbers):
+  """A contraction over the axis along which parameters are concatenated
+  (`[x, h] @ concatenate([W_x, W_h], 0)`, stacked input rows): `Σ_k y_k W_k`,
+  the sum of each piece's contraction with the matching block of the input."""
+  (lc, rc), _ = dimension_numbers
+  pcon, xcon = (lc, rc) if pc_is_lhs else (rc, lc)
+  x_axis = xcon[list(pcon).index(pcat.axis)]
+  widths = list(pcat.widths)
+  if isinstance(x, A.ChannelConcat) and x.channel_axis == x_axis and (
+      [p.width for p in x.parts] == widths):
+    blocks = [spatial.det_block(p) for p in x.parts]
+  elif isinstance(x, A.Det):
+    bounds = np.cumsum([0] + widths)
+    blocks = []
+    for k in range(len(widths)):
+      index = [slice(None)] * len(x.shape)
+      index[x_axis] = slice(bounds[k], bounds[k + 1])
+      compact = x.compact
+      if compact is not None and np.shape(compact)[x_axis] != 1:
+        compact = compact[tuple(index)]
+      blocks.append(A.Det(x.value[tuple(index)], x.roles, compact))
+  else:
+    raise ctx.unsupported('a contraction over the axis along which parameters are '
+                          'concatenated, with a value that is not concatenated from blocks of '
+                          'the same sizes along that axis')
+  out_shape = tuple(ctx.eqn.outvars[0].aval.shape)
+  wides = []
+  for piece, block in zip(pcat.pieces, blocks):
+    args = (piece, block) if pc_is_lhs else (block, piece)
+    out = linear.param_dot(ctx, *args, dimension_numbers, out_shape)
+    if isinstance(out, A.Wide):
+      wides.append(out)
+    elif not isinstance(out, A.Det):
+      raise ctx.unsupported('a contraction of concatenated parameters whose pieces give '
+                            'values of different kinds')
+  if not wides:  # zero inputs: zeros
+    dtype = ctx.eqn.outvars[0].aval.dtype
+    return A.Det(np.zeros(out_shape, dtype), out.roles,
+                 compact=np.zeros((1,) * len(out_shape), dtype))
+  if any(w.roles != wides[0].roles or isinstance(w, A.ChannelConcat) for w in wides):
+    raise ctx.unsupported('a contraction of concatenated parameters whose pieces give values '
+                          'of different layouts')
+  total = wides[0]
+  for w in wides[1:]:
+    total = add_wides(total, w)
+  return total
 
 
 def _per_piece(ctx, pcat: A.ParamConcat, out_shape, out_axis, rule, shape_param=None,
