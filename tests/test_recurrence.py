@@ -218,6 +218,21 @@ def test_a_while_loop_of_unknown_length_is_refused_with_its_line():
     kernel(until_small)
 
 
+@pytest.mark.filterwarnings('ignore:parameter moments estimated')
+def test_a_refusal_inside_a_library_cell_names_the_users_line():
+  """A Flax cell's step is traced inside Flax: the error names the line of
+  the user's `nn.RNN` call, not an unknown location."""
+  class M(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(1)(nn.RNN(nn.SimpleCell(16, activation_fn=jax.nn.softmax))(x)[:, -1])
+  x = X[:, :2].astype(jnp.float32)
+  v = M().init(jax.random.PRNGKey(1), x)
+  with pytest.raises(iw.UnsupportedPrimitiveError,
+                     match=r'(?s)reduce_max.*at: .*test_recurrence.py:\d+ \(.*M\.__call__\)'):
+    iw.kernelize(M().apply, v)(x, None, 'nngp')
+
+
 def test_flax_scan_over_layers_equals_the_unrolled_layers():
   """`nn.scan` of a block with `variable_axes={'params': 0}`: the parameters
   of the layers stacked, each step a slice (an independent weight)."""

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from infwidth.domain.values import (ZERO, ChannelConcat, Combo, KernelSource,
+from infwidth.domain.values import (ZERO, ChannelConcat, Combo, DetChannels, KernelSource,
                               LinearSource, MappedSource, NeedFullSpatial, NoiseSource, PairStats,
                               ParamSource, Source, Term, Wide, _add, _is_zero, _mul, align,
                               at_channel, batch_diagonal, channel_arrays, term_leaves)
@@ -158,6 +158,12 @@ class Moments:
       out = a.input_moment(self, ya, yb)  # e.g. a convolution's patches of the input
     elif not isinstance(ya, Wide) and not isinstance(yb, Wide):
       out = self._det_contraction(ya, len(a.spatial), yb, len(b.spatial))
+    elif isinstance(ya, ChannelConcat) or isinstance(yb, ChannelConcat) or (
+        getattr(a, 'contracted_leaf_axes', None) is not None
+        and a.contracted_leaf_axes == getattr(b, 'contracted_leaf_axes', None)):
+      # The same axes of the weight summed: an array where the other use has
+      # wide channels (an RNN's initial state against a later step).
+      out = self._det_with_wide(a, b)
     else:
       raise UnsupportedValueError(
           f'parameter {a.leaf.name!r} contracts both an input axis and a wide axis; '
@@ -167,6 +173,60 @@ class Moments:
                         for x, lead in ((out.cross, 2), (out.diag1, 1), (out.diag2, 1))))
     self._cache[key] = out
     return out
+
+  def _det_with_wide(self, a: 'LinearSource', b: 'LinearSource') -> PairStats:
+    """`Σ_c y_c y′_c` where one use of a weight contracts a deterministic array
+    `z` and the other the same axis of a wide value, or of a concatenation of
+    deterministic and wide blocks (an RNN's step 0, `zeros @ W` or `[x_0,
+    zeros] @ W`, and a later step, `h @ W` or `[x_t, h] @ W`). Along a
+    deterministic block the arrays pair entry by entry; along a wide block
+    `h`, whose channels are i.i.d. and independent of the index, `Σ_c z_c h′_c`
+    tends to `(Σ_c z_c)·E[h′]` (zero for a zero initial state, which is then
+    not evaluated; the fluctuation is of order √H against the fan-in)."""
+    wide_is_a = isinstance(a.inputs, Wide)
+    wide, arr = (a.inputs, b.inputs) if wide_is_a else (b.inputs, a.inputs)
+    parts = wide.parts if isinstance(wide, ChannelConcat) else (wide,)
+    k = len(a.spatial)
+    if (arr.ndim != 2 + k or arr.shape[-1] != wide.width or wide.hidden or a.traced
+        or len(a.spatial) != len(b.spatial) or a.transform is not None
+        or a.input_moment is not None or b.input_moment is not None):
+      raise UnsupportedValueError(
+          f'parameter {a.leaf.name!r} contracts an array in one use and a wide value in '
+          'another, in different layouts; weight sharing needs the same map (weight tying '
+          'between an embedding and a readout needs wide_axes=).')
+    out, start = ZERO, 0
+    for part in parts:
+      block = arr[..., start:start + part.width]
+      start += part.width
+      if isinstance(part, DetChannels):
+        xa, xb = (part.canonical(), block) if wide_is_a else (block, part.canonical())
+        out = out + self._det_contraction(xa, k, xb, k)
+        continue
+      if not isinstance(block, jax.core.Tracer) and not np.any(np.asarray(block)):
+        continue
+      if part.spatial:
+        raise UnsupportedValueError(
+            f'parameter {a.leaf.name!r} contracts a wide value with spatial axes in one use '
+            'and a nonzero array in its place in another; this is not supported yet.')
+      total = jnp.sum(block, axis=-1)
+      pair = []
+      for wa, wb in (('rows', 'cols'), ('rows', 'rows'), ('cols', 'cols')):
+        side = lambda which: self.rows(total) if which == 'rows' else self.cols(total)
+        ea = self.wide_first_moment(part, wa) if wide_is_a else side(wa)
+        eb = side(wb) if wide_is_a else self.wide_first_moment(part, wb)
+        ea, eb = jnp.reshape(ea, (-1,)), jnp.reshape(eb, (-1,))
+        pair.append(ea[:, None] * eb[None] if not pair else ea * eb)
+      out = out + PairStats(*pair)
+    return out
+
+  def _det_channels_pair(self, a: Wide, b: Wide) -> PairStats:
+    """Per-channel moment of two deterministic channel blocks, `x·x′/D`."""
+    if not (isinstance(a, DetChannels) and isinstance(b, DetChannels)):
+      raise UnsupportedValueError(
+          'a deterministic block of a channel concatenation meets a wide block of another '
+          'concatenation at the same channels; the concatenations must have the same blocks.')
+    st = self._det_contraction(a.canonical(), len(a.spatial), b.canonical(), len(b.spatial))
+    return _scale_stats(st, 1.0 / a.width)
 
   def _det_contraction(self, xa, ka, xb, kb) -> PairStats:
     """`(B, *Sa, *C)` · `(B, *Sb, *C)` summed over the contracted axes C."""
@@ -209,7 +269,7 @@ class Moments:
     else:
       # DESIGN §2: Θ_z = c²·M·w (W's own gradient) + c²·n·v·Θ_y (through W).
       out = _mul(c * leaf.ntk_weight, self.input_moment(a, b).cross)
-      if isinstance(a.inputs, Wide) and a.random:
+      if isinstance(a.inputs, Wide) and isinstance(b.inputs, Wide) and a.random:
         t = self.wide_ntk(a.inputs, b.inputs)
         if a.traced and not isinstance(t, float):
           t = trace_spatial(t, 2, a.inputs.spatial, b.inputs.spatial, a.traced, self.diag)
@@ -355,6 +415,9 @@ class Moments:
     """`E[w_i]` per input for a channel `i` drawn uniformly: for a value
     concatenated along its channel axis, the blocks' means weighted by their
     channel counts (what a sum over the channels divided by the width gives)."""
+    if isinstance(w, DetChannels):
+      x = w.canonical()
+      return jnp.mean(self.rows(x) if which == 'rows' else self.cols(x), axis=-1)
     if isinstance(w, ChannelConcat):
       out = 0.0
       for f, part in zip(w.fractions, w.parts):
@@ -565,6 +628,9 @@ class Moments:
     key = ('wide', id(a), id(b))
     if key in self._cache:
       return self._cache[key]
+    if isinstance(a, DetChannels) or isinstance(b, DetChannels):
+      self._cache[key] = self._det_channels_pair(a, b)
+      return self._cache[key]
     if isinstance(a, ChannelConcat) or isinstance(b, ChannelConcat):
       out = ZERO
       for f, pa, pb in _concat_parts(a, b):
@@ -577,7 +643,10 @@ class Moments:
   def wide_ntk(self, a: Wide, b: Wide):
     key = ('widentk', id(a), id(b))
     if key not in self._cache:
-      if isinstance(a, ChannelConcat) or isinstance(b, ChannelConcat):
+      if isinstance(a, DetChannels) or isinstance(b, DetChannels):
+        self._det_channels_pair(a, b)  # the same blocks on both sides
+        self._cache[key] = 0.0  # no parameters: no NTK
+      elif isinstance(a, ChannelConcat) or isinstance(b, ChannelConcat):
         out = 0.0
         for f, pa, pb in _concat_parts(a, b):
           out = _add(out, _mul(f, self.wide_ntk(pa, pb)))

@@ -577,6 +577,51 @@ class ChannelConcat(Wide):
     return tuple(p.width / self.width for p in self.parts)
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class DetChannels(Wide):
+  """A deterministic block of a `ChannelConcat`: an input array `x`
+  concatenated with wide values along their channel axis
+  (`jnp.concatenate([x_t, h], -1)` in an LSTM).
+
+  `value` is the array in the value's layout (`shape`, `roles`), with `D`
+  channels. A contraction over the concatenated axis sums `Σ_c x_c x′_c`
+  over its channels, so its per-channel moment is `x·x′/D` and the
+  concatenation's moment the average weighted by the blocks' sizes
+  (docs/semantics.md, "Inputs concatenated with wide values"). It has no
+  NTK and, like a Gaussian block, needs no nonlinearity's expectation.
+  `terms` is empty; only `ChannelConcat` holds it.
+  """
+  value: Any = None
+
+  def canonical(self):
+    """The array in canonical input layout `(B|1, *S, D)`."""
+    v = jnp.asarray(self.value)
+    b = [i for i, r in enumerate(self.roles) if r == 'b']
+    s = [i for i, r in enumerate(self.roles) if r not in ('b', 'c', None)]
+    c = [i for i, r in enumerate(self.roles) if r == 'c']
+    rest = [i for i, r in enumerate(self.roles) if r is None]
+    v = jnp.transpose(v, b + s + c + rest)
+    v = v.reshape(v.shape[:len(b) + len(s)] + (int(np.prod([self.shape[i] for i in c])),))
+    return v if b else v[None]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ParamConcat:
+  """Parameter views concatenated along axis `axis` (Flax's
+  `OptimizedLSTMCell` concatenates its four gate kernels `(H, H)` into one
+  `(H, 4H)`). Each piece stays its own leaf: a contraction gives a
+  `ChannelConcat` of the pieces' results, which a split at the piece
+  boundaries takes apart again.
+  """
+  pieces: Tuple[ParamRef, ...]
+  shape: Tuple[int, ...]
+  axis: int
+
+  @property
+  def widths(self) -> Tuple[int, ...]:
+    return tuple(p.shape[self.axis] for p in self.pieces)
+
+
 # ----------------------------------------------------------------------------
 # Per-channel arrays inside wide values.
 

@@ -341,6 +341,8 @@ def _average_hidden(out: A.Wide, moments: M.Moments, st, ntk):
 def _is_gaussian(w: A.Wide) -> bool:
   """NT's `is_gaussian`: Gaussian sources combined linearly, plus a deterministic
   offset (no nonlinearity), and not flattened (whose channels are not i.i.d.)."""
+  if isinstance(w, A.DetChannels):
+    return True  # deterministic channels: Gaussian with no variance (NT's input)
   if isinstance(w, A.ChannelConcat):
     return all(_is_gaussian(p) for p in w.parts)
   gaussian = lambda s: (s.gaussian if isinstance(s, A.MappedSource) else

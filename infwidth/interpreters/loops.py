@@ -72,6 +72,10 @@ def _known(x) -> bool:
 
 
 def _visit(eqn, invals, _callers):
+  if source_location(eqn) is None:
+    # No line of the user's (a loop body traced inside Flax's `nn.RNN`): the
+    # new equations keep the enclosing loop's line.
+    return _unrolled(eqn, invals)
   with source_of(eqn):
     return _unrolled(eqn, invals)
 

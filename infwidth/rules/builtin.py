@@ -1,4 +1,4 @@
 """Registers the built-in kernel rules (imported by the kernel interpreter)."""
 
-from infwidth.rules import (conv, elementwise, linear, random, reductions, spatial, stack,  # noqa: F401
-                            structural)
+from infwidth.rules import (conv, elementwise, linear, param_concat, random,  # noqa: F401
+                            reductions, spatial, stack, structural)

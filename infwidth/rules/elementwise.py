@@ -66,16 +66,21 @@ def _single_param(w: A.Wide):
 
 def elementwise_rule(ctx, *invals, **params):
   shape = tuple(ctx.eqn.outvars[0].aval.shape)
-  if any(isinstance(v, A.ChannelConcat) for v in invals):
-    return _per_channel_block(ctx, shape, invals, params)
+  if any(isinstance(v, (A.ChannelConcat, A.ParamConcat)) for v in invals):
+    return per_block(ctx, shape, invals, params)
   return _elementwise(ctx, shape, invals, params)
 
 
-def _per_channel_block(ctx, shape, invals, params) -> A.ChannelConcat:
-  """A channelwise map of values concatenated along the channel axis is the
-  concatenation of the map of each block."""
-  concat = next(v for v in invals if isinstance(v, A.ChannelConcat))
-  axis, widths = concat.channel_axis, [p.width for p in concat.parts]
+def per_block(ctx, shape, invals, params):
+  """A channelwise map of values concatenated along the channel axis (or of
+  parameters concatenated along an axis) is the concatenation of the map of
+  each block: a `ChannelConcat` (a `ParamConcat` where every block stays a
+  parameter view)."""
+  concat = next(v for v in invals if isinstance(v, (A.ChannelConcat, A.ParamConcat)))
+  if isinstance(concat, A.ParamConcat):
+    axis, widths = concat.axis, list(concat.widths)
+  else:
+    axis, widths = concat.channel_axis, [p.width for p in concat.parts]
   bounds = np.cumsum([0] + widths)
   parts = []
   for k, width in enumerate(widths):
@@ -84,10 +89,15 @@ def _per_channel_block(ctx, shape, invals, params) -> A.ChannelConcat:
     args = []
     for v in invals:
       if isinstance(v, A.ChannelConcat):
-        if [p.width for p in v.parts] != widths or v.roles != concat.roles:
+        if [p.width for p in v.parts] != widths or v.channel_axis != axis:
           raise ctx.unsupported('a channelwise map of values concatenated from different '
                                 'channel blocks')
         args.append(v.parts[k])
+      elif isinstance(v, A.ParamConcat):
+        if list(v.widths) != widths or v.axis != axis:
+          raise ctx.unsupported('parameters concatenated from pieces meet a value that is not '
+                                'concatenated from blocks of the same sizes along the same axis')
+        args.append(v.pieces[k])
       elif isinstance(v, Det) and len(v.shape) == len(shape) and v.shape[axis] == shape[axis] > 1:
         compact = v.compact
         if compact is not None and np.shape(compact)[axis] != 1:
@@ -96,13 +106,48 @@ def _per_channel_block(ctx, shape, invals, params) -> A.ChannelConcat:
       elif isinstance(v, Det):
         args.append(v)
       else:
-        raise ctx.unsupported('a channelwise map of a value concatenated along its channel '
-                              'axis and a value that is not concatenated the same way')
+        raise ctx.unsupported(
+            'a channelwise map of a value concatenated along its channel axis (or of '
+            'parameters concatenated) and a value that is not concatenated the same way; '
+            'split the concatenation at its blocks first')
     part_shape = shape[:axis] + (width,) + shape[axis + 1:]
-    parts.append(_elementwise(ctx, part_shape, args, params))
-  if any(not isinstance(p, A.Wide) or p.roles != parts[0].roles for p in parts):
-    raise InternalError('the blocks of a channel concatenation lost their layout')
+    if any(isinstance(a, A.DetChannels) for a in args):
+      parts.append(_det_block_map(ctx, part_shape, args))
+    else:
+      parts.append(_elementwise(ctx, part_shape, args, params))
+  return _assemble(ctx, shape, axis, parts)
+
+
+def _det_block_map(ctx, shape, args) -> A.DetChannels:
+  """A channelwise map of a block of deterministic channels: the map of the
+  array (deterministic values give deterministic values)."""
+  det = next(a for a in args if isinstance(a, A.DetChannels))
+  if not all(isinstance(a, (Det, A.DetChannels)) for a in args):
+    raise ctx.unsupported('an elementwise map of an array concatenated with wide values and '
+                          'of a wide value at the same channels')
+  vals = [Det(a.value, a.roles) if isinstance(a, A.DetChannels) else a for a in args]
+  out = ctx.fold(vals)
+  xp = jnp if isinstance(out.value, jax.core.Tracer) else np
+  return A.DetChannels(shape, det.roles, (), value=xp.broadcast_to(out.value, shape))
+
+
+def _assemble(ctx, shape, axis, parts):
+  if all(isinstance(p, A.ParamRef) for p in parts):
+    return A.ParamConcat(tuple(parts), shape, axis)
+  if all(isinstance(p, Det) for p in parts):
+    xp = jnp if any(isinstance(p.value, jax.core.Tracer) for p in parts) else np
+    return Det(xp.concatenate([xp.broadcast_to(p.value, _block_shape(shape, axis, p))
+                               for p in parts], axis), parts[0].roles)
+  if any(not isinstance(p, A.Wide) or isinstance(p, A.ChannelConcat) or p.roles != parts[0].roles
+         or p.channel_axis != axis for p in parts):
+    raise ctx.unsupported('a channelwise map of concatenated blocks whose results are not '
+                          'all wide values of one layout (e.g. parameters concatenated and '
+                          'combined with constants only in some blocks)')
   return A.ChannelConcat(shape, parts[0].roles, (), parts=tuple(parts))
+
+
+def _block_shape(shape, axis, d: Det):
+  return shape[:axis] + (d.shape[axis],) + shape[axis + 1:]
 
 
 def _elementwise(ctx, shape, invals, params):

@@ -28,6 +28,12 @@ def _dot_general_roles(eqn, invals, outs):
 @register(P.dot_general_p, family='linear', accepts=(A.ChannelConcat,),
           det_roles=_dot_general_roles, structured='dot')
 def dot_general_rule(ctx, lhs, rhs, *, dimension_numbers, **_):
+  return param_dot(ctx, lhs, rhs, dimension_numbers, tuple(ctx.eqn.outvars[0].aval.shape))
+
+
+def param_dot(ctx, lhs, rhs, dimension_numbers, out_shape):
+  """`dot_general` of a parameter view and a value, with result shape
+  `out_shape` (a piece of a concatenation of parameters has its own)."""
   (lc, rc), (lb, rb) = dimension_numbers
   kinds = {type(lhs), type(rhs)}
   if kinds == {A.Det, A.Wide}:
@@ -57,7 +63,6 @@ def dot_general_rule(ctx, lhs, rhs, *, dimension_numbers, **_):
         f'parameter {p.leaf.name!r} of shape {p.leaf.shape} has no output axis from its own '
         'entries after its contraction (every free axis is added by a broadcast).')
   x_free = [i for i in range(len(x.shape)) if i not in xc]
-  out_shape = tuple(ctx.eqn.outvars[0].aval.shape)
   # dot_general output: lhs free axes, then rhs free axes.
   x_roles = [x.roles[i] for i in x_free]
   p_roles = ['c' if i in big else None for i in p_free]

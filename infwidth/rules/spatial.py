@@ -167,6 +167,10 @@ def per_part(operand, out_shape, fn, dropped=()):
     return fn(operand, out_shape)
   axis = operand.channel_axis
   axis -= sum(1 for a in dropped if a < axis)
+  if any(isinstance(p, A.DetChannels) for p in operand.parts):
+    raise UnsupportedValueError('a spatial map (pooling, a sum over positions) of an array '
+                                'concatenated with wide values along their channel axis is '
+                                'not supported yet')
   parts = []
   for part in operand.parts:
     shape = list(out_shape)
@@ -236,7 +240,7 @@ def _spatial_sum_one(ctx, operand, axes, out_shape):
   return map_axes(ctx, operand, per_axis, out_shape)
 
 
-@register(P.slice_p, family='spatial', det_roles=resized_roles)
+@register(P.slice_p, family='spatial', det_roles=resized_roles, accepts=(A.ChannelConcat,))
 def slice_rule(ctx, operand, *, start_indices, limit_indices, strides=None, **_):
   out_shape = tuple(ctx.eqn.outvars[0].aval.shape)
   strides = strides or (1,) * len(out_shape)
@@ -247,6 +251,8 @@ def slice_rule(ctx, operand, *, start_indices, limit_indices, strides=None, **_)
 
 def _slice(ctx, operand, start_indices, limit_indices, strides, out_shape):
   _check_wide(ctx, operand, 'slicing')
+  if isinstance(operand, (A.ChannelConcat, A.ParamConcat)):
+    return concat_slice(ctx, operand, start_indices, limit_indices, strides, out_shape)
   per_axis = {}
   for ax, r in enumerate(operand.roles):
     if (start_indices[ax], limit_indices[ax], strides[ax]) == (0, operand.shape[ax], 1):
@@ -310,9 +316,9 @@ def _split_roles(eqn, invals, outs):
 
 # `jnp.split` binds `split` (JAX ≥ 0.4.36), which `jax.extend` does not list.
 try:
-  from jax._src.lax.lax import split_p as _split_p
+  from jax._src.lax.lax import split_p
 except ImportError:  # older JAX lowers jnp.split to slices
-  _split_p = None
+  split_p = None
 
 
 def split_rule(ctx, operand, *, sizes, axis, **_):
@@ -332,8 +338,9 @@ def split_rule(ctx, operand, *, sizes, axis, **_):
   return outs
 
 
-if _split_p is not None:
-  register(_split_p, family='spatial', det_roles=_split_roles)(split_rule)
+if split_p is not None:
+  register(split_p, family='spatial', det_roles=_split_roles,
+           accepts=(A.ChannelConcat,))(split_rule)
 
 
 @register(P.dynamic_slice_p, family='spatial', det_roles=resized_roles)
@@ -388,6 +395,66 @@ def pad_rule(ctx, operand, padding_value, *, padding_config, **_):
   return map_axes(ctx, operand, per_axis, out_shape)
 
 
+def _det_channels(ctx, d: Det, like: A.Wide, dimension: int) -> A.DetChannels:
+  """A deterministic array concatenated with wide values along their channel
+  axis (`jnp.concatenate([x_t, h], -1)`): a block of deterministic channels."""
+  if like.roles.count('c') != 1 or like.hidden:
+    raise ctx.unsupported('concatenating an array with a wide value whose channels span '
+                          'several axes, or after a Flatten')
+  if any(n != m for i, (n, m) in enumerate(zip(d.shape, like.shape)) if i != dimension):
+    raise InternalError(f'concatenated shapes {d.shape} and {like.shape}')
+  return A.DetChannels(d.shape, like.roles, (), value=d.value)
+
+
+def det_block(part: A.Wide):
+  """A block of a channel concatenation as a value of its own: a block of
+  deterministic channels is the array again."""
+  if isinstance(part, A.DetChannels):
+    return Det(part.value, tuple(None if r == 'c' else r for r in part.roles))
+  return part
+
+
+def _param_concat(ctx, operands, dimension, out_shape) -> A.ParamConcat:
+  """Parameter views concatenated: each piece stays its own leaf."""
+  pieces = []
+  for o in operands:
+    if isinstance(o, A.ParamConcat):
+      if o.axis != dimension:
+        raise ctx.unsupported('concatenating parameters along two different axes')
+      pieces.extend(o.pieces)
+    else:
+      pieces.append(o)
+  if any(p.axes[dimension] is None for p in pieces):
+    raise ctx.unsupported('concatenating parameters along an axis of size one added by a '
+                          'reshape or broadcast')
+  return A.ParamConcat(tuple(pieces), out_shape, dimension)
+
+
+def concat_slice(ctx, operand, starts, limits, strides, out_shape):
+  """A slice of a concatenation (of wide values along their channel axis, or
+  of parameters) at its blocks' boundaries: the blocks themselves."""
+  is_param = isinstance(operand, A.ParamConcat)
+  ax = operand.axis if is_param else operand.channel_axis
+  widths = operand.widths if is_param else [p.width for p in operand.parts]
+  blocks = operand.pieces if is_param else operand.parts
+  bounds = list(np.cumsum([0] + list(widths)))
+  if any((starts[i], limits[i], strides[i]) != (0, operand.shape[i], 1)
+         for i in range(len(operand.shape)) if i != ax):
+    raise ctx.unsupported('slicing a concatenation along another axis than the '
+                          'concatenated one')
+  if strides[ax] != 1 or starts[ax] not in bounds or limits[ax] not in bounds:
+    raise ctx.unsupported(
+        'a slice of a concatenation that is not a union of its blocks ' +
+        ('(parameters concatenated: a slice must take whole pieces)' if is_param else
+         '(values concatenated along their channel axis)'))
+  picked = tuple(blocks[bounds.index(starts[ax]):bounds.index(limits[ax])])
+  if len(picked) == 1:
+    return picked[0] if is_param else det_block(picked[0])
+  if is_param:
+    return A.ParamConcat(picked, tuple(out_shape), ax)
+  return A.ChannelConcat(tuple(out_shape), picked[0].roles, (), parts=picked)
+
+
 def _channel_concat(ctx, wides, out_shape) -> A.ChannelConcat:
   """Concatenation along the channel axis: channel blocks of different values."""
   parts = []
@@ -403,10 +470,22 @@ def _channel_concat(ctx, wides, out_shape) -> A.ChannelConcat:
           det_roles=resized_roles)
 def concatenate_rule(ctx, *operands, dimension, **_):
   out_shape = tuple(ctx.eqn.outvars[0].aval.shape)
+  params = [o for o in operands if isinstance(o, (A.ParamRef, A.ParamConcat))]
+  if params:
+    if len(params) != len(operands):
+      raise ctx.unsupported('concatenating parameters with other values')
+    return _param_concat(ctx, operands, dimension, out_shape)
   wides = [o for o in operands if isinstance(o, A.Wide)]
-  if len(wides) != len(operands):
-    raise ctx.unsupported('concatenating a wide value with deterministic values or parameters')
   r = wides[0].roles[dimension]
+  if len(wides) != len(operands):
+    if r != 'c':
+      raise ctx.unsupported('concatenating a wide value with deterministic values along an '
+                            'axis other than its channel axis')
+    # Input features beside wide channels (`[x_t, h] @ W` in an LSTM): a
+    # contraction sums both blocks, x·x′ + H·E[h h′] (docs/semantics.md).
+    return _channel_concat(ctx, [o if isinstance(o, A.Wide) else
+                                 _det_channels(ctx, o, wides[0], dimension) for o in operands],
+                           out_shape)
   if r == 'c':
     return _channel_concat(ctx, wides, out_shape)
   if any(isinstance(w, A.ChannelConcat) for w in wides):

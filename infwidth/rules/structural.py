@@ -178,6 +178,9 @@ def _reshape_concat(operand: A.ChannelConcat, new) -> A.ChannelConcat:
   """A Flatten of values concatenated along their channel axis: each block
   flattened alone (a readout sums over all flattened channels, so their
   order does not matter; the blocks keep their channel counts)."""
+  if any(isinstance(p, A.DetChannels) for p in operand.parts):
+    raise UnsupportedValueError('a reshape of an array concatenated with wide values along '
+                                'their channel axis is not supported yet')
   groups = _reshape_groups(operand.shape, new)
   axis = operand.channel_axis
   j = next((j for j, g in enumerate(groups) if g is not None and axis in g), None)
