@@ -609,6 +609,8 @@ RULE_CASES = {
     P['split']: [
         Spatial('positions', op=lambda y: jnp.split(y, [2], axis=1)[1]),
         Spatial('channels', op=lambda y: jnp.split(y, 2, axis=-1)[1])],
+    P['stack']: [
+        Spatial('positions', op=lambda y: jnp.stack([y[:, 0], y[:, -1], y[:, 1]], axis=1))],
     P['dynamic_slice']: [
         Spatial('dynamic', op=lambda y: lax.dynamic_slice_in_dim(y, 1, 3, axis=1)),
         Spatial('clamped_start', op=lambda y: lax.dynamic_slice_in_dim(y, 4, 3, axis=1))],
@@ -661,7 +663,7 @@ DEFAULT_ROWS = {
     'dot_general-weight_right', 'dot_general-weight_left', 'conv_general_dilated-conv_same',
     'conv_general_dilated-conv_of_wide', 'transpose-ncw_to_nwc', 'reshape-flatten',
     'squeeze-squeeze', 'broadcast_in_dim-expand_dims', 'slice-crop', 'slice-channels', 'split-channels',
-    'dynamic_slice-dynamic', 'pad-zero_pad', 'rev-flip', 'concatenate-with_reversed',
+    'stack-positions', 'dynamic_slice-dynamic', 'pad-zero_pad', 'rev-flip', 'concatenate-with_reversed',
     'concatenate-channels', 'concatenate-channels_of_two_chains', 'mul-gated', 'gather-embedding',
     'reduce_sum-layer_norm_of_relu', 'reduce_sum-global_mean',
     'reduce_window_sum-avg_pool', 'reduce_window-jnp_add_traced_init',
