@@ -10,6 +10,9 @@ the requirements pass (`requirements.py`).
 
 from __future__ import annotations
 
+import contextlib
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -146,9 +149,26 @@ def _trace_kernels(apply_fn, shapes, leaves_info, apply_kwargs, spec, n1, n2, x1
     return leaves
 
   n_joint = n1 if x1_is_x2 else n1 + n2
-  closed = trace(kernels_of, *[jax.ShapeDtypeStruct((n_joint,) + s.shape, s.dtype)
-                               for s in specs])
+  with _deep_recursion():
+    closed = trace(kernels_of, *[jax.ShapeDtypeStruct((n_joint,) + s.shape, s.dtype)
+                                 for s in specs])
   return closed, out_tree[0]
+
+
+#: Python frames the moment engine may need: it recurses through the values
+#: a kernel depends on, about ten frames per layer or loop step.
+RECURSION_LIMIT = 20_000
+
+
+@contextlib.contextmanager
+def _deep_recursion():
+  """A recursion limit for networks hundreds of layers (or steps) deep."""
+  old = sys.getrecursionlimit()
+  sys.setrecursionlimit(max(old, RECURSION_LIMIT))
+  try:
+    yield
+  finally:
+    sys.setrecursionlimit(old)
 
 
 def _input_roles(leaf, ndim):
