@@ -26,6 +26,7 @@ import pytest
 from jax import lax
 
 import infwidth as iw
+from rule_oracles import max_of_two_moments
 from infwidth.domain.needs import Need
 from infwidth.interpreters.compat import CALL_PRIMITIVES
 from infwidth.interpreters.flat_program import flatten
@@ -67,7 +68,19 @@ def _shapes(width, filt=(3,), hidden=(), d=D):
   return s
 
 
+_CACHE = {}
+
+
 def _kernel(net, shapes, x, jit=False, **options):
+  """NNGP and NTK with exact moments (they do not depend on the width),
+  memoised for the module's named networks (several tests read one kernel)."""
+  key = (net, jit, np.asarray(x).tobytes(), np.shape(x), repr(sorted(options.items())))
+  if key not in _CACHE:
+    _CACHE[key] = _kernel_uncached(net, shapes, x, jit, **options)
+  return _CACHE[key]
+
+
+def _kernel_uncached(net, shapes, x, jit=False, **options):
   stats = unit_stats(shapes)
   params = sample_gaussian(jax.random.PRNGKey(99), shapes, stats)
   kf = iw.kernelize(net, params, param_stats=stats, **options)
@@ -95,29 +108,6 @@ def _conv1d_kernel(x, window=3):
   return SW ** 2 * np.einsum('aip,bjp->abij', patches, patches) / (window * d) + SB ** 2
 
 
-def _max_of_two_closed_form(k, windows):
-  """E[m_o m′_o′] and Θ_m for m_o = max(h[i_o], h[j_o]) of a Gaussian h with
-  kernel = NTK `k` (N, N, L, L); windows: (i_o, j_o) pairs."""
-  i = np.array([w[0] for w in windows])
-  j = np.array([w[-1] for w in windows])
-  cross = lambda a, b: k[:, :, a][:, :, :, b]                     # (N, N, O, O)
-  kii, kij, kji, kjj = cross(i, i), cross(i, j), cross(j, i), cross(j, j)
-  n = k.shape[0]
-  same = k[np.arange(n), np.arange(n)]                              # (N, L, L)
-  var_d = same[:, i, i] - 2 * same[:, i, j] + same[:, j, j]         # (N, O)
-  a, b = var_d[:, None, :, None], var_d[None, :, None, :]
-  c = kii - kij - kji + kjj
-  ab = a * b
-  root = np.sqrt(np.maximum(ab, 0))
-  rho = np.where(ab > 0, c / np.where(ab > 0, root, 1), 0.)
-  rho = np.clip(rho, -1, 1)
-  abs_moment = 2 / np.pi * (np.sqrt(np.maximum(ab - c ** 2, 0)) + c * np.arcsin(rho))
-  second = (kii + kij + kji + kjj) / 4 + abs_moment / 4
-  p = np.arcsin(rho) / (2 * np.pi)
-  theta = (0.25 + p) * (kii + kjj) + (0.25 - p) * (kij + kji)
-  return second, theta
-
-
 def _readout_of_mean(second, theta):
   """NNGP and NTK of `dense(mean over positions)` of a value with these moments."""
   nngp = RW ** 2 * second.mean((2, 3)) + RB ** 2
@@ -143,7 +133,7 @@ def test_window_of_two_matches_the_closed_form(length, padding, windows):
   x = _x((length, D))
   k = _kernel(_gaussian_pool_net(2, 2, padding), _shapes(16), x)
   kh = _conv1d_kernel(x)
-  nngp, ntk = _readout_of_mean(*_max_of_two_closed_form(kh, windows))
+  nngp, ntk = _readout_of_mean(*max_of_two_moments(kh, windows))
   # The quasi-Monte Carlo rule's error at its default point count: < 1%.
   np.testing.assert_allclose(k.nngp, nngp, rtol=1e-2)
   np.testing.assert_allclose(k.ntk, ntk, rtol=1e-2)
@@ -160,70 +150,68 @@ def test_window_of_two_matches_the_closed_form(length, padding, windows):
     assert np.abs(wrong.nngp - nngp).max() > 5 * np.abs(k.nngp - nngp).max()
 
 
+def _relu_pool_net(p, x):
+  h = max_pool_1d(jax.nn.relu(conv(*p['c1'], x)), 2, 2, 'VALID')
+  return dense(*p['o'], h.mean(1))
+
+
+def _relu_of_sliced_max_net(p, x):
+  h = conv(*p['c1'], x)
+  return dense(*p['o'], jax.nn.relu(jnp.maximum(h[:, 0::2], h[:, 1::2])).mean(1))
+
+
+def _relu_pool_init_zero_net(p, x):
+  h = max_pool_1d(jax.nn.relu(conv(*p['c1'], x)), 2, 2, 'VALID', init=0.)
+  return dense(*p['o'], h.mean(1))
+
+
+X8 = _x((8, D))
+
+
 def test_pool_equals_slices_and_maximum():
-  """The same networks written with strided slices and `jnp.maximum` (the
-  existing rules for slices and for `max` of several Gaussians) give the same
-  kernels to round-off: for a Gaussian operand, and for a ReLU operand as
-  `relu(max(h₁, h₂)) = max(relu(h₁), relu(h₂))`."""
-  x = _x((8, D))
-  shapes = _shapes(16)
-
-  def pooled(act):
-    def net(p, x):
-      return dense(*p['o'], max_pool_1d(act(conv(*p['c1'], x)), 2, 2, 'VALID').mean(1))
-    return net
-
-  def sliced(act):
-    def net(p, x):
-      h = conv(*p['c1'], x)
-      return dense(*p['o'], act(jnp.maximum(h[:, 0::2], h[:, 1::2])).mean(1))
-    return net
-
-  for act in (lambda h: h, jax.nn.relu):
-    a, b = _kernel(pooled(act), shapes, x), _kernel(sliced(act), shapes, x)
-    np.testing.assert_allclose(a.nngp, b.nngp, rtol=1e-10)
-    np.testing.assert_allclose(a.ntk, b.ntk, rtol=1e-10)
+  """The network written with strided slices and `jnp.maximum` (the rules for
+  slices and for `max` of several Gaussians) gives the same kernels to
+  round-off: `max(relu(h₁), relu(h₂)) = relu(max(h₁, h₂))`. (For a Gaussian
+  operand, pooling equals slices too; the closed-form test covers it.)"""
+  a = _kernel(_relu_pool_net, _shapes(16), X8)
+  b = _kernel(_relu_of_sliced_max_net, _shapes(16), X8)
+  np.testing.assert_allclose(a.nngp, b.nngp, rtol=1e-10)
+  np.testing.assert_allclose(a.ntk, b.ntk, rtol=1e-10)
 
 
 def test_generic_reduce_window_with_max_body():
   """`lax.reduce_window` with a finite initial value binds the generic
-  primitive: XLA's `max(init, window)`. For a ReLU operand an initial value
-  of 0 changes nothing, and for a Gaussian one it is `max(0, …)`."""
-  x = _x((8, D))
+  primitive, XLA's `max(init, window)`: for a ReLU operand an initial value
+  of 0 changes nothing."""
   shapes = _shapes(16)
-
-  def net(init, act):
-    def f(p, x):
-      h = max_pool_1d(act(conv(*p['c1'], x)), 2, 2, 'VALID', init=init)
-      return dense(*p['o'], h.mean(1))
-    return f
-
-  jaxpr = jax.make_jaxpr(net(0., jax.nn.relu))(
-      sample_gaussian(jax.random.PRNGKey(0), shapes, unit_stats(shapes)), x)
+  jaxpr = jax.make_jaxpr(_relu_pool_init_zero_net)(
+      sample_gaussian(jax.random.PRNGKey(0), shapes, unit_stats(shapes)), X8)
   assert lax.reduce_window_p in {e.primitive for e in jaxpr.jaxpr.eqns}
-  a = _kernel(net(-jnp.inf, jax.nn.relu), shapes, x)
-  b = _kernel(net(0., jax.nn.relu), shapes, x)
+  a = _kernel(_relu_pool_net, shapes, X8)
+  b = _kernel(_relu_pool_init_zero_net, shapes, X8)
   np.testing.assert_allclose(a.nngp, b.nngp, rtol=1e-10)
   np.testing.assert_allclose(a.ntk, b.ntk, rtol=1e-10)
-  # max(0, max(u₁, u₂)) = relu of the pool of a Gaussian value.
-  c = _kernel(net(0., lambda h: h), shapes, x)
-  d = _kernel(lambda p, x: dense(*p['o'], jax.nn.relu(
-      max_pool_1d(conv(*p['c1'], x), 2, 2, 'VALID')).mean(1)), shapes, x)
-  np.testing.assert_allclose(c.nngp, d.nngp, rtol=1e-10)
-  np.testing.assert_allclose(c.ntk, d.ntk, rtol=1e-10)
+
+
+@pytest.mark.slow
+def test_generic_reduce_window_initial_value_is_an_argument_of_the_max():
+  """For a Gaussian operand, an initial value of 0 is `max(0, …)`: the ReLU
+  of the pooled value."""
+  shapes = _shapes(16)
+  init_zero = lambda p, x: dense(*p['o'], max_pool_1d(conv(*p['c1'], x), 2, 2, 'VALID',
+                                                      init=0.).mean(1))
+  relu_after = lambda p, x: dense(*p['o'], jax.nn.relu(
+      max_pool_1d(conv(*p['c1'], x), 2, 2, 'VALID')).mean(1))
+  a, b = _kernel(init_zero, shapes, X8), _kernel(relu_after, shapes, X8)
+  np.testing.assert_allclose(a.nngp, b.nngp, rtol=1e-10)
+  np.testing.assert_allclose(a.ntk, b.ntk, rtol=1e-10)
 
 
 def test_1d_pool_matches_monte_carlo():
   width = 512
   shapes = _shapes(width)
-
-  def net(p, x):
-    h = max_pool_1d(jax.nn.relu(conv(*p['c1'], x)), 2, 2, 'VALID')
-    return dense(*p['o'], h.mean(1))
-
-  x = _x((8, D))
-  k = _kernel(net, shapes, x)
-  nngp, ntk = monte_carlo(net, shapes, unit_stats(shapes), x)
+  k = _kernel(_relu_pool_net, shapes, X8)
+  nngp, ntk = monte_carlo(_relu_pool_net, shapes, unit_stats(shapes), X8)
   check_against_mc(k.nngp, nngp, 1, width)
   check_against_mc(k.ntk, ntk, 1, width)
 
@@ -239,13 +227,13 @@ def _cnn(p, x):
 def test_2d_cnn_with_same_max_pool_matches_monte_carlo_under_jit():
   width = 256
   shapes = _shapes(width, (3, 3), ('c2',))
-  x = _x((6, 6, D), n=3)
+  x = _x((4, 4, D), n=3)
   k = _kernel(_cnn, shapes, x, jit=True)
   nngp, ntk = monte_carlo(_cnn, shapes, unit_stats(shapes), x, n_samples=32)
   check_against_mc(k.nngp, nngp, 2, width)
   check_against_mc(k.ntk, ntk, 2, width)
   for m in (k.nngp, k.ntk):
-    np.testing.assert_allclose(m, m.T, rtol=1e-12)
+    np.testing.assert_allclose(m, m.T, rtol=1e-7)   # edge windows: singular covariances
 
 
 def test_max_pool_operand_needs_full_blocks():
@@ -284,9 +272,10 @@ def test_global_max_over_positions():
   x = _x((2, D))
   net = lambda p, x: dense(*p['o'], jnp.max(conv(*p['c1'], x), axis=1))
   k = _kernel(net, _shapes(16), x)
-  nngp, ntk = _readout_of_mean(*_max_of_two_closed_form(_conv1d_kernel(x), [(0, 1)]))
-  np.testing.assert_allclose(k.nngp, nngp, rtol=1e-2)
-  np.testing.assert_allclose(k.ntk, ntk, rtol=1e-2)
+  nngp, ntk = _readout_of_mean(*max_of_two_moments(_conv1d_kernel(x), [(0, 1)]))
+  # 1% of the largest entry (some entries here are near 0).
+  for got, want in ((k.nngp, nngp), (k.ntk, ntk)):
+    assert np.abs(got - want).max() < 1e-2 * np.abs(want).max()
 
   many = _x((MAX_GAUSSIANS + 1, D), n=2)
   with pytest.raises(iw.UnsupportedPrimitiveError, match='reduce_max') as e:
@@ -324,18 +313,19 @@ def _plain_stem(p, x):
 
 @pytest.mark.filterwarnings('ignore:parameter moments estimated')
 def test_flax_stem_float32_equals_plain_jax():
-  x = np.asarray(_x((6, 6, D), n=3), np.float32)
-  model = Stem(64)
+  x = np.asarray(_x((4, 4, D), n=2), np.float32)
+  model = Stem(32)
   variables = model.init(jax.random.PRNGKey(0), x)
   # Nonzero biases, so that every parameter has a kernel term.
   variables = jax.tree.map(lambda a: a + 0.1 * jax.random.normal(
       jax.random.PRNGKey(a.size), a.shape, a.dtype) if a.ndim == 1 else a, variables)
-  flax_k = iw.kernelize(model.apply, variables)(x, None, ('nngp', 'ntk'))
-  plain = iw.kernelize(_plain_stem, variables)(x, None, ('nngp', 'ntk'))
+  # Fewer points than the default: the two kernels are equal at any count.
+  flax_k = iw.kernelize(model.apply, variables, integration_points=2048)(x, None, ('nngp', 'ntk'))
+  plain = iw.kernelize(_plain_stem, variables, integration_points=2048)(x, None, ('nngp', 'ntk'))
   for a, b in zip(flax_k, plain):
     assert a.dtype == jnp.float32
     np.testing.assert_allclose(a, b, rtol=1e-5)
     a = np.asarray(a, np.float64)
     np.testing.assert_allclose(a, a.T, rtol=1e-5)
-    # PSD within the rule's error (about 1% of the largest entry).
-    assert np.linalg.eigvalsh(a).min() > -1e-2 * np.abs(a).max()
+    # PSD within the rule's error (about 2% of the largest entry at 2048 points).
+    assert np.linalg.eigvalsh(a).min() > -2e-2 * np.abs(a).max()
