@@ -95,7 +95,7 @@ class _Selection:
   """One window offset: the operand at the positions it reads, with every
   Gaussian combination replaced by its selection (a Gaussian mapped source)."""
 
-  def __init__(self, ctx, w: A.Wide, picks_by_axis, out_shape, out_roles, renamed):
+  def __init__(self, ctx, w: A.Wide, picks_by_axis, out_shape, out_roles, renamed, bases):
     self.ctx, self.w, self.out_shape = ctx, w, tuple(out_shape)
     self.out_roles = tuple(out_roles)
     self.picks = {w.roles[ax]: pick for ax, pick in picks_by_axis.items()}
@@ -109,6 +109,9 @@ class _Selection:
       else:
         self.per_axis[ax] = ('mat', np.eye(n)[np.asarray(pick)])
     self._combos = {}
+    # The Gaussian values mapped, shared by the offsets: their moments are
+    # computed once, and every offset is a map of the same base.
+    self.bases = bases
 
   def array(self, arr, spatial):
     return _select_array(arr, tuple(spatial), self.picks, self.renamed, self.out_spatial)
@@ -130,8 +133,11 @@ class _Selection:
     if any(s.spatial for s, _ in det):
       raise self.ctx.unsupported('max pooling of a value with a deterministic-valued '
                                  'linear map inside it')
-    gauss = A.Combo(tuple(s for s, _ in rnd), tuple(k for _, k in rnd), c.spatial, 0.0)
-    base = A.Wide(self.w.shape, self.w.roles, (A.Term(Chain(), gauss),))
+    key = c.key()
+    if key not in self.bases:
+      gauss = A.Combo(tuple(s for s, _ in rnd), tuple(k for _, k in rnd), c.spatial, 0.0)
+      self.bases[key] = A.Wide(self.w.shape, self.w.roles, (A.Term(Chain(), gauss),))
+    base = self.bases[key]
     mapped = map_axes(self.ctx, base, self.per_axis, self.out_shape).terms[0].combo
     if tuple(mapped.spatial) != self.out_spatial:
       mapped = A.Combo(mapped.sources, mapped.coefs, self.out_spatial, 0.0)
@@ -199,9 +205,10 @@ def _window_max_one(ctx, w: A.Wide, reads_by_axis, out_shape, init):
         f'a maximum over {count} positions is a function of {count} Gaussian values per '
         f'channel; kernels of functions of up to {E.MAX_GAUSSIANS} are supported; use '
         'fallback="monte_carlo"')
-  out = None
+  out, bases = None, {}
   for combo in itertools.product(*(reads_by_axis[a] for a in axes)):
-    sel = _Selection(ctx, w, dict(zip(axes, combo)), out_shape, out_roles, renamed).value()
+    sel = _Selection(ctx, w, dict(zip(axes, combo)), out_shape, out_roles, renamed,
+                     bases).value()
     out = sel if out is None else _maximum(ctx, out, sel, tuple(out_roles), tuple(out_shape))
   if init is not None:
     out = _maximum(ctx, out, init, tuple(out_roles), tuple(out_shape))
