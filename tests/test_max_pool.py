@@ -207,6 +207,19 @@ def test_generic_reduce_window_initial_value_is_an_argument_of_the_max():
   np.testing.assert_allclose(a.ntk, b.ntk, rtol=1e-10)
 
 
+def test_stax_max_pool_equals_plain_jax():
+  """`infwidth.stax.MaxPool` in a serial network: the kernel of the same
+  network in plain JAX (NTK parameterisation on both sides)."""
+  from infwidth import stax
+  _, _, kernel_fn = stax.serial(stax.Conv(16, (3,), padding='SAME', W_std=SW, b_std=SB),
+                                stax.Relu(), stax.MaxPool((2,), (2,)), stax.GlobalAvgPool(),
+                                stax.Dense(C, W_std=RW, b_std=RB))
+  k = kernel_fn(X8, None, ('nngp', 'ntk'))
+  want = _kernel(_relu_pool_net, _shapes(16), X8)
+  np.testing.assert_allclose(k.nngp, want.nngp, rtol=1e-10)
+  np.testing.assert_allclose(k.ntk, want.ntk, rtol=1e-10)
+
+
 def test_1d_pool_matches_monte_carlo():
   width = 512
   shapes = _shapes(width)
