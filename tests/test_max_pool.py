@@ -342,3 +342,17 @@ def test_flax_stem_float32_equals_plain_jax():
     np.testing.assert_allclose(a, a.T, rtol=1e-5)
     # PSD within the rule's error (about 2% of the largest entry at 2048 points).
     assert np.linalg.eigvalsh(a).min() > -2e-2 * np.abs(a).max()
+
+
+def test_haiku_and_flax_max_pool_bind_the_supported_primitive():
+  """`hk.max_pool` and `nn.max_pool` bind `reduce_window_max` with the same
+  window, strides and padding as `lax.reduce_window(…, lax.max, …)`."""
+  import haiku as hk
+  x = jnp.ones((2, 7, 7, 3))
+  eqns = [jax.make_jaxpr(f)(x).jaxpr.eqns for f in (
+      lambda x: hk.max_pool(x, (1, 3, 3, 1), (1, 2, 2, 1), 'SAME'),
+      lambda x: nn.max_pool(x, (3, 3), (2, 2), 'SAME'),
+      lambda x: lax.reduce_window(x, -jnp.inf, lax.max, (1, 3, 3, 1), (1, 2, 2, 1), 'SAME'))]
+  for e in eqns:
+    assert [q.primitive for q in e] == [lax.reduce_window_max_p]
+    assert e[0].params == eqns[-1][0].params
