@@ -299,6 +299,17 @@ def test_global_max_over_positions():
     _kernel(over_channels, _shapes(16), x)
 
 
+def test_max_pool_of_an_average_pool_of_a_relu_is_refused():
+  """The entries of an average pool of a ReLU are not jointly Gaussian: a
+  clear error, not a kernel computed as if they were."""
+  def net(p, x):
+    h = 2.0 * lax.reduce_window(jax.nn.relu(conv(*p['c1'], x)), 0., lax.add, (1, 2, 1),
+                                (1, 1, 1), 'VALID') + SB * p['c1'][1]
+    return dense(*p['o'], max_pool_1d(h, 2, 2, 'VALID').mean(1))
+  with pytest.raises(iw.UnsupportedPrimitiveError, match='non-Gaussian'):
+    _kernel(net, _shapes(16), _x((9, D), n=2))
+
+
 # ----------------------------------------------------------------------------
 # Flax: a ResNet-style stem, kernelized unchanged.
 

@@ -133,6 +133,11 @@ class _Selection:
     if any(s.spatial for s, _ in det):
       raise self.ctx.unsupported('max pooling of a value with a deterministic-valued '
                                  'linear map inside it')
+    if any(isinstance(s, A.MappedSource) and not s.gaussian for s, _ in rnd):
+      # Its entries are sums over positions of functions of Gaussians: not
+      # jointly Gaussian, so the window's maximum has no Gaussian integral.
+      raise self.ctx.unsupported('max pooling of a pooled (or summed over positions) '
+                                 'non-Gaussian value, such as an average pool of a ReLU')
     key = c.key()
     if key not in self.bases:
       gauss = A.Combo(tuple(s for s, _ in rnd), tuple(k for _, k in rnd), c.spatial, 0.0)
@@ -159,10 +164,11 @@ class _Selection:
 
 def _maximum(ctx, a, b, roles, shape):
   """`max(a, b)` of two wide values (or a wide value and a scalar constant `b`)."""
-  vals = [a, b] if isinstance(b, A.Wide) else [a, None]
-  dets = [None, None] if isinstance(b, A.Wide) else [None, np.asarray(b)]
-  if not isinstance(b, A.Wide):
-    vals[1] = dets[1]
+  if isinstance(b, A.Wide):
+    vals, dets = [a, b], [None, None]
+  else:
+    c = np.asarray(b)
+    vals, dets = [a, c], [None, c]
   try:
     try:
       return E._extend_chain(P.max_p, {}, vals, dets, roles, shape)
