@@ -82,7 +82,7 @@ from infwidth.kernelize import ParamStats, _check_get, kernelize
 
 __all__ = [
     'Layer', 'serial', 'parallel', 'FanOut', 'FanInSum', 'FanInConcat', 'Identity',
-    'Dense', 'Conv', 'ConvTranspose', 'AvgPool', 'SumPool', 'GlobalAvgPool',
+    'Dense', 'Conv', 'ConvTranspose', 'AvgPool', 'SumPool', 'MaxPool', 'GlobalAvgPool',
     'GlobalSumPool', 'Flatten', 'LayerNorm', 'Relu', 'LeakyRelu', 'ABRelu', 'Abs',
     'Sign', 'Erf', 'Gelu', 'Sin', 'Cos', 'Exp', 'Gaussian', 'Rbf', 'Sigmoid_like',
     'Elementwise', 'ElementwiseNumerical', 'Monomial', 'RectifiedMonomial', 'Polynomial',
@@ -787,6 +787,31 @@ def SumPool(window_shape: Sequence[int], strides: Optional[Sequence[int]] = None
             padding: str = 'VALID', batch_axis: int = 0, channel_axis: int = -1) -> Layer:
   """Sum pooling."""
   return _pool(False, window_shape, strides, padding, False, batch_axis, channel_axis)
+
+
+def MaxPool(window_shape: Sequence[int], strides: Optional[Sequence[int]] = None,
+            padding: str = 'VALID', batch_axis: int = 0, channel_axis: int = -1) -> Layer:
+  """Max pooling, padded with −∞ (`lax.reduce_window` with `lax.max`): an edge
+  window of `'SAME'` holds fewer entries. Its kernel is integrated by the
+  quasi-Monte Carlo rule (docs/semantics.md, "Max pooling"); NT has none."""
+  window_shape = tuple(window_shape)
+  strides = tuple(strides or (1,) * len(window_shape))
+  padding = _check_padding(padding)
+  if padding == 'CIRCULAR':
+    raise ValueError('MaxPool supports padding "VALID" and "SAME"')
+
+  def init_fn(key, input_shape):
+    dims, strd, _ = _pool_dims(len(input_shape), window_shape, strides, batch_axis,
+                               channel_axis)
+    pads = lax.padtype_to_pads(input_shape, dims, strd, padding)
+    ones = (1,) * len(dims)
+    return lax.reduce_window_shape_tuple(input_shape, dims, strd, pads, ones, ones), ()
+
+  def apply_fn(params, x, **kwargs):
+    dims, strd, _ = _pool_dims(x.ndim, window_shape, strides, batch_axis, channel_axis)
+    return lax.reduce_window(x, -jnp.inf, lax.max, dims, strd, padding)
+
+  return Layer(init_fn, apply_fn, lambda p: ())
 
 
 def _global_pool(average: bool, batch_axis: int, channel_axis: int) -> Layer:

@@ -135,3 +135,33 @@ def assert_symmetric_psd(k, rtol=1e-10):
   np.testing.assert_allclose(k, k.T, rtol=0, atol=rtol * scale)
   ev = np.linalg.eigvalsh((k + k.T) / 2)
   assert ev.min() >= -rtol * max(np.abs(ev).max(), 1e-300), ev.min() / np.abs(ev).max()
+
+
+def max_of_two_moments(k, windows):
+  """`E[m_o m′_o′]` and `Θ_m` (N, N, O, O) of `m_o = max(h[i_o], h[j_o])` for
+  a centred Gaussian `h` whose kernel and NTK are both `k` (N, N, L, L) (a
+  first layer in NTK parameterisation); `windows`: the pairs `(i_o, j_o)`,
+  `i_o = j_o` for a window of one entry.
+
+  `max(u₁,u₂) = s/2 + |d|/2` (`s = u₁+u₂`, `d = u₁−u₂`) and `E[s|d′|] = 0`, so
+  `E[m m′] = E[ss′]/4 + E[|d||d′|]/4` with `E[|d||d′|] = (2/π)(√(ab − c²) +
+  c·arcsin(c/√(ab)))` (`a, b` the variances of `d, d′`, `c` their covariance);
+  `∂m/∂u₁ = 1[d > 0]` and `P(d > 0, d′ > 0) = 1/4 + arcsin(ρ)/2π` (Sheppard)."""
+  i = np.array([w[0] for w in windows])
+  j = np.array([w[-1] for w in windows])
+  cross = lambda a, b: k[:, :, a][:, :, :, b]                     # (N, N, O, O)
+  kii, kij, kji, kjj = cross(i, i), cross(i, j), cross(j, i), cross(j, j)
+  n = k.shape[0]
+  same = k[np.arange(n), np.arange(n)]                              # (N, L, L)
+  var_d = same[:, i, i] - 2 * same[:, i, j] + same[:, j, j]         # (N, O)
+  a, b = var_d[:, None, :, None], var_d[None, :, None, :]
+  c = kii - kij - kji + kjj
+  ab = a * b
+  root = np.sqrt(np.maximum(ab, 0))
+  rho = np.where(ab > 0, c / np.where(ab > 0, root, 1), 0.)
+  rho = np.clip(rho, -1, 1)
+  abs_moment = 2 / np.pi * (np.sqrt(np.maximum(ab - c ** 2, 0)) + c * np.arcsin(rho))
+  second = (kii + kij + kji + kjj) / 4 + abs_moment / 4
+  p = np.arcsin(rho) / (2 * np.pi)
+  theta = (0.25 + p) * (kii + kjj) + (0.25 - p) * (kij + kji)
+  return second, theta

@@ -146,11 +146,14 @@ def test_nonlinearity_of_pooled_relu_is_unsupported_and_falls_back():
   np.testing.assert_allclose(k.ntk, want.ntk, rtol=1e-10)
 
 
-def test_max_pooling_is_reported_unsupported():
+def test_max_pooling_of_a_window_in_the_padding_is_reported_unsupported():
+  """A max window that lies entirely in the padding is the initial value −∞:
+  refused, naming the primitive (max pooling itself: tests/test_max_pool.py)."""
   def net(p, x):
     h = jax.nn.relu(conv(x, p['c1']))
-    h = lax.reduce_window(h, -jnp.inf, lax.max, (1, 2, 2, 1), (1, 1, 1, 1), 'VALID')
+    h = lax.reduce_window(h, -jnp.inf, lax.max, (1, 2, 2, 1), (1, 1, 1, 1),
+                          ((0, 0), (0, 3), (0, 0), (0, 0)))
     return h.mean((1, 2)) @ p['r']
   p = init(jax.random.PRNGKey(5), 4, lambda n: n)
-  with pytest.raises(iw.UnsupportedPrimitiveError, match='reduce_window_max'):
+  with pytest.raises(iw.UnsupportedPrimitiveError, match='reduce_window_max.*padding'):
     iw.kernelize(net, p, param_stats=STATS)(X1)

@@ -138,6 +138,9 @@ SAMPLED_POINTS = 8192
 #: Independent scramblings the points are split into: their spread gives the
 #: rule's standard error.
 SAMPLED_GROUPS = 8
+#: Kernel entries integrated together (`expect_multi_sampled`): their roots
+#: stay in cache while chunks of points pass over them.
+ENTRY_BLOCK = 1024
 _points_option = contextvars.ContextVar('integration_points', default=None)
 
 
@@ -211,50 +214,75 @@ def expect_multi_sampled(f, f_args, ka: int, g, g_args, means, cov, *, n_diff_a:
     pts = normal_points(n, k)                                       # (G, P, K)
   n_groups, per = pts.shape[:2]
   size = max(1, int(np.prod(shape, dtype=np.int64)))
-  chunk = int(max(1, min(per, 2 ** 22 // (size * (k + 2)))))
+  # Entries are taken in blocks, and each block's points in chunks: the roots
+  # of a block (block·K² numbers) are read once per chunk of points, so that
+  # chunks of many points keep the transform compute-bound.
+  block = min(size, ENTRY_BLOCK)
+  n_blocks = -(-size // block)
+  chunk = int(max(1, min(per, 2 ** 22 // (block * (k + 2)))))
   while per % chunk:
     chunk -= 1
   pts = jnp.asarray(pts.reshape(n_groups, per // chunk, chunk, k), dtype)
-  sigma = jnp.stack([jnp.stack([jnp.broadcast_to(jnp.asarray(c, dtype), shape) for c in row], -1)
-                     for row in cov], -2)                           # (*shape, K, K)
+  # The entries are flattened to one axis: a kernel block with several
+  # spatial axes on each side would otherwise make tensors of rank 8 and more
+  # (entries, points, K), beyond what XLA:CPU's fusions take.
+  flat = (size,)
+  cast = lambda a: jnp.reshape(jnp.broadcast_to(jnp.asarray(a, dtype), shape), flat)
+  sigma = jnp.stack([jnp.stack([cast(c) for c in row], -1) for row in cov], -2)  # (E, K, K)
   root = _principal_root(sigma)
-  mu = jnp.stack([jnp.broadcast_to(jnp.asarray(m, dtype), shape) for m in means], -1)
-  cast = lambda a: jnp.broadcast_to(jnp.asarray(a, dtype), shape)
+  mu = jnp.stack([cast(m) for m in means], -1)
   f_args = [cast(a) for a in f_args]
   g_args = [cast(a) for a in (g_args or ())]
-  theta = [(i, j, cast(t)) for i, j, t in theta]
+  theta_idx = [(i, j) for i, j, _ in theta]
+  theta_val = [cast(t) for _, _, t in theta]
+
+  def blocked(a):                                                   # (E, …) → (blocks, block, …)
+    pad = n_blocks * block - size
+    if pad:
+      a = jnp.concatenate([a, jnp.broadcast_to(a[:1], (pad,) + a.shape[1:])])
+    return a.reshape((n_blocks, block) + a.shape[1:])
 
   def values_and_partials(fn, zs, args, n_diff):
     lead = jnp.broadcast_shapes(*(jnp.shape(z) for z in zs))
     args = [jnp.broadcast_to(a, lead) for a in args]
-    if not theta:
+    if not theta_idx:
       return fn(*zs, *args), None
     ins = list(zs) + args[:n_diff]
     call = lambda *xs: fn(*xs[:len(zs)], *xs[len(zs):], *args[n_diff:])
     val, pull = jax.vjp(call, *ins)
     return val, pull(jnp.ones_like(val))
 
-  def chunk_sums(xi):                                               # xi: (C, K)
-    z = mu + jnp.einsum('...kq,cq->c...k', root, xi)                # (C, *shape, K)
-    fa, da = values_and_partials(f, [z[..., i] for i in range(ka)], f_args, n_diff_a)
-    if g is None:
-      return jnp.sum(fa, 0), None
-    gb, db = values_and_partials(g, [z[..., i] for i in range(ka, k)], g_args, n_diff_b)
-    second = jnp.sum(fa * gb, 0)
-    if not theta:
-      return second, None
-    ntk = sum(jnp.sum(da[i] * db[j], 0) * t for i, j, t in theta)
-    return second, ntk
+  def one_block(data):
+    root_b, mu_b, fa_args, ga_args, th = data
 
-  def group(xs):                                                    # (chunks, C, K)
-    def body(c, acc):
-      s, t = chunk_sums(xs[c])
-      return (acc[0] + s, acc[1] if t is None else acc[1] + t)
-    zero = jnp.zeros(shape, dtype)
-    s, t = jax.lax.fori_loop(0, xs.shape[0], body, (zero, zero))
-    return s / per, t / per
+    def chunk_sums(xi):                                             # xi: (C, K)
+      z = mu_b + jnp.einsum('ekq,cq->cek', root_b, xi)              # (C, block, K)
+      fa, da = values_and_partials(f, [z[..., i] for i in range(ka)], fa_args, n_diff_a)
+      if g is None:
+        return jnp.sum(fa, 0), None
+      gb, db = values_and_partials(g, [z[..., i] for i in range(ka, k)], ga_args, n_diff_b)
+      second = jnp.sum(fa * gb, 0)
+      if not theta_idx:
+        return second, None
+      ntk = sum(jnp.sum(da[i] * db[j], 0) * t for (i, j), t in zip(theta_idx, th))
+      return second, ntk
 
-  sec, ntk = jax.lax.map(group, pts)                                # (G, *shape) each
+    def group(xs):                                                  # (chunks, C, K)
+      def body(c, acc):
+        s, t = chunk_sums(xs[c])
+        return (acc[0] + s, acc[1] if t is None else acc[1] + t)
+      zero = jnp.zeros((block,), dtype)
+      s, t = jax.lax.fori_loop(0, xs.shape[0], body, (zero, zero))
+      return s / per, t / per
+
+    return jax.lax.map(group, pts)                                  # (G, block) each
+
+  data = (blocked(root), blocked(mu), [blocked(a) for a in f_args],
+          [blocked(a) for a in g_args], [blocked(t) for t in theta_val])
+  sec, ntk = jax.lax.map(one_block, data)                           # (blocks, G, block) each
+  unblock = lambda a: jnp.reshape(jnp.moveaxis(a, 1, 0).reshape(n_groups, -1)[:, :size],
+                                  (n_groups,) + tuple(shape))
+  sec, ntk = unblock(sec), unblock(ntk)
   if not theta:
     ntk = None
   if groups:

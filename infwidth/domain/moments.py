@@ -547,9 +547,14 @@ class Moments:
             t = self.combo_ntk(ci, dj)
             if not _is_zero(t):
               theta.append((i, j, t))
-      second, e = gaussian_engine.expect_multi_sampled(
-          ta.chain, aa, na, tb.chain, ab, means, cov, n_diff_a=len(ta.pargs),
-          n_diff_b=len(tb.pargs), theta=theta)
+      args = (ta.chain, aa, na, tb.chain, ab, means, cov)
+      opts = dict(n_diff_a=len(ta.pargs), n_diff_b=len(tb.pargs), theta=theta)
+      mirror = (self._mirror(ka, args, theta) if mode == 'cross' and self.x1_is_x2 and ta is tb
+                else None)
+      if mirror is None:
+        second, e = gaussian_engine.expect_multi_sampled(*args, **opts)
+      else:
+        second, e = _sampled_on_half(mirror, args, opts)
       value = _mul(fac_m, second)
       if mode != 'cross':
         return value, None
@@ -577,6 +582,27 @@ class Moments:
     if fac_ntk:
       ntk = _add(ntk, _mul(fac_ntk, second))
     return value, ntk
+
+  def _mirror(self, k: int, args, theta):
+    """For the cross block of a value with itself on one batch: `(shape,
+    kept, mirrored)`, the flat indices of the entries `(x, x′, a, b)` on one
+    side of the exchange `(x′, x, b, a)` and of their images; None where the
+    block has another layout. The quasi-Monte Carlo rule is exactly symmetric
+    under the exchange (`expect_multi_sampled`), so half the entries give all."""
+    entries = list(args[5]) + [c for row in args[6] for c in row] + list(args[1]) + list(args[4])
+    entries += [t for _, _, t in theta]
+    shape = tuple(jnp.broadcast_shapes(*(jnp.shape(a) for a in entries)))
+    n = self.n1
+    sides = 1 if self.diag else 2
+    if len(shape) != 2 + sides * k or shape[:2] != (n, n) or (
+        sides == 2 and shape[2:2 + k] != shape[2 + k:]):
+      return None
+    perm = (1, 0) + (tuple(range(2, 2 + k)) if self.diag else
+                     tuple(range(2 + k, 2 + 2 * k)) + tuple(range(2, 2 + k)))
+    idx = np.arange(int(np.prod(shape, dtype=np.int64))).reshape(shape)
+    image = np.transpose(idx, perm).reshape(-1)
+    keep = idx.reshape(-1) <= image
+    return shape, idx.reshape(-1)[keep], image[keep]
 
   def _part_pair(self, ta: Term, tb: Term, sa, sb, mode: str):
     if ta.gargs or tb.gargs:
@@ -867,6 +893,29 @@ def _check_channel_use(values):
             'a spatial map (pooling, a sum over positions) of a value with per-channel arrays '
             'meets further per-channel arrays of the same channels; their joint average '
             'over channels is not supported yet.')
+
+
+def _sampled_on_half(mirror, args, opts):
+  """`expect_multi_sampled` on the entries `kept` of a block symmetric under
+  an exchange of its entries, the others copied from their images."""
+  shape, kept, image = mirror
+  size = int(np.prod(shape, dtype=np.int64))
+  pick = lambda a: a if isinstance(a, float) else jnp.reshape(
+      jnp.broadcast_to(a, shape), (size,))[kept]
+  f, f_args, ka, g, g_args, means, cov = args
+  theta = [(i, j, pick(t)) for i, j, t in opts['theta']]
+  second, e = gaussian_engine.expect_multi_sampled(
+      f, [pick(a) for a in f_args], ka, g, [pick(a) for a in g_args],
+      [pick(m) for m in means], [[pick(c) for c in row] for row in cov],
+      n_diff_a=opts['n_diff_a'], n_diff_b=opts['n_diff_b'], theta=theta)
+
+  def spread(v):
+    if v is None:
+      return None
+    out = jnp.zeros((size,), v.dtype).at[kept].set(v).at[image].set(v)
+    return out.reshape(shape)
+
+  return spread(second), spread(e)
 
 
 def trace_spatial(block, lead, sa, sb, traced, diag=False):

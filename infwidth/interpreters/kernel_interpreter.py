@@ -40,6 +40,9 @@ class RuleContext:
     self.eqn = eqn
     self.moments = moments
     self.callers = callers  # enclosing call equations, innermost last
+    # The primitives of the equation's body, for a rule registered with
+    # several bodies (a generic reduce_window: a window sum or a window max).
+    self.body = None
 
   def unsupported(self, reason: str = '') -> UnsupportedPrimitiveError:
     """The error to raise where no analytic rule applies (names the user's line)."""
@@ -134,11 +137,14 @@ def _check_facts(ctx, reg: registry.Registration, eqn, invals):
         'a value concatenated along its channel axis is used other than by channelwise '
         'maps or a contraction over its channel axis')
   if reg.body is not None:
+    # One body (a tuple of primitives) or alternatives (a tuple of such tuples).
+    options = reg.body if isinstance(reg.body[0], tuple) else (reg.body,)
     for body in sub_jaxprs(eqn):
-      if tuple(body_primitives(body)) != tuple(reg.body):
-        names = ', '.join(str(p) for p in reg.body)
-        raise ctx.unsupported(f'its body is not `{names}` (e.g. max pooling, which has no '
-                              'closed-form kernel)')
+      prims = tuple(body_primitives(body))
+      if prims not in tuple(tuple(o) for o in options):
+        names = ' or '.join('`' + ', '.join(str(p) for p in o) + '`' for o in options)
+        raise ctx.unsupported(f'its body is not {names}')
+      ctx.body = prims
 
 
 def fold(eqn, invals) -> List[Det]:

@@ -1,4 +1,4 @@
 """Registers the built-in kernel rules (imported by the kernel interpreter)."""
 
-from infwidth.rules import (conv, elementwise, linear, param_concat, random,  # noqa: F401
-                            reductions, spatial, stack, structural)
+from infwidth.rules import (conv, elementwise, linear, max_pool, param_concat,  # noqa: F401
+                            random, reductions, spatial, stack, structural)

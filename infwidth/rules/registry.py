@@ -13,7 +13,8 @@ The facts kept beside the rule:
 * `accepts`: value kinds beyond `Det`, `ParamRef` and `Wide` that the rule
   handles itself (`ChannelConcat`); the interpreter reports any other use.
 * `body`: for a primitive with a body jaxpr (a generic `reduce_window`), the
-  primitives the body must consist of for the rule to apply.
+  primitives the body must consist of for the rule to apply, or a tuple of
+  such alternatives; the interpreter puts the matched one in `ctx.body`.
 * `det_roles(eqn, invals, outs)`: where the axis roles of deterministic
   operands go in a constant-folded equation (which axis is the batch).
 * `structured`: the primitive's part in the structured-derivative empirical

@@ -214,11 +214,10 @@ def reduce_window_sum_rule(ctx, operand, *, window_dimensions, window_strides, p
                window_dilation)
 
 
-@register(P.reduce_window_p, family='spatial', body=(P.add_p,), requirement=mixes_positions,
-          accepts=(A.ChannelConcat,))
-def reduce_window_rule(ctx, operand, init, *, jaxpr, consts=(), window_dimensions,
-                       window_strides, padding, base_dilation, window_dilation, **_):
-  # The interpreter has checked the body is one addition (the `body` fact).
+def reduce_window_sum_like(ctx, operand, init, window_dimensions, window_strides, padding,
+                           base_dilation, window_dilation):
+  """A generic `reduce_window` whose body is one addition (its rule is
+  registered with max pooling's, `max_pool.reduce_window_rule`)."""
   if not isinstance(init, Det) or np.any(np.asarray(init.value) != 0):
     raise ctx.unsupported('a window sum with a nonzero initial value')
   # The generic reduce_window has several results (one per operand): a list.
