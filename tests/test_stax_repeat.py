@@ -42,6 +42,7 @@ def test_repeat_equals_serial_with_independent_copies():
           [(3,) + l.shape for l in jax.tree.leaves(one)])
 
 
+@pytest.mark.slow   # 30-60 s; the NT 0.6.5 fixtures check repeat's values by default
 def test_repeat_matches_monte_carlo():
   width = 512
   init_fn, apply_fn, kernel_fn = stax.serial(stax.Dense(width, 1.2, 0.1),
@@ -53,6 +54,7 @@ def test_repeat_matches_monte_carlo():
   mc_check.check_against_mc(k, draws, 4, width, 4.0, 2.0)
 
 
+@pytest.mark.slow   # 30-60 s; the NT 0.6.5 fixtures check repeat's values by default
 def test_repeat_ntk_matches_monte_carlo():
   """The finite network's NTK (two logits, structured derivatives) agrees."""
   from infwidth.empirical import NtkImplementation, empirical_ntk_fn
